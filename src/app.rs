@@ -1,0 +1,258 @@
+//! The composition root: builds stores, caches, key sets, the limiter and the services from a
+//! validated config, binds both ports, latches readiness, and drains on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+
+use crate::admin::{self, Readiness};
+use crate::authn::{JwtVerifier, Provider};
+use crate::authorize::Authorizer;
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, KeyStoreConfig};
+use crate::grpc::AuthzService;
+use crate::jwks::{self, Jwks, JwksTiming};
+use crate::observe::DecisionLog;
+use crate::ratelimit::LocalLimiter;
+use crate::response::Responder;
+use crate::store::{CachedStore, FileStore, KeyStore, NoStore};
+
+/// What `start` takes besides the config: seams that tests and dev mode replace.
+pub struct Options {
+    pub clock: Arc<dyn Clock>,
+    /// Replaces `key_store` from the config (dev mode's in-memory keys).
+    pub store: Option<Arc<FileStore>>,
+    /// Served at `/dev/jwks.json` (dev mode).
+    pub dev_jwks: Option<Arc<str>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            store: None,
+            dev_jwks: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    KeyFile(#[from] crate::store::KeyFileError),
+    #[error("cannot build the HTTP client for key fetching: {0}")]
+    HttpClient(String),
+}
+
+/// A started daemon. Dropping it does not stop it; call `shutdown`.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub ready: Arc<Readiness>,
+    pub keys: Arc<CachedStore>,
+    pub jwt: Arc<JwtVerifier>,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
+    let clock = opts.clock;
+
+    // Key store, and the cache in front of it. A file store drops the cache whenever it reloads.
+    let mut background = Vec::new();
+    let file_store = match (&opts.store, &cfg.key_store) {
+        (Some(s), _) => Some(s.clone()),
+        (None, KeyStoreConfig::File { path, reload_interval_ms }) => {
+            let s = Arc::new(FileStore::open(path)?);
+            background.push(s.spawn_watcher(Duration::from_millis(*reload_interval_ms)));
+            tracing::info!(keys = s.len(), path = %path.display(), "Key file loaded.");
+            Some(s)
+        }
+        (None, KeyStoreConfig::None) => {
+            tracing::info!("No key store configured: API keys are refused.");
+            None
+        }
+    };
+    let store: Arc<dyn KeyStore> = match &file_store {
+        Some(s) => s.clone(),
+        None => Arc::new(NoStore),
+    };
+    let keys = Arc::new(CachedStore::new(store, &cfg.key_cache));
+    if let Some(s) = &file_store {
+        let mut changes = s.subscribe();
+        let keys = Arc::downgrade(&keys);
+        background.push(tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                match keys.upgrade() {
+                    Some(k) => k.invalidate_all(),
+                    None => return,
+                }
+            }
+        }));
+    }
+
+    // Signing keys per provider, loading in the background.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(cfg.jwt.keys_fetch_timeout_ms))
+        .user_agent(concat!("gybc-authz/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| StartError::HttpClient(e.to_string()))?;
+    let timing = JwksTiming::from(&cfg.jwt);
+    let mut providers = Vec::new();
+    let mut loaded = Vec::new();
+    for p in &cfg.jwt.providers {
+        let set = Jwks::new(&p.name, jwks::source_from_config(&p.keys, &client), timing);
+        loaded.push(set.loaded());
+        background.push(set.spawn_refresher());
+        providers.push(Provider::new(&p.name, &p.project_id, &p.tenant_claim, set));
+    }
+    let jwt = Arc::new(JwtVerifier::new(
+        providers,
+        cfg.default_provider_name(),
+        clock.clone(),
+        cfg.jwt.leeway_secs,
+        cfg.jwt.cache_max_entries,
+    ));
+
+    let authorizer = Arc::new(Authorizer {
+        jwt: jwt.clone(),
+        keys: keys.clone(),
+        limiter: Arc::new(LocalLimiter::new(clock.clone(), cfg.rate_limit.max_keys)),
+        clock,
+        default_rate_limit: cfg.rate_limit.default,
+        tenantless_paths: cfg.policy.tenantless_paths.clone(),
+    });
+    let service = AuthzService {
+        authorizer,
+        responder: Arc::new(Responder::new(&cfg)),
+        limits: cfg.limits.clone(),
+        log: DecisionLog::new(&cfg.log),
+    };
+
+    let (shutdown, _) = watch::channel(false);
+    let ready = Arc::new(Readiness::default());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<AuthorizationServer<AuthzService>>()
+        .await;
+
+    // Readiness: every provider's keys loaded (the file store loaded before we got here).
+    {
+        let (ready, health) = (ready.clone(), health.clone());
+        background.push(tokio::spawn(async move {
+            for mut rx in loaded {
+                if rx.wait_for(|l| *l).await.is_err() {
+                    return;
+                }
+            }
+            ready.set_loaded();
+            health.set_serving::<AuthorizationServer<AuthzService>>().await;
+            tracing::info!("Ready.");
+        }));
+    }
+
+    let grpc = TcpListener::bind(cfg.server.grpc_addr)
+        .await
+        .map_err(|source| StartError::Bind { addr: cfg.server.grpc_addr, source })?;
+    let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind { addr: cfg.server.grpc_addr, source })?;
+    let http = TcpListener::bind(cfg.server.http_addr)
+        .await
+        .map_err(|source| StartError::Bind { addr: cfg.server.http_addr, source })?;
+    let http_addr = http.local_addr().map_err(|source| StartError::Bind { addr: cfg.server.http_addr, source })?;
+
+    let mut servers = Vec::new();
+    {
+        let mut stop = shutdown.subscribe();
+        let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
+        servers.push(tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(AuthorizationServer::new(service))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server failed.");
+            }
+        }));
+    }
+    {
+        let mut stop = shutdown.subscribe();
+        let app = admin::router(ready.clone(), opts.dev_jwks.clone());
+        servers.push(tokio::spawn(async move {
+            let result = axum::serve(http, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "HTTP server failed.");
+            }
+        }));
+    }
+    // Keep the health reporter alive for the drain below.
+    let drain_health = health;
+    {
+        let mut stop = shutdown.subscribe();
+        let ready = ready.clone();
+        background.push(tokio::spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            ready.set_draining();
+            drain_health
+                .set_not_serving::<AuthorizationServer<AuthzService>>()
+                .await;
+        }));
+    }
+    tracing::info!(%grpc_addr, %http_addr, "Listening.");
+
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        ready,
+        keys,
+        jwt,
+        shutdown,
+        servers,
+        background,
+        grace: Duration::from_secs(cfg.server.shutdown_grace_secs),
+    })
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight checks finish (bounded by the grace period), stops tasks.
+    pub async fn shutdown(self) {
+        self.ready.set_draining();
+        let _ = self.shutdown.send(true);
+        let servers = futures_util::future::join_all(self.servers);
+        if tokio::time::timeout(self.grace, servers).await.is_err() {
+            tracing::warn!("Drain took longer than the grace period; stopping anyway.");
+        }
+        for task in self.background {
+            task.abort();
+        }
+        tracing::info!("Stopped.");
+    }
+
+    /// Waits until every provider's keys have loaded.
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.ready.is_ready() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}

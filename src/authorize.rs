@@ -1,0 +1,167 @@
+//! The decision, top to bottom: read credentials → authenticate (401) → authorize (403) →
+//! rate-limit (429). The only module that awaits lookups; every rule it applies is a pure function
+//! from `credentials` or `policy`.
+
+use std::sync::Arc;
+
+use crate::apikey::ApiKey;
+use crate::authn::{JwtVerifier, VerifiedToken};
+use crate::clock::Clock;
+use crate::credentials::{self, Credentials};
+use crate::decision::{AuthMethod, Decision, Denial, Grant, Identity, Reason};
+use crate::policy::{impersonation, origin, tenant};
+use crate::ratelimit::{RateLimit, RateLimiter};
+use crate::request::RequestContext;
+use crate::store::{CachedStore, KeyRecord};
+
+pub struct Authorizer {
+    pub jwt: Arc<JwtVerifier>,
+    pub keys: Arc<CachedStore>,
+    pub limiter: Arc<dyn RateLimiter>,
+    pub clock: Arc<dyn Clock>,
+    pub default_rate_limit: RateLimit,
+    pub tenantless_paths: Vec<String>,
+}
+
+impl Authorizer {
+    pub async fn decide(&self, req: &RequestContext) -> Decision {
+        match self.decide_inner(req).await {
+            Ok(grant) => Decision::Allow(grant),
+            Err(denial) => Decision::Deny(denial),
+        }
+    }
+
+    async fn decide_inner(&self, req: &RequestContext) -> Result<Grant, Denial> {
+        match credentials::extract(req)? {
+            Credentials::None => Err(Denial::new(Reason::MissingCredentials)),
+            Credentials::Bearer { token, on_behalf_of } => self.bearer(req, token, on_behalf_of).await,
+            Credentials::SecretKey { key, on_behalf_of } => self.secret_key(key, on_behalf_of).await,
+            Credentials::PublishableKey {
+                key,
+                user_token,
+                on_behalf_of,
+            } => self.publishable_key(req, key, user_token, on_behalf_of).await,
+        }
+    }
+
+    /// A dashboard user's Firebase token.
+    async fn bearer(&self, req: &RequestContext, token: &str, on_behalf_of: Option<&str>) -> Result<Grant, Denial> {
+        let provider = self
+            .jwt
+            .default_provider()
+            .ok_or(Denial::because(Reason::InvalidToken, "no_provider"))?;
+        let verified = self.verify(provider, token).await?;
+        impersonation::authorize(AuthMethod::Jwt, &[], on_behalf_of)?;
+        let tenant = tenant::for_jwt(verified.tenant.as_deref(), &req.path, &self.tenantless_paths)?;
+        Ok(Grant {
+            identity: Identity {
+                method: AuthMethod::Jwt,
+                tenant,
+                user: Some(verified.sub.clone()),
+                key_id: None,
+                scopes: Vec::new(),
+                impersonated_by: None,
+            },
+            rate: None,
+        })
+    }
+
+    /// A customer backend's secret key, possibly acting for one of its users.
+    async fn secret_key(&self, key: ApiKey<'_>, on_behalf_of: Option<&str>) -> Result<Grant, Denial> {
+        let record = self.key_record(&key).await?;
+        let user = impersonation::authorize(AuthMethod::ApiKey, &record.scopes, on_behalf_of)?;
+        let identity = Identity {
+            method: AuthMethod::ApiKey,
+            tenant: Some(record.tenant.clone()),
+            user: user.map(str::to_owned),
+            key_id: Some(record.id.clone()),
+            scopes: record.scopes.clone(),
+            impersonated_by: user.map(|_| record.id.clone()),
+        };
+        self.rate_limited(&record, identity).await
+    }
+
+    /// A client app's publishable key together with its user's token.
+    async fn publishable_key(
+        &self,
+        req: &RequestContext,
+        key: ApiKey<'_>,
+        user_token: Option<Result<&str, Denial>>,
+        on_behalf_of: Option<&str>,
+    ) -> Result<Grant, Denial> {
+        let record = self.key_record(&key).await?;
+        let token = user_token.ok_or(Denial::new(Reason::UserTokenRequired))??;
+        let provider = match &record.jwt_provider {
+            Some(name) => self.jwt.provider_index(name).ok_or_else(|| {
+                tracing::warn!(key_id = %record.id, provider = %name, "Publishable key names an unknown JWT provider.");
+                Denial::because(Reason::InvalidApiKey, "unknown_provider")
+            })?,
+            None => self
+                .jwt
+                .default_provider()
+                .ok_or(Denial::because(Reason::InvalidToken, "no_provider"))?,
+        };
+        let verified = self.verify(provider, token).await?;
+        if !origin::allowed(&record.allowed_origins, req.origin.as_deref()) {
+            return Err(Denial::new(Reason::OriginNotAllowed));
+        }
+        tenant::for_publishable(&record.tenant, record.identity_platform_tenant.as_deref(), &verified)?;
+        impersonation::authorize(AuthMethod::PublishableKey, &record.scopes, on_behalf_of)?;
+        let identity = Identity {
+            method: AuthMethod::PublishableKey,
+            tenant: Some(record.tenant.clone()),
+            user: Some(verified.sub.clone()),
+            key_id: Some(record.id.clone()),
+            scopes: record.scopes.clone(),
+            impersonated_by: None,
+        };
+        self.rate_limited(&record, identity).await
+    }
+
+    async fn verify(&self, provider: usize, token: &str) -> Result<Arc<VerifiedToken>, Denial> {
+        self.jwt
+            .verify(provider, token)
+            .await
+            .map_err(|e| Denial::because(Reason::InvalidToken, e.as_str()))
+    }
+
+    /// The key's record, if it exists, matches the key's kind, and is usable now.
+    async fn key_record(&self, key: &ApiKey<'_>) -> Result<Arc<KeyRecord>, Denial> {
+        let record = match self.keys.lookup(&key.hash()).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Denial::because(Reason::InvalidApiKey, "unknown")),
+            Err(e) => {
+                tracing::warn!(error = %e, "Key store unavailable for an uncached key.");
+                return Err(Denial::because(Reason::Unavailable, "key_store"));
+            }
+        };
+        if record.kind != key.kind() {
+            return Err(Denial::because(Reason::InvalidApiKey, "kind"));
+        }
+        if !record.is_usable(self.clock.now_secs()) {
+            return Err(Denial::because(Reason::InvalidApiKey, "revoked_or_expired"));
+        }
+        Ok(record)
+    }
+
+    /// Counts the request against the key's limit; the status rides on the allow or the 429.
+    async fn rate_limited(&self, record: &KeyRecord, identity: Identity) -> Result<Grant, Denial> {
+        let limit = record.rate_limit.unwrap_or(self.default_rate_limit);
+        match self.limiter.check(&record.id, limit).await {
+            Ok(status) if status.allowed => Ok(Grant {
+                identity,
+                rate: Some(status),
+            }),
+            Ok(status) => Err(Denial {
+                reason: Reason::RateLimited,
+                rate: Some(status),
+                detail: None,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "Rate limiter unavailable.");
+                Err(Denial::because(Reason::Unavailable, "rate_limiter"))
+            }
+        }
+    }
+}
+

@@ -1,0 +1,695 @@
+//! The daemon's configuration: one YAML file plus `GYBC_AUTHZ__…` environment overrides, parsed
+//! strictly and validated once at start, with every error reported against its field path.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+use crate::ratelimit::RateLimit;
+
+/// Default gRPC (ext_authz) listen address: loopback, since Envoy runs in the same pod.
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+/// Default HTTP listen address for `/healthz`, `/readyz` (and `/metrics`).
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8181";
+/// How long in-flight checks get to finish after SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+/// The one path where a JWT without a tenant is allowed: creating the user's first organisation.
+pub const DEFAULT_TENANTLESS_PATH: &str = "/api/v1/orgs/create";
+/// Google's published certificates for Firebase ID tokens (`kid` → X.509 PEM).
+pub const GOOGLE_FIREBASE_KEYS_URL: &str =
+    "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com";
+/// Clock skew tolerated on `exp`, `iat`, `nbf` and `auth_time`.
+pub const DEFAULT_LEEWAY_SECS: u64 = 30;
+/// Upper bound on the leeway: more would let long-expired tokens back in.
+pub const MAX_LEEWAY_SECS: u64 = 300;
+/// Distinct verified tokens remembered until their `exp`.
+pub const DEFAULT_JWT_CACHE_ENTRIES: u64 = 100_000;
+/// At most one key fetch per provider per interval when tokens name an unknown `kid`.
+pub const DEFAULT_UNKNOWN_KID_REFETCH_MS: u64 = 30_000;
+/// Key refresh period when the key endpoint sends no `Cache-Control: max-age` (and for files).
+pub const DEFAULT_KEYS_REFRESH_SECS: u64 = 300;
+/// Lower bound on any key refresh period, whatever `max-age` says.
+pub const DEFAULT_KEYS_MIN_REFRESH_SECS: u64 = 10;
+/// Timeout of one key fetch.
+pub const DEFAULT_KEYS_FETCH_TIMEOUT_MS: u64 = 5_000;
+/// File key store: how often the file's metadata is checked for a change.
+pub const DEFAULT_FILE_RELOAD_MS: u64 = 1_000;
+/// Key cache bounds and lifetimes.
+pub const DEFAULT_KEY_CACHE_ENTRIES: u64 = 100_000;
+pub const DEFAULT_KEY_CACHE_TTL_SECS: u64 = 10;
+pub const DEFAULT_KEY_CACHE_NEGATIVE_TTL_SECS: u64 = 5;
+pub const DEFAULT_KEY_CACHE_MAX_STALE_SECS: u64 = 300;
+/// Rate limit for keys whose metadata names none.
+pub const DEFAULT_RATE_LIMIT: &str = "100/60s";
+/// Keys whose rate-limit state is held in memory at once (least recently used are dropped).
+pub const DEFAULT_RATE_LIMIT_MAX_KEYS: u64 = 100_000;
+/// Size caps on credential headers: a larger value is rejected without being parsed.
+pub const DEFAULT_MAX_AUTHORIZATION_BYTES: usize = 8_192;
+pub const DEFAULT_MAX_API_KEY_BYTES: usize = 256;
+/// `Retry-After` on 503 `unavailable`.
+pub const DEFAULT_UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
+/// Realm in `WWW-Authenticate: Bearer realm="…"`.
+pub const DEFAULT_REALM: &str = "gybc";
+/// Environment variables with this prefix override config fields: `GYBC_AUTHZ__SERVER__GRPC_ADDR`.
+pub const ENV_PREFIX: &str = "GYBC_AUTHZ__";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listen addresses and shutdown.
+    pub server: ServerConfig,
+    /// Firebase / Identity Platform token verification.
+    pub jwt: JwtConfig,
+    /// Where API key records come from.
+    pub key_store: KeyStoreConfig,
+    /// In-process cache in front of the key store.
+    pub key_cache: KeyCacheConfig,
+    /// Rate limiting of API-key traffic.
+    pub rate_limit: RateLimitConfig,
+    /// Tenant rules.
+    pub policy: PolicyConfig,
+    /// Names of the identity headers set upstream.
+    pub headers: HeaderNames,
+    /// What denials and allows carry back to the client.
+    pub response: ResponseConfig,
+    /// Caps on what a request may carry.
+    pub limits: LimitsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// ext_authz gRPC (and gRPC health) listen address. Default `127.0.0.1:50051`.
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address for `/healthz` and `/readyz`. Default `127.0.0.1:8181`.
+    pub http_addr: SocketAddr,
+    /// Seconds in-flight checks get to finish after SIGTERM. Default 10.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("valid default"),
+            http_addr: DEFAULT_HTTP_ADDR.parse().expect("valid default"),
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// Token issuers. A plain `Authorization: Bearer` request is verified against the default
+    /// provider; a publishable key names its own.
+    pub providers: Vec<ProviderConfig>,
+    /// Provider for plain bearer tokens. Default: the first provider.
+    pub default_provider: Option<String>,
+    /// Clock skew tolerated on token times, seconds. Default 30, at most 300.
+    pub leeway_secs: u64,
+    /// Verified tokens cached until their `exp`. Default 100000.
+    pub cache_max_entries: u64,
+    /// Minimum time between key fetches caused by unknown `kid`s, ms. Default 30000.
+    pub unknown_kid_refetch_interval_ms: u64,
+    /// Refresh period when the endpoint sends no `max-age`, seconds. Default 300.
+    pub keys_refresh_secs: u64,
+    /// Floor on the refresh period, seconds. Default 10.
+    pub keys_min_refresh_secs: u64,
+    /// Timeout of one key fetch, ms. Default 5000.
+    pub keys_fetch_timeout_ms: u64,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            providers: Vec::new(),
+            default_provider: None,
+            leeway_secs: DEFAULT_LEEWAY_SECS,
+            cache_max_entries: DEFAULT_JWT_CACHE_ENTRIES,
+            unknown_kid_refetch_interval_ms: DEFAULT_UNKNOWN_KID_REFETCH_MS,
+            keys_refresh_secs: DEFAULT_KEYS_REFRESH_SECS,
+            keys_min_refresh_secs: DEFAULT_KEYS_MIN_REFRESH_SECS,
+            keys_fetch_timeout_ms: DEFAULT_KEYS_FETCH_TIMEOUT_MS,
+        }
+    }
+}
+
+/// One Firebase project (or any issuer following Firebase's token rules).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Name that publishable keys refer to (`jwt_provider`).
+    pub name: String,
+    /// Firebase project id: `iss` must be `https://securetoken.google.com/<project_id>`, `aud` must be it.
+    pub project_id: String,
+    /// Claim holding the tenant. Default `tenant_id`.
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// Where the signing keys come from. Default: Google's Firebase certificate endpoint.
+    #[serde(default)]
+    pub keys: KeySourceConfig,
+}
+
+fn default_tenant_claim() -> String {
+    "tenant_id".to_owned()
+}
+
+/// A key endpoint (Google's `kid` → X.509 map or a JWK set) or a local file in the same formats.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum KeySourceConfig {
+    Url { url: String },
+    File { path: PathBuf },
+    /// Keys given inline (dev mode); not meant for production files.
+    Inline { json: String },
+}
+
+impl Default for KeySourceConfig {
+    fn default() -> Self {
+        Self::Url {
+            url: GOOGLE_FIREBASE_KEYS_URL.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum KeyStoreConfig {
+    /// No key store: every API key is unknown. For JWT-only deployments.
+    #[default]
+    None,
+    /// A YAML or JSON file of key records (hashes only), reloaded when it changes.
+    File {
+        path: PathBuf,
+        /// How often the file is checked for a change, ms. Default 1000.
+        #[serde(default = "default_file_reload_ms")]
+        reload_interval_ms: u64,
+    },
+}
+
+fn default_file_reload_ms() -> u64 {
+    DEFAULT_FILE_RELOAD_MS
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyCacheConfig {
+    /// Most key lookups (positive and negative) held. Default 100000.
+    pub max_entries: u64,
+    /// A found key is fresh this long; after it, it is served while a refresh runs. Default 10.
+    pub ttl_secs: u64,
+    /// An unknown key is remembered this long. Default 5.
+    pub negative_ttl_secs: u64,
+    /// A found key is never served older than this, even when the store is down. Default 300.
+    pub max_stale_secs: u64,
+}
+
+impl Default for KeyCacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: DEFAULT_KEY_CACHE_ENTRIES,
+            ttl_secs: DEFAULT_KEY_CACHE_TTL_SECS,
+            negative_ttl_secs: DEFAULT_KEY_CACHE_NEGATIVE_TTL_SECS,
+            max_stale_secs: DEFAULT_KEY_CACHE_MAX_STALE_SECS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Limit for keys whose metadata names none, `<requests>/<window>` (`100/60s`, `1000/1h`).
+    pub default: RateLimit,
+    /// Keys whose limiter state is held at once. Default 100000.
+    pub max_keys: u64,
+    /// Also send the IETF draft `RateLimit` and `RateLimit-Policy` fields. Default false.
+    pub ietf_headers: bool,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            default: DEFAULT_RATE_LIMIT.parse().expect("valid default"),
+            max_keys: DEFAULT_RATE_LIMIT_MAX_KEYS,
+            ietf_headers: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Exact paths (no query) where a JWT without a tenant claim is allowed.
+    /// Default `[/api/v1/orgs/create]`.
+    pub tenantless_paths: Vec<String>,
+    /// Forward `X-API-Key` upstream. Default false: services never see the secret.
+    pub forward_api_key: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            tenantless_paths: vec![DEFAULT_TENANTLESS_PATH.to_owned()],
+            forward_api_key: false,
+        }
+    }
+}
+
+/// Upstream identity header names (lower case). Each is stripped from the client's request.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderNames {
+    pub tenant_id: String,
+    pub user_id: String,
+    pub auth_method: String,
+    pub api_key_id: String,
+    pub scopes: String,
+    pub impersonated_by: String,
+}
+
+impl Default for HeaderNames {
+    fn default() -> Self {
+        Self {
+            tenant_id: "x-tenant-id".into(),
+            user_id: "x-user-id".into(),
+            auth_method: "x-auth-method".into(),
+            api_key_id: "x-api-key-id".into(),
+            scopes: "x-scopes".into(),
+            impersonated_by: "x-impersonated-by".into(),
+        }
+    }
+}
+
+impl HeaderNames {
+    pub fn all(&self) -> [&str; 6] {
+        [
+            &self.tenant_id,
+            &self.user_id,
+            &self.auth_method,
+            &self.api_key_id,
+            &self.scopes,
+            &self.impersonated_by,
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponseConfig {
+    /// Realm in `WWW-Authenticate`. Default `gybc`.
+    pub realm: String,
+    /// `Retry-After` seconds on 503 `unavailable`. Default 5.
+    pub unavailable_retry_after_secs: u64,
+}
+
+impl Default for ResponseConfig {
+    fn default() -> Self {
+        Self {
+            realm: DEFAULT_REALM.into(),
+            unavailable_retry_after_secs: DEFAULT_UNAVAILABLE_RETRY_AFTER_SECS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest `Authorization` value parsed, bytes. Default 8192.
+    pub max_authorization_bytes: usize,
+    /// Largest `X-API-Key` value looked at, bytes. Default 256.
+    pub max_api_key_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_authorization_bytes: DEFAULT_MAX_AUTHORIZATION_BYTES,
+            max_api_key_bytes: DEFAULT_MAX_API_KEY_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter directive (`info`, `gybc_authz=debug`). Default `info`.
+    pub level: String,
+    /// `json` (default) or `text`.
+    pub format: LogFormat,
+    /// Level of the per-decision line for allows. Default `debug` (off at `level: info`).
+    pub allow_level: DecisionLevel,
+    /// Level of the per-decision line for denials. Default `info`.
+    pub deny_level: DecisionLevel,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Json,
+            allow_level: DecisionLevel::Debug,
+            deny_level: DecisionLevel::Info,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionLevel {
+    Off,
+    Debug,
+    Info,
+    Warn,
+}
+
+// === errors ===
+
+/// One problem with the configuration, named by its field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a configuration was refused: every problem found, not just the first.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(ErrorList),
+}
+
+#[derive(Debug)]
+pub struct ErrorList(pub Vec<FieldError>);
+
+impl fmt::Display for ErrorList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} error(s)):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    pub fn errors(&self) -> &[FieldError] {
+        match self {
+            ConfigError::Invalid(list) => &list.0,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+fn invalid(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(ErrorList(vec![FieldError {
+        path: path.into(),
+        message: message.into(),
+    }]))
+}
+
+// === environment ===
+
+/// Where environment overrides come from. Tests pass a map instead of mutating the process.
+pub trait Env {
+    fn vars(&self) -> Vec<(String, String)>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn vars(&self) -> Vec<(String, String)> {
+        std::env::vars().collect()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn vars(&self) -> Vec<(String, String)> {
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+// === loading ===
+
+impl Config {
+    /// Reads, overrides, parses and validates a config file.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text, env)
+    }
+
+    /// Parses YAML text (an empty text means all defaults), applies environment overrides, validates.
+    pub fn from_yaml(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        let mut value: Value = if text.trim().is_empty() {
+            Value::Mapping(Default::default())
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| invalid("(file)", e.to_string()))?
+        };
+        if value.is_null() {
+            value = Value::Mapping(Default::default());
+        }
+        apply_env(&mut value, env)?;
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            invalid(if path == "." { "(root)".into() } else { path }, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every semantic problem, each with its field path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errs = Vec::new();
+        let mut err = |path: String, msg: String| errs.push(FieldError { path, message: msg });
+
+        let mut names = HashSet::new();
+        for (i, p) in self.jwt.providers.iter().enumerate() {
+            let at = format!("jwt.providers[{i}]");
+            if p.name.trim().is_empty() {
+                err(format!("{at}.name"), "must not be empty".into());
+            } else if !names.insert(p.name.as_str()) {
+                err(format!("{at}.name"), format!("duplicate provider name `{}`", p.name));
+            }
+            if p.project_id.trim().is_empty() || p.project_id.contains(char::is_whitespace) {
+                err(format!("{at}.project_id"), "must be a non-empty Firebase project id".into());
+            }
+            if p.tenant_claim.trim().is_empty() {
+                err(format!("{at}.tenant_claim"), "must not be empty".into());
+            }
+            match &p.keys {
+                KeySourceConfig::Url { url } => {
+                    if !(url.starts_with("https://") || url.starts_with("http://")) {
+                        err(format!("{at}.keys.url"), "must be an http(s) URL".into());
+                    }
+                }
+                KeySourceConfig::File { path } => {
+                    if path.as_os_str().is_empty() {
+                        err(format!("{at}.keys.path"), "must not be empty".into());
+                    }
+                }
+                KeySourceConfig::Inline { json } => {
+                    if json.trim().is_empty() {
+                        err(format!("{at}.keys.json"), "must not be empty".into());
+                    }
+                }
+            }
+        }
+        if let Some(d) = &self.jwt.default_provider {
+            if !names.contains(d.as_str()) {
+                err("jwt.default_provider".into(), format!("no provider named `{d}`"));
+            }
+        }
+        if self.jwt.leeway_secs > MAX_LEEWAY_SECS {
+            err("jwt.leeway_secs".into(), format!("must be at most {MAX_LEEWAY_SECS}"));
+        }
+        if self.jwt.cache_max_entries == 0 {
+            err("jwt.cache_max_entries".into(), "must be at least 1".into());
+        }
+        if self.jwt.keys_fetch_timeout_ms == 0 {
+            err("jwt.keys_fetch_timeout_ms".into(), "must be at least 1".into());
+        }
+        if self.jwt.keys_min_refresh_secs == 0 {
+            err("jwt.keys_min_refresh_secs".into(), "must be at least 1".into());
+        }
+        if self.jwt.keys_refresh_secs < self.jwt.keys_min_refresh_secs {
+            err(
+                "jwt.keys_refresh_secs".into(),
+                "must be at least jwt.keys_min_refresh_secs".into(),
+            );
+        }
+
+        if let KeyStoreConfig::File {
+            path,
+            reload_interval_ms,
+        } = &self.key_store
+        {
+            if path.as_os_str().is_empty() {
+                err("key_store.path".into(), "must not be empty".into());
+            }
+            if *reload_interval_ms == 0 {
+                err("key_store.reload_interval_ms".into(), "must be at least 1".into());
+            }
+        }
+
+        let c = &self.key_cache;
+        if c.max_entries == 0 {
+            err("key_cache.max_entries".into(), "must be at least 1".into());
+        }
+        if c.ttl_secs == 0 {
+            err("key_cache.ttl_secs".into(), "must be at least 1".into());
+        }
+        if c.negative_ttl_secs == 0 {
+            err("key_cache.negative_ttl_secs".into(), "must be at least 1".into());
+        }
+        if c.max_stale_secs < c.ttl_secs {
+            err("key_cache.max_stale_secs".into(), "must be at least key_cache.ttl_secs".into());
+        }
+        if self.rate_limit.max_keys == 0 {
+            err("rate_limit.max_keys".into(), "must be at least 1".into());
+        }
+
+        for (i, p) in self.policy.tenantless_paths.iter().enumerate() {
+            if let Err(why) = check_normal_path(p) {
+                err(format!("policy.tenantless_paths[{i}]"), why.into());
+            }
+        }
+
+        let mut seen = HashSet::new();
+        let reserved = ["authorization", "x-api-key", "x-on-behalf-of", "host", "origin"];
+        for (field, name) in [
+            ("tenant_id", &self.headers.tenant_id),
+            ("user_id", &self.headers.user_id),
+            ("auth_method", &self.headers.auth_method),
+            ("api_key_id", &self.headers.api_key_id),
+            ("scopes", &self.headers.scopes),
+            ("impersonated_by", &self.headers.impersonated_by),
+        ] {
+            let path = format!("headers.{field}");
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                err(path, "must be a lower-case header name (a-z, 0-9, -, _)".into());
+            } else if reserved.contains(&name.as_str()) {
+                err(path, format!("`{name}` is a request header the daemon reads"));
+            } else if !seen.insert(name.as_str()) {
+                err(path, format!("`{name}` is used for two identity headers"));
+            }
+        }
+
+        if self.response.realm.contains('"') || self.response.realm.contains(char::is_control) {
+            err("response.realm".into(), "must not contain quotes or control characters".into());
+        }
+        if self.limits.max_authorization_bytes < 64 {
+            err("limits.max_authorization_bytes".into(), "must be at least 64".into());
+        }
+        if self.limits.max_api_key_bytes < 16 {
+            err("limits.max_api_key_bytes".into(), "must be at least 16".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            err("log.level".into(), format!("`{}` is not a valid filter", self.log.level));
+        }
+
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(ErrorList(errs)))
+        }
+    }
+
+    /// The provider plain bearer tokens are verified against.
+    pub fn default_provider_name(&self) -> Option<&str> {
+        self.jwt
+            .default_provider
+            .as_deref()
+            .or_else(|| self.jwt.providers.first().map(|p| p.name.as_str()))
+    }
+}
+
+/// A tenantless path must be in normal form; then an exact match also proves the request's path
+/// is normal (no dot segments, doubled or encoded slashes can sneak past the comparison).
+fn check_normal_path(p: &str) -> Result<(), &'static str> {
+    if !p.starts_with('/') {
+        return Err("must start with `/`");
+    }
+    if p.contains(['?', '#', '%', '\\']) || p.contains(char::is_whitespace) {
+        return Err("must be a plain path (no query, fragment, percent-encoding or backslash)");
+    }
+    if p.len() > 1 && p[1..].split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        return Err("must be in normal form (no empty, `.` or `..` segments)");
+    }
+    Ok(())
+}
+
+/// `GYBC_AUTHZ__SERVER__GRPC_ADDR=…` sets `server.grpc_addr`. Values are read as YAML scalars
+/// (or flow collections, `[a, b]`), so numbers and booleans keep their types.
+fn apply_env(root: &mut Value, env: &dyn Env) -> Result<(), ConfigError> {
+    let mut vars: Vec<_> = env
+        .vars()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    for (key, raw) in vars {
+        let segments: Vec<String> = key[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if segments.iter().any(|s| s.is_empty()) {
+            return Err(invalid(key, "malformed override name"));
+        }
+        let parsed: Value = serde_yaml_ng::from_str(&raw).unwrap_or(Value::String(raw.clone()));
+        let mut node = &mut *root;
+        for seg in &segments[..segments.len() - 1] {
+            let map = match node {
+                Value::Mapping(m) => m,
+                _ => return Err(invalid(key.clone(), "overrides a field that is not a section")),
+            };
+            node = map
+                .entry(Value::String(seg.clone()))
+                .or_insert_with(|| Value::Mapping(Default::default()));
+            if node.is_null() {
+                *node = Value::Mapping(Default::default());
+            }
+        }
+        match node {
+            Value::Mapping(m) => {
+                m.insert(Value::String(segments.last().cloned().unwrap_or_default()), parsed);
+            }
+            _ => return Err(invalid(key, "overrides a field that is not a section")),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+//! What a check decides: an allow carrying the derived identity, or a denial carrying a bounded
+//! reason. Denials are answers, not errors.
+
+use crate::ratelimit::RateStatus;
+
+/// How the caller authenticated; the value of `x-auth-method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    Jwt,
+    ApiKey,
+    PublishableKey,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Jwt => "jwt",
+            AuthMethod::ApiKey => "api_key",
+            AuthMethod::PublishableKey => "publishable_key",
+        }
+    }
+}
+
+/// The identity an allow hands upstream. Every field comes from a verified token or a key record,
+/// never from a client header (except the user named by an authorised `X-On-Behalf-Of`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub method: AuthMethod,
+    pub tenant: Option<String>,
+    pub user: Option<String>,
+    pub key_id: Option<String>,
+    pub scopes: Vec<String>,
+    pub impersonated_by: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub identity: Identity,
+    /// Set for key-authenticated requests.
+    pub rate: Option<RateStatus>,
+}
+
+/// Every reason a request is refused: the `reason` field of the body and a bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    MissingCredentials,
+    InvalidToken,
+    TenantRequired,
+    ImpersonationNotAllowed,
+    InvalidOnBehalfOf,
+    UserTokenRequired,
+    TenantMismatch,
+    OriginNotAllowed,
+    AmbiguousCredentials,
+    MalformedCredentials,
+    InvalidApiKey,
+    RateLimited,
+    Unavailable,
+}
+
+/// Connect-style error codes of the body's `code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Unauthenticated,
+    PermissionDenied,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Unauthenticated => "unauthenticated",
+            Code::PermissionDenied => "permission_denied",
+            Code::InvalidArgument => "invalid_argument",
+            Code::ResourceExhausted => "resource_exhausted",
+            Code::Unavailable => "unavailable",
+        }
+    }
+
+    /// The matching `google.rpc.Code`; never 0, since Envoy reads 0 as an allow.
+    pub fn grpc(self) -> i32 {
+        match self {
+            Code::InvalidArgument => 3,
+            Code::PermissionDenied => 7,
+            Code::ResourceExhausted => 8,
+            Code::Unavailable => 14,
+            Code::Unauthenticated => 16,
+        }
+    }
+}
+
+impl Reason {
+    pub const ALL: [Reason; 13] = [
+        Reason::MissingCredentials,
+        Reason::InvalidToken,
+        Reason::TenantRequired,
+        Reason::ImpersonationNotAllowed,
+        Reason::InvalidOnBehalfOf,
+        Reason::UserTokenRequired,
+        Reason::TenantMismatch,
+        Reason::OriginNotAllowed,
+        Reason::AmbiguousCredentials,
+        Reason::MalformedCredentials,
+        Reason::InvalidApiKey,
+        Reason::RateLimited,
+        Reason::Unavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::MissingCredentials => "missing_credentials",
+            Reason::InvalidToken => "invalid_token",
+            Reason::TenantRequired => "tenant_required",
+            Reason::ImpersonationNotAllowed => "impersonation_not_allowed",
+            Reason::InvalidOnBehalfOf => "invalid_on_behalf_of",
+            Reason::UserTokenRequired => "user_token_required",
+            Reason::TenantMismatch => "tenant_mismatch",
+            Reason::OriginNotAllowed => "origin_not_allowed",
+            Reason::AmbiguousCredentials => "ambiguous_credentials",
+            Reason::MalformedCredentials => "malformed_credentials",
+            Reason::InvalidApiKey => "invalid_api_key",
+            Reason::RateLimited => "rate_limited",
+            Reason::Unavailable => "unavailable",
+        }
+    }
+
+    pub fn http_status(self) -> u16 {
+        match self {
+            Reason::MissingCredentials | Reason::InvalidToken | Reason::UserTokenRequired | Reason::InvalidApiKey => 401,
+            Reason::TenantRequired
+            | Reason::ImpersonationNotAllowed
+            | Reason::TenantMismatch
+            | Reason::OriginNotAllowed => 403,
+            Reason::InvalidOnBehalfOf | Reason::AmbiguousCredentials | Reason::MalformedCredentials => 400,
+            Reason::RateLimited => 429,
+            Reason::Unavailable => 503,
+        }
+    }
+
+    pub fn code(self) -> Code {
+        match self.http_status() {
+            401 => Code::Unauthenticated,
+            403 => Code::PermissionDenied,
+            400 => Code::InvalidArgument,
+            429 => Code::ResourceExhausted,
+            _ => Code::Unavailable,
+        }
+    }
+
+    /// A sentence for the body. Fixed text: it can never echo a credential.
+    pub fn message(self) -> &'static str {
+        match self {
+            Reason::MissingCredentials => "Authentication required: send a Bearer token or an X-API-Key.",
+            Reason::InvalidToken => "The bearer token is invalid or expired.",
+            Reason::TenantRequired => "This user belongs to no organization yet; create one first.",
+            Reason::ImpersonationNotAllowed => {
+                "X-On-Behalf-Of needs a secret API key with the users:impersonate scope."
+            }
+            Reason::InvalidOnBehalfOf => {
+                "X-On-Behalf-Of must be a user id of 1 to 128 characters without spaces, commas or control characters."
+            }
+            Reason::UserTokenRequired => "A publishable key must be sent with the user's bearer token.",
+            Reason::TenantMismatch => "The user's token belongs to another tenant than the publishable key.",
+            Reason::OriginNotAllowed => "This origin may not use this publishable key.",
+            Reason::AmbiguousCredentials => "Send either a secret API key or a bearer token, not both.",
+            Reason::MalformedCredentials => "A credential header was sent more than once.",
+            Reason::InvalidApiKey => "The API key is invalid, revoked or expired.",
+            Reason::RateLimited => "Rate limit exceeded; retry after the time given in Retry-After.",
+            Reason::Unavailable => "Authorization is temporarily unavailable; retry shortly.",
+        }
+    }
+
+    /// 401s about a bearer token carry a `WWW-Authenticate: Bearer` challenge (RFC 6750 §3):
+    /// `Some(None)` without an error code (no token was sent), `Some(Some(code))` with one.
+    pub fn bearer_challenge(self) -> Option<Option<&'static str>> {
+        match self {
+            Reason::MissingCredentials | Reason::UserTokenRequired => Some(None),
+            Reason::InvalidToken => Some(Some("invalid_token")),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: Reason,
+    /// Set for key-authenticated 429s, so the client still sees its quota.
+    pub rate: Option<RateStatus>,
+    /// Why, for the log only (e.g. which token check failed). Never a credential.
+    pub detail: Option<&'static str>,
+}
+
+impl Denial {
+    pub fn new(reason: Reason) -> Self {
+        Self {
+            reason,
+            rate: None,
+            detail: None,
+        }
+    }
+
+    pub fn because(reason: Reason, detail: &'static str) -> Self {
+        Self {
+            reason,
+            rate: None,
+            detail: Some(detail),
+        }
+    }
+}
+
+impl From<Reason> for Denial {
+    fn from(r: Reason) -> Self {
+        Denial::new(r)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow(Grant),
+    Deny(Denial),
+}
+
+impl Decision {
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Decision::Allow(_) => "allow",
+            Decision::Deny(_) => "deny",
+        }
+    }
+}

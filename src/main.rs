@@ -1,0 +1,167 @@
+//! The `gybc-authz` command: `serve`, `check-config`, and `check` (a one-shot ext_authz client).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gybc_authz::app::{self, Options};
+use gybc_authz::config::{Config, ProcessEnv};
+use gybc_authz::{client, dev, telemetry};
+
+/// Exit code for a configuration that does not load (EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "gybc-authz", version, about = "Envoy ext_authz sidecar for the GYBC API platform")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve ext_authz over gRPC, with /healthz and /readyz over HTTP.
+    Serve {
+        /// YAML config file (fields may be overridden by GYBC_AUTHZ__SECTION__FIELD variables).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Dev mode: mint a signing key, demo API keys and a user JWT, print them once, serve.
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Load and validate a config file; print every problem with its field path.
+    CheckConfig { file: PathBuf },
+    /// Send one Check as Envoy would and print the decision as JSON (exit 0 allow, 1 deny).
+    Check {
+        /// gRPC address of the daemon.
+        #[arg(long, default_value = gybc_authz::config::DEFAULT_GRPC_ADDR)]
+        addr: String,
+        #[arg(long, default_value = "POST")]
+        method: String,
+        #[arg(long, default_value = "/api/v1/llm/gateway/list-threads")]
+        path: String,
+        #[arg(long, default_value = "localhost")]
+        host: String,
+        /// A request header, `Name: value`; repeatable.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config, dev } => serve(config, dev).await,
+            Command::CheckConfig { file } => match Config::load(&file, &ProcessEnv) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprint!("{}: {e}", file.display());
+                    ExitCode::from(EXIT_BAD_CONFIG)
+                }
+            },
+            Command::Check {
+                addr,
+                method,
+                path,
+                host,
+                headers,
+            } => check(&addr, &method, &path, &host, &headers).await,
+        }
+    })
+}
+
+async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
+    let loaded = match &config {
+        Some(path) => Config::load(path, &ProcessEnv),
+        None => Config::from_yaml("", &ProcessEnv),
+    };
+    let mut cfg = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    telemetry::init(&cfg.log);
+
+    let mut opts = Options::default();
+    let mut credentials = None;
+    if dev_mode {
+        match dev::setup(&mut cfg) {
+            Ok(setup) => {
+                opts.store = Some(setup.store);
+                opts.dev_jwks = Some(setup.jwks_json);
+                credentials = Some(setup.credentials);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Dev mode setup failed.");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else if cfg.jwt.providers.is_empty() {
+        tracing::warn!("No JWT provider configured: bearer tokens are refused.");
+    }
+
+    let running = match app::start(cfg, opts).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start.");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(c) = &credentials {
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "gybc-authz".into());
+        print!("{}", dev::banner(c, &exe, running.grpc_addr, running.http_addr));
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+
+    wait_for_signal().await;
+    tracing::info!("Shutting down: draining in-flight checks.");
+    running.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn check(addr: &str, method: &str, path: &str, host: &str, headers: &[String]) -> ExitCode {
+    let mut parsed = Vec::new();
+    for h in headers {
+        let Some((k, v)) = h.split_once(':') else {
+            eprintln!("header `{h}` is not `Name: value`");
+            return ExitCode::from(2);
+        };
+        parsed.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    match client::run(addr, client::check_request(method, path, host, &parsed)).await {
+        Ok(resp) => {
+            let out = client::describe(&resp);
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            if out["allowed"] == true { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Authorization rules as pure functions over plain data, each with its table of cases.
+
+pub mod impersonation;
+pub mod origin;
+pub mod tenant;

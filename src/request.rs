@@ -1,0 +1,234 @@
+//! `RequestContext`: the only code that reads a CheckRequest. Everything after it sees plain data:
+//! method, path without query, and the few headers that carry credentials, each already bounded
+//! in size and checked for duplicates.
+
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+
+use crate::config::LimitsConfig;
+
+pub const AUTHORIZATION: &str = "authorization";
+pub const X_API_KEY: &str = "x-api-key";
+pub const X_ON_BEHALF_OF: &str = "x-on-behalf-of";
+pub const ORIGIN: &str = "origin";
+pub const X_REQUEST_ID: &str = "x-request-id";
+
+/// Longest `X-On-Behalf-Of` the contract allows; longer is `invalid_on_behalf_of`.
+pub const MAX_ON_BEHALF_OF_CHARS: usize = 128;
+/// Longer `Origin` or `x-request-id` values are ignored rather than copied.
+const MAX_ORIGIN_BYTES: usize = 1_024;
+const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// One credential-bearing header as the request carried it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HeaderField {
+    #[default]
+    Absent,
+    Present(String),
+    /// Sent more than once (Envoy joins duplicates with `,`; raw header maps list them apart).
+    Duplicated,
+    /// Larger than the configured cap: rejected without being parsed or copied.
+    TooLarge,
+}
+
+impl HeaderField {
+    pub fn is_absent(&self) -> bool {
+        matches!(self, HeaderField::Absent)
+    }
+
+    pub fn value(&self) -> Option<&str> {
+        match self {
+            HeaderField::Present(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// What the decision needs from a request.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub method: String,
+    /// The path without query string or fragment, exactly as sent (not normalised).
+    pub path: String,
+    pub host: String,
+    /// `x-request-id`, for logs only.
+    pub request_id: Option<String>,
+    pub authorization: HeaderField,
+    pub api_key: HeaderField,
+    pub on_behalf_of: HeaderField,
+    pub origin: Option<String>,
+}
+
+/// A CheckRequest without HTTP attributes: Envoy misconfigured, not a client's doing.
+#[derive(Debug, thiserror::Error)]
+#[error("CheckRequest has no attributes.request.http")]
+pub struct NoHttpAttributes;
+
+impl RequestContext {
+    pub fn from_check(req: &CheckRequest, limits: &LimitsConfig) -> Result<Self, NoHttpAttributes> {
+        let http = req
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .ok_or(NoHttpAttributes)?;
+
+        let mut ctx = RequestContext {
+            method: http.method.clone(),
+            path: strip_query(&http.path).to_owned(),
+            host: http.host.clone(),
+            ..Default::default()
+        };
+        let mut reader = Reader { ctx: &mut ctx, limits };
+        match &http.header_map {
+            // `encode_raw_headers: true`: every header line arrives apart, bytes as sent.
+            Some(map) if !map.headers.is_empty() => {
+                for h in &map.headers {
+                    let value = if h.raw_value.is_empty() {
+                        std::borrow::Cow::Borrowed(h.value.as_str())
+                    } else {
+                        String::from_utf8_lossy(&h.raw_value)
+                    };
+                    reader.header(&h.key, &value);
+                }
+            }
+            _ => {
+                for (k, v) in &http.headers {
+                    reader.header(k, v);
+                }
+            }
+        }
+        Ok(ctx)
+    }
+}
+
+struct Reader<'a> {
+    ctx: &'a mut RequestContext,
+    limits: &'a LimitsConfig,
+}
+
+impl Reader<'_> {
+    fn header(&mut self, name: &str, value: &str) {
+        let (slot, cap, comma_means_duplicate) = if name.eq_ignore_ascii_case(AUTHORIZATION) {
+            (&mut self.ctx.authorization, self.limits.max_authorization_bytes, true)
+        } else if name.eq_ignore_ascii_case(X_API_KEY) {
+            (&mut self.ctx.api_key, self.limits.max_api_key_bytes, true)
+        } else if name.eq_ignore_ascii_case(X_ON_BEHALF_OF) {
+            // A comma here is judged by the impersonation rules (`invalid_on_behalf_of`).
+            (&mut self.ctx.on_behalf_of, MAX_ON_BEHALF_OF_CHARS * 4, false)
+        } else if name.eq_ignore_ascii_case(ORIGIN) {
+            if value.len() <= MAX_ORIGIN_BYTES {
+                self.ctx.origin = Some(value.to_owned());
+            }
+            return;
+        } else if name.eq_ignore_ascii_case(X_REQUEST_ID) {
+            if value.len() <= MAX_REQUEST_ID_BYTES && !value.contains(char::is_control) {
+                self.ctx.request_id = Some(value.to_owned());
+            }
+            return;
+        } else {
+            return;
+        };
+
+        *slot = if !slot.is_absent() {
+            // Seen before: in a raw header map, or a mixed-case twin in the joined map.
+            HeaderField::Duplicated
+        } else if value.len() > cap {
+            HeaderField::TooLarge
+        } else if comma_means_duplicate && value.contains(',') {
+            // Envoy joins repeated header lines with `,` (and a client may squeeze two into one);
+            // neither a token nor a key ever contains one.
+            HeaderField::Duplicated
+        } else {
+            HeaderField::Present(value.to_owned())
+        };
+    }
+}
+
+/// Envoy's `path` is the request target, query included (its `query` field is left empty).
+fn strip_query(path: &str) -> &str {
+    let end = path.find(['?', '#']).unwrap_or(path.len());
+    &path[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+
+    fn check(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: "POST".into(),
+                        path: path.into(),
+                        host: "api.example".into(),
+                        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn read(req: &CheckRequest) -> RequestContext {
+        RequestContext::from_check(req, &LimitsConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn reads_path_without_query_and_headers_case_insensitively() {
+        let ctx = read(&check(
+            "/api/v1/orgs/create?x=1",
+            &[("Authorization", "Bearer abc"), ("X-Api-Key", "sk_x"), ("ORIGIN", "https://a")],
+        ));
+        assert_eq!(ctx.path, "/api/v1/orgs/create");
+        assert_eq!(ctx.method, "POST");
+        assert_eq!(ctx.authorization, HeaderField::Present("Bearer abc".into()));
+        assert_eq!(ctx.api_key, HeaderField::Present("sk_x".into()));
+        assert_eq!(ctx.origin.as_deref(), Some("https://a"));
+        assert!(ctx.on_behalf_of.is_absent());
+    }
+
+    #[test]
+    fn joined_duplicates_are_detected() {
+        let ctx = read(&check("/", &[("authorization", "Bearer a,Bearer b"), ("x-api-key", "sk_a, sk_b")]));
+        assert_eq!(ctx.authorization, HeaderField::Duplicated);
+        assert_eq!(ctx.api_key, HeaderField::Duplicated);
+        let ctx = read(&check("/", &[("x-on-behalf-of", "u1,u2")]));
+        assert_eq!(ctx.on_behalf_of, HeaderField::Present("u1,u2".into()));
+    }
+
+    #[test]
+    fn raw_header_map_duplicates_are_detected() {
+        let mut req = check("/", &[]);
+        let http = req.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap();
+        http.header_map = Some(HeaderMap {
+            headers: vec![
+                HeaderValue { key: "x-api-key".into(), raw_value: b"sk_a".to_vec(), ..Default::default() },
+                HeaderValue { key: "X-API-KEY".into(), raw_value: b"sk_b".to_vec(), ..Default::default() },
+                HeaderValue { key: "authorization".into(), raw_value: b"Bearer t".to_vec(), ..Default::default() },
+            ],
+        });
+        let ctx = read(&req);
+        assert_eq!(ctx.api_key, HeaderField::Duplicated);
+        assert_eq!(ctx.authorization, HeaderField::Present("Bearer t".into()));
+    }
+
+    #[test]
+    fn oversized_values_are_not_copied() {
+        let big = "a".repeat(1 << 20);
+        let token = format!("Bearer {big}");
+        let ctx = read(&check("/", &[("authorization", token.as_str()), ("x-api-key", big.as_str())]));
+        assert_eq!(ctx.authorization, HeaderField::TooLarge);
+        assert_eq!(ctx.api_key, HeaderField::TooLarge);
+    }
+
+    #[test]
+    fn missing_http_attributes_is_an_error() {
+        assert!(RequestContext::from_check(&CheckRequest::default(), &LimitsConfig::default()).is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! The one place that builds the wire answer. An allow overwrites every identity header it sets
+//! and strips the client's copies of the rest; a denial carries a status, a JSON body and, for
+//! key-authenticated requests, the rate-limit headers.
+
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{CheckResponse, DeniedHttpResponse, OkHttpResponse};
+use envoy_types::pb::google::rpc::Status;
+
+use crate::config::{Config, HeaderNames};
+use crate::decision::{Decision, Denial, Grant, Reason};
+use crate::ratelimit::RateStatus;
+use crate::request::{X_API_KEY, X_ON_BEHALF_OF};
+
+/// Everything the builder needs from config, prepared once.
+#[derive(Debug, Clone)]
+pub struct Responder {
+    names: HeaderNames,
+    forward_api_key: bool,
+    ietf_headers: bool,
+    realm: String,
+    unavailable_retry_after: u64,
+}
+
+impl Responder {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            names: cfg.headers.clone(),
+            forward_api_key: cfg.policy.forward_api_key,
+            ietf_headers: cfg.rate_limit.ietf_headers,
+            realm: cfg.response.realm.clone(),
+            unavailable_retry_after: cfg.response.unavailable_retry_after_secs,
+        }
+    }
+
+    pub fn build(&self, decision: &Decision) -> CheckResponse {
+        match decision {
+            Decision::Allow(grant) => self.allow(grant),
+            Decision::Deny(denial) => self.deny(denial),
+        }
+    }
+
+    fn allow(&self, grant: &Grant) -> CheckResponse {
+        let id = &grant.identity;
+        let scopes = (!id.scopes.is_empty()).then(|| id.scopes.join(" "));
+        let values: [(&str, Option<&str>); 6] = [
+            (&self.names.tenant_id, id.tenant.as_deref()),
+            (&self.names.user_id, id.user.as_deref()),
+            (&self.names.auth_method, Some(id.method.as_str())),
+            (&self.names.api_key_id, id.key_id.as_deref()),
+            (&self.names.scopes, scopes.as_deref()),
+            (&self.names.impersonated_by, id.impersonated_by.as_deref()),
+        ];
+        let mut headers = Vec::with_capacity(6);
+        // Only headers the daemon does not set are listed for removal: a set header already
+        // replaces the client's copy, and Envoy may apply removals after additions.
+        let mut headers_to_remove = Vec::with_capacity(8);
+        for (name, value) in values {
+            match value {
+                Some(v) => headers.push(overwrite(name, v)),
+                None => headers_to_remove.push(name.to_owned()),
+            }
+        }
+        if !self.forward_api_key {
+            headers_to_remove.push(X_API_KEY.to_owned());
+        }
+        headers_to_remove.push(X_ON_BEHALF_OF.to_owned());
+
+        CheckResponse {
+            status: Some(Status {
+                code: 0,
+                ..Default::default()
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers,
+                headers_to_remove,
+                response_headers_to_add: grant.rate.map(|r| self.rate_headers(&r)).unwrap_or_default(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn deny(&self, denial: &Denial) -> CheckResponse {
+        let reason = denial.reason;
+        let mut headers = vec![overwrite("content-type", "application/json")];
+        if let Some(error) = reason.bearer_challenge() {
+            let challenge = match error {
+                None => format!("Bearer realm=\"{}\"", self.realm),
+                Some(code) => format!(
+                    "Bearer realm=\"{}\", error=\"{code}\", error_description=\"{}\"",
+                    self.realm,
+                    reason.message()
+                ),
+            };
+            headers.push(overwrite("www-authenticate", &challenge));
+        }
+        if let Some(rate) = &denial.rate {
+            headers.extend(self.rate_headers(rate));
+        }
+        if reason == Reason::Unavailable {
+            headers.push(overwrite("retry-after", &self.unavailable_retry_after.to_string()));
+        }
+        let body = serde_json::json!({
+            "code": reason.code().as_str(),
+            "message": reason.message(),
+            "reason": reason.as_str(),
+        })
+        .to_string();
+        CheckResponse {
+            status: Some(Status {
+                code: reason.code().grpc(),
+                message: reason.as_str().to_owned(),
+                ..Default::default()
+            }),
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: Some(HttpStatus {
+                    code: reason.http_status() as i32,
+                }),
+                headers,
+                body,
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn rate_headers(&self, r: &RateStatus) -> Vec<HeaderValueOption> {
+        let mut out = vec![
+            overwrite("x-ratelimit-limit", &r.limit.to_string()),
+            overwrite("x-ratelimit-remaining", &r.remaining.to_string()),
+            overwrite("x-ratelimit-reset", &r.reset_at.to_string()),
+        ];
+        if let Some(after) = r.retry_after {
+            out.push(overwrite("retry-after", &after.to_string()));
+        }
+        if self.ietf_headers {
+            // draft-ietf-httpapi-ratelimit-headers: the reset is relative there, in seconds.
+            out.push(overwrite(
+                "ratelimit",
+                &format!("limit={}, remaining={}, reset={}", r.limit, r.remaining, r.reset_after),
+            ));
+            out.push(overwrite("ratelimit-policy", &format!("{};w={}", r.limit, r.window_secs)));
+        }
+        out
+    }
+}
+
+fn overwrite(name: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: name.to_owned(),
+            value: value.to_owned(),
+            ..Default::default()
+        }),
+        // Envoy's newer source honours append_action; unset would append beside a spoofed copy.
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

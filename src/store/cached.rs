@@ -1,0 +1,260 @@
+//! `CachedStore`: the in-process cache in front of any key store. Found keys are fresh for a short
+//! TTL and then served stale while one background refresh runs (up to a hard maximum age);
+//! unknown keys are remembered briefly; concurrent misses for one hash make one lookup.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+use moka::future::Cache;
+
+use super::{KeyRecord, KeyStore, StoreError};
+use crate::apikey::KeyHash;
+use crate::config::KeyCacheConfig;
+
+#[derive(Clone)]
+struct Entry {
+    record: Option<Arc<KeyRecord>>,
+    fetched: Instant,
+}
+
+struct EntryExpiry {
+    positive: Duration,
+    negative: Duration,
+}
+
+impl Expiry<KeyHash, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &KeyHash, e: &Entry, _: Instant) -> Option<Duration> {
+        Some(if e.record.is_some() { self.positive } else { self.negative })
+    }
+
+    fn expire_after_update(&self, k: &KeyHash, e: &Entry, now: Instant, _: Option<Duration>) -> Option<Duration> {
+        self.expire_after_create(k, e, now)
+    }
+}
+
+/// How a lookup was answered, for metrics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Stale,
+    Miss,
+}
+
+pub struct CachedStore {
+    inner: Arc<dyn KeyStore>,
+    cache: Cache<KeyHash, Entry>,
+    ttl: Duration,
+    refreshing: Arc<Mutex<HashSet<KeyHash>>>,
+}
+
+impl CachedStore {
+    pub fn new(inner: Arc<dyn KeyStore>, cfg: &KeyCacheConfig) -> Self {
+        Self {
+            inner,
+            cache: Cache::builder()
+                .max_capacity(cfg.max_entries)
+                .expire_after(EntryExpiry {
+                    positive: Duration::from_secs(cfg.max_stale_secs),
+                    negative: Duration::from_secs(cfg.negative_ttl_secs),
+                })
+                .build(),
+            ttl: Duration::from_secs(cfg.ttl_secs),
+            refreshing: Arc::default(),
+        }
+    }
+
+    pub async fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        self.lookup_traced(hash).await.map(|(r, _)| r)
+    }
+
+    pub async fn lookup_traced(
+        &self,
+        hash: &KeyHash,
+    ) -> Result<(Option<Arc<KeyRecord>>, CacheOutcome), StoreError> {
+        if let Some(e) = self.cache.get(hash).await {
+            if e.record.is_some() && e.fetched.elapsed() >= self.ttl {
+                self.spawn_refresh(*hash);
+                return Ok((e.record, CacheOutcome::Stale));
+            }
+            return Ok((e.record, CacheOutcome::Hit));
+        }
+        let inner = self.inner.clone();
+        let h = *hash;
+        let entry = self
+            .cache
+            .try_get_with(h, async move {
+                let record = inner.lookup(&h).await?;
+                Ok::<_, StoreError>(Entry {
+                    record,
+                    fetched: Instant::now(),
+                })
+            })
+            .await
+            .map_err(|e: Arc<StoreError>| (*e).clone())?;
+        Ok((entry.record, CacheOutcome::Miss))
+    }
+
+    /// One background refresh per hash at a time; a failed refresh leaves the stale entry serving
+    /// until its maximum age.
+    fn spawn_refresh(&self, hash: KeyHash) {
+        if !self.refreshing.lock().expect("refresh set").insert(hash) {
+            return;
+        }
+        let (inner, cache, refreshing) = (self.inner.clone(), self.cache.clone(), self.refreshing.clone());
+        tokio::spawn(async move {
+            match inner.lookup(&hash).await {
+                Ok(record) => {
+                    cache
+                        .insert(
+                            hash,
+                            Entry {
+                                record,
+                                fetched: Instant::now(),
+                            },
+                        )
+                        .await
+                }
+                Err(e) => tracing::warn!(error = %e, "Key refresh failed; serving the cached record."),
+            }
+            refreshing.lock().expect("refresh set").remove(&hash);
+        });
+    }
+
+    /// Drops one key (a revocation) or everything (the file store reloaded).
+    pub async fn invalidate(&self, hash: &KeyHash) {
+        self.cache.invalidate(hash).await;
+    }
+
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apikey::KeyKind;
+    use futures_util::future::BoxFuture;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A store that counts lookups, can be slowed down and can fail.
+    #[derive(Default)]
+    struct Counting {
+        calls: AtomicUsize,
+        down: AtomicBool,
+        record: Mutex<Option<Arc<KeyRecord>>>,
+        delay_ms: u64,
+    }
+
+    impl KeyStore for Counting {
+        fn lookup<'a>(&'a self, _: &'a KeyHash) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(self.delay_ms)).await;
+                if self.down.load(Ordering::SeqCst) {
+                    return Err(StoreError::Unavailable("down".into()));
+                }
+                Ok(self.record.lock().unwrap().clone())
+            })
+        }
+    }
+
+    fn cfg(ttl: u64, neg: u64, stale: u64) -> KeyCacheConfig {
+        KeyCacheConfig {
+            max_entries: 100,
+            ttl_secs: ttl,
+            negative_ttl_secs: neg,
+            max_stale_secs: stale,
+        }
+    }
+
+    fn rec() -> Arc<KeyRecord> {
+        Arc::new(KeyRecord::for_test("k", KeyKind::Secret, "t"))
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_make_one_lookup() {
+        let store = Arc::new(Counting {
+            delay_ms: 50,
+            record: Mutex::new(Some(rec())),
+            ..Default::default()
+        });
+        let cached = Arc::new(CachedStore::new(store.clone(), &cfg(10, 5, 60)));
+        let barrier = Arc::new(tokio::sync::Barrier::new(32));
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (c, b) = (cached.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    b.wait().await;
+                    c.lookup(&KeyHash::of("k")).await.unwrap().unwrap().id.clone()
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), "k");
+        }
+        assert_eq!(store.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn negative_results_are_cached_briefly() {
+        let store = Arc::new(Counting::default());
+        let cached = CachedStore::new(store.clone(), &cfg(10, 1, 60));
+        for _ in 0..5 {
+            assert!(cached.lookup(&KeyHash::of("x")).await.unwrap().is_none());
+        }
+        assert_eq!(store.calls.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        *store.record.lock().unwrap() = Some(rec());
+        assert!(cached.lookup(&KeyHash::of("x")).await.unwrap().is_some(), "negative entry expired");
+        assert_eq!(store.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn stale_entries_serve_while_refreshing_and_survive_an_outage() {
+        let store = Arc::new(Counting {
+            record: Mutex::new(Some(rec())),
+            ..Default::default()
+        });
+        let cached = CachedStore::new(store.clone(), &cfg(1, 1, 60));
+        let (_, o) = cached.lookup_traced(&KeyHash::of("k")).await.unwrap();
+        assert_eq!(o, CacheOutcome::Miss);
+        let (_, o) = cached.lookup_traced(&KeyHash::of("k")).await.unwrap();
+        assert_eq!(o, CacheOutcome::Hit);
+
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        store.down.store(true, Ordering::SeqCst);
+        let (r, o) = cached.lookup_traced(&KeyHash::of("k")).await.unwrap();
+        assert_eq!(o, CacheOutcome::Stale);
+        assert!(r.is_some(), "a stale record serves while the store is down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(cached.lookup(&KeyHash::of("k")).await.unwrap().is_some());
+
+        // Unknown keys are not guessed at while the store is down.
+        assert!(cached.lookup(&KeyHash::of("other")).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_refresh_picks_up_changes() {
+        let store = Arc::new(Counting {
+            record: Mutex::new(Some(rec())),
+            ..Default::default()
+        });
+        let cached = CachedStore::new(store.clone(), &cfg(1, 1, 60));
+        cached.lookup(&KeyHash::of("k")).await.unwrap();
+        let mut revoked = (*rec()).clone();
+        revoked.status = crate::store::KeyStatus::Revoked;
+        *store.record.lock().unwrap() = Some(Arc::new(revoked));
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        cached.lookup(&KeyHash::of("k")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = cached.lookup(&KeyHash::of("k")).await.unwrap().unwrap();
+        assert_eq!(r.status, crate::store::KeyStatus::Revoked);
+    }
+}
