@@ -26,8 +26,8 @@ use crate::store::{CachedStore, FileStore, KeyStore, NoStore};
 /// What `start` takes besides the config: seams that tests and dev mode replace.
 pub struct Options {
     pub clock: Arc<dyn Clock>,
-    /// Replaces `key_store` from the config (dev mode's in-memory keys).
-    pub store: Option<Arc<FileStore>>,
+    /// Replaces `key_store` from the config (dev mode's in-memory keys, tests' failing stores).
+    pub store: Option<Arc<dyn KeyStore>>,
     /// Served at `/dev/jwks.json` (dev mode).
     pub dev_jwks: Option<Arc<str>>,
 }
@@ -71,7 +71,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     // Key store, and the cache in front of it. A file store drops the cache whenever it reloads.
     let mut background = Vec::new();
     let file_store = match (&opts.store, &cfg.key_store) {
-        (Some(s), _) => Some(s.clone()),
+        (Some(_), _) => None,
         (None, KeyStoreConfig::File { path, reload_interval_ms }) => {
             let s = Arc::new(FileStore::open(path)?);
             background.push(s.spawn_watcher(Duration::from_millis(*reload_interval_ms)));
@@ -83,9 +83,10 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
             None
         }
     };
-    let store: Arc<dyn KeyStore> = match &file_store {
-        Some(s) => s.clone(),
-        None => Arc::new(NoStore),
+    let store: Arc<dyn KeyStore> = match (opts.store, &file_store) {
+        (Some(s), _) => s,
+        (None, Some(s)) => s.clone(),
+        (None, None) => Arc::new(NoStore),
     };
     let keys = Arc::new(CachedStore::new(store, &cfg.key_cache));
     if let Some(s) = &file_store {

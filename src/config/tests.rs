@@ -1,1 +1,133 @@
+use std::collections::BTreeMap;
 
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn paths(err: ConfigError) -> Vec<String> {
+    err.errors().iter().map(|e| e.path.clone()).collect()
+}
+
+const PROVIDER: &str = "jwt:\n  providers:\n    - name: dashboard\n      project_id: gybc-prod\n";
+
+#[test]
+fn empty_file_means_defaults() {
+    let c = Config::from_yaml("", &env(&[])).unwrap();
+    assert_eq!(c.server.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
+    assert_eq!(c.policy.tenantless_paths, vec![DEFAULT_TENANTLESS_PATH]);
+    assert_eq!(c.rate_limit.default.to_string(), "100/60s");
+    assert_eq!(c.key_store, KeyStoreConfig::None);
+    assert_eq!(c.headers.tenant_id, "x-tenant-id");
+    assert!(!c.policy.forward_api_key);
+}
+
+#[test]
+fn provider_defaults_to_google_keys_and_tenant_id() {
+    let c = Config::from_yaml(PROVIDER, &env(&[])).unwrap();
+    let p = &c.jwt.providers[0];
+    assert_eq!(p.tenant_claim, "tenant_id");
+    assert_eq!(p.keys, KeySourceConfig::Url { url: GOOGLE_FIREBASE_KEYS_URL.into() });
+    assert_eq!(c.default_provider_name(), Some("dashboard"));
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_their_path() {
+    let err = Config::from_yaml("server:\n  grpc_adr: 1.2.3.4:5\n", &env(&[])).unwrap_err();
+    assert_eq!(paths(err), vec!["server.grpc_adr"]);
+    let err = Config::from_yaml(&format!("{PROVIDER}      colour: red\n"), &env(&[])).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("jwt.providers[0]") && text.contains("colour"), "{text}");
+    let err = Config::from_yaml("rate_limit:\n  default: lots\n", &env(&[])).unwrap_err();
+    assert!(err.to_string().contains("rate_limit.default"), "{err}");
+}
+
+#[test]
+fn validate_reports_every_error() {
+    let yaml = r#"
+jwt:
+  default_provider: nobody
+  leeway_secs: 9999
+  providers:
+    - name: a
+      project_id: ""
+    - name: a
+      project_id: p
+      keys: { type: url, url: "ftp://x" }
+key_store: { type: file, path: "", reload_interval_ms: 0 }
+key_cache: { ttl_secs: 60, max_stale_secs: 10 }
+policy:
+  tenantless_paths: ["/api/v1/orgs/create", "/a//b", "/a/../b", "no-slash", "/a?x=1", "/a%2Fb"]
+headers: { tenant_id: X-Tenant, user_id: x-api-key, scopes: x-auth-method }
+log: { level: "[[" }
+"#;
+    let got = paths(Config::from_yaml(yaml, &env(&[])).unwrap_err());
+    let want = [
+        "jwt.providers[0].project_id",
+        "jwt.providers[1].name",
+        "jwt.providers[1].keys.url",
+        "jwt.default_provider",
+        "jwt.leeway_secs",
+        "key_store.path",
+        "key_store.reload_interval_ms",
+        "key_cache.max_stale_secs",
+        "policy.tenantless_paths[1]",
+        "policy.tenantless_paths[2]",
+        "policy.tenantless_paths[3]",
+        "policy.tenantless_paths[4]",
+        "policy.tenantless_paths[5]",
+        "headers.tenant_id",
+        "headers.user_id",
+        "headers.scopes",
+        "log.level",
+    ];
+    for w in want {
+        assert!(got.contains(&w.to_string()), "{w} missing from {got:?}");
+    }
+    assert_eq!(got.len(), want.len(), "{got:?}");
+}
+
+#[test]
+fn environment_overrides_fields_with_their_types() {
+    let c = Config::from_yaml(
+        PROVIDER,
+        &env(&[
+            ("GYBC_AUTHZ__SERVER__GRPC_ADDR", "0.0.0.0:9000"),
+            ("GYBC_AUTHZ__JWT__LEEWAY_SECS", "5"),
+            ("GYBC_AUTHZ__POLICY__FORWARD_API_KEY", "true"),
+            ("GYBC_AUTHZ__POLICY__TENANTLESS_PATHS", "[/a, /b]"),
+            ("GYBC_AUTHZ__RATE_LIMIT__DEFAULT", "10/1s"),
+            ("GYBC_AUTHZ__KEY_STORE__TYPE", "file"),
+            ("GYBC_AUTHZ__KEY_STORE__PATH", "/etc/keys.yaml"),
+            ("UNRELATED", "x"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.server.grpc_addr.to_string(), "0.0.0.0:9000");
+    assert_eq!(c.jwt.leeway_secs, 5);
+    assert!(c.policy.forward_api_key);
+    assert_eq!(c.policy.tenantless_paths, vec!["/a", "/b"]);
+    assert_eq!(c.rate_limit.default.requests, 10);
+    assert_eq!(
+        c.key_store,
+        KeyStoreConfig::File { path: "/etc/keys.yaml".into(), reload_interval_ms: DEFAULT_FILE_RELOAD_MS }
+    );
+    assert_eq!(c.jwt.providers.len(), 1, "the file's providers are kept");
+}
+
+#[test]
+fn bad_overrides_are_errors_naming_the_variable_or_field() {
+    let err = Config::from_yaml("", &env(&[("GYBC_AUTHZ__SERVER__NOPE", "1")])).unwrap_err();
+    assert!(err.to_string().contains("server"), "{err}");
+    let err = Config::from_yaml("", &env(&[("GYBC_AUTHZ__SERVER____X", "1")])).unwrap_err();
+    assert!(err.to_string().contains("GYBC_AUTHZ__SERVER____X"), "{err}");
+    let err = Config::from_yaml("", &env(&[("GYBC_AUTHZ__JWT__LEEWAY_SECS", "soon")])).unwrap_err();
+    assert!(err.to_string().contains("jwt.leeway_secs"), "{err}");
+}
+
+#[test]
+fn loading_a_missing_file_says_which() {
+    let err = Config::load(Path::new("/nonexistent/gybc.yaml"), &env(&[])).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/gybc.yaml"));
+}
