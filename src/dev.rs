@@ -79,8 +79,13 @@ impl SigningKey {
 
     /// Signs `claims` with RS256 and this key's `kid`.
     pub fn sign(&self, claims: &serde_json::Value) -> String {
+        self.sign_as(Some(&self.kid), claims)
+    }
+
+    /// Signs with this key but puts `kid` (or none) in the header: for tests of kid games.
+    pub fn sign_as(&self, kid: Option<&str>, claims: &serde_json::Value) -> String {
         let mut header = Header::new(Algorithm::RS256);
-        header.kid = Some(self.kid.clone());
+        header.kid = kid.map(str::to_owned);
         jsonwebtoken::encode(&header, claims, &self.encoding).expect("RS256 signing with a valid key")
     }
 }
