@@ -38,7 +38,9 @@ struct AdminState {
 }
 
 pub fn router(ready: Arc<Readiness>, dev_jwks: Option<Arc<str>>) -> Router {
-    let mut r = Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz));
+    let mut r = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
     if dev_jwks.is_some() {
         r = r.route("/dev/jwks.json", get(dev_jwks_handler));
     }

@@ -172,16 +172,28 @@ mod tests {
             assert_eq!(parsed.kind(), kind);
             assert_eq!(parsed.hash(), KeyHash::of(&k));
         }
-        assert_ne!(ApiKey::generate(KeyKind::Secret), ApiKey::generate(KeyKind::Secret));
+        assert_ne!(
+            ApiKey::generate(KeyKind::Secret),
+            ApiKey::generate(KeyKind::Secret)
+        );
     }
 
     #[test]
     fn malformed_keys_are_rejected() {
         let k = ApiKey::generate(KeyKind::Secret);
         assert_eq!(ApiKey::parse("ak_123").unwrap_err(), KeyFormatError::Prefix);
-        assert_eq!(ApiKey::parse("sk_short").unwrap_err(), KeyFormatError::Shape);
-        assert_eq!(ApiKey::parse(&format!("{k}!")).unwrap_err(), KeyFormatError::Shape);
-        assert_eq!(ApiKey::parse(&k.replace("sk_", "SK_")).unwrap_err(), KeyFormatError::Prefix);
+        assert_eq!(
+            ApiKey::parse("sk_short").unwrap_err(),
+            KeyFormatError::Shape
+        );
+        assert_eq!(
+            ApiKey::parse(&format!("{k}!")).unwrap_err(),
+            KeyFormatError::Shape
+        );
+        assert_eq!(
+            ApiKey::parse(&k.replace("sk_", "SK_")).unwrap_err(),
+            KeyFormatError::Prefix
+        );
         // One mistyped character: the checksum catches it.
         let mut typo = k.clone().into_bytes();
         typo[10] = if typo[10] == b'a' { b'b' } else { b'a' };
@@ -195,7 +207,10 @@ mod tests {
     fn hashes_round_trip_through_text() {
         let h = KeyHash::of("sk_x");
         assert_eq!(KeyHash::parse(&h.to_hex()), Some(h));
-        assert_eq!(KeyHash::parse(&format!("sha256:{}", h.to_hex().to_uppercase())), Some(h));
+        assert_eq!(
+            KeyHash::parse(&format!("sha256:{}", h.to_hex().to_uppercase())),
+            Some(h)
+        );
         assert_eq!(KeyHash::parse("sha256:zz"), None);
         assert!(!format!("{h:?}").contains(&h.to_hex()));
     }

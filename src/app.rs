@@ -45,7 +45,10 @@ impl Default for Options {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     KeyFile(#[from] crate::store::KeyFileError),
     #[error("cannot build the HTTP client for key fetching: {0}")]
@@ -72,7 +75,13 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     let mut background = Vec::new();
     let file_store = match (&opts.store, &cfg.key_store) {
         (Some(_), _) => None,
-        (None, KeyStoreConfig::File { path, reload_interval_ms }) => {
+        (
+            None,
+            KeyStoreConfig::File {
+                path,
+                reload_interval_ms,
+            },
+        ) => {
             let s = Arc::new(FileStore::open(path)?);
             background.push(s.spawn_watcher(Duration::from_millis(*reload_interval_ms)));
             tracing::info!(keys = s.len(), path = %path.display(), "Key file loaded.");
@@ -157,19 +166,33 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
                 }
             }
             ready.set_loaded();
-            health.set_serving::<AuthorizationServer<AuthzService>>().await;
+            health
+                .set_serving::<AuthorizationServer<AuthzService>>()
+                .await;
             tracing::info!("Ready.");
         }));
     }
 
     let grpc = TcpListener::bind(cfg.server.grpc_addr)
         .await
-        .map_err(|source| StartError::Bind { addr: cfg.server.grpc_addr, source })?;
-    let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind { addr: cfg.server.grpc_addr, source })?;
+        .map_err(|source| StartError::Bind {
+            addr: cfg.server.grpc_addr,
+            source,
+        })?;
+    let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.server.grpc_addr,
+        source,
+    })?;
     let http = TcpListener::bind(cfg.server.http_addr)
         .await
-        .map_err(|source| StartError::Bind { addr: cfg.server.http_addr, source })?;
-    let http_addr = http.local_addr().map_err(|source| StartError::Bind { addr: cfg.server.http_addr, source })?;
+        .map_err(|source| StartError::Bind {
+            addr: cfg.server.http_addr,
+            source,
+        })?;
+    let http_addr = http.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.server.http_addr,
+        source,
+    })?;
 
     let mut servers = Vec::new();
     {

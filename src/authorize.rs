@@ -34,25 +34,42 @@ impl Authorizer {
     async fn decide_inner(&self, req: &RequestContext) -> Result<Grant, Denial> {
         match credentials::extract(req)? {
             Credentials::None => Err(Denial::new(Reason::MissingCredentials)),
-            Credentials::Bearer { token, on_behalf_of } => self.bearer(req, token, on_behalf_of).await,
-            Credentials::SecretKey { key, on_behalf_of } => self.secret_key(key, on_behalf_of).await,
+            Credentials::Bearer {
+                token,
+                on_behalf_of,
+            } => self.bearer(req, token, on_behalf_of).await,
+            Credentials::SecretKey { key, on_behalf_of } => {
+                self.secret_key(key, on_behalf_of).await
+            }
             Credentials::PublishableKey {
                 key,
                 user_token,
                 on_behalf_of,
-            } => self.publishable_key(req, key, user_token, on_behalf_of).await,
+            } => {
+                self.publishable_key(req, key, user_token, on_behalf_of)
+                    .await
+            }
         }
     }
 
     /// A dashboard user's Firebase token.
-    async fn bearer(&self, req: &RequestContext, token: &str, on_behalf_of: Option<&str>) -> Result<Grant, Denial> {
+    async fn bearer(
+        &self,
+        req: &RequestContext,
+        token: &str,
+        on_behalf_of: Option<&str>,
+    ) -> Result<Grant, Denial> {
         let provider = self
             .jwt
             .default_provider()
             .ok_or(Denial::because(Reason::InvalidToken, "no_provider"))?;
         let verified = self.verify(provider, token).await?;
         impersonation::authorize(AuthMethod::Jwt, &[], on_behalf_of)?;
-        let tenant = tenant::for_jwt(verified.tenant.as_deref(), &req.path, &self.tenantless_paths)?;
+        let tenant = tenant::for_jwt(
+            verified.tenant.as_deref(),
+            &req.path,
+            &self.tenantless_paths,
+        )?;
         Ok(Grant {
             identity: Identity {
                 method: AuthMethod::Jwt,
@@ -67,7 +84,11 @@ impl Authorizer {
     }
 
     /// A customer backend's secret key, possibly acting for one of its users.
-    async fn secret_key(&self, key: ApiKey<'_>, on_behalf_of: Option<&str>) -> Result<Grant, Denial> {
+    async fn secret_key(
+        &self,
+        key: ApiKey<'_>,
+        on_behalf_of: Option<&str>,
+    ) -> Result<Grant, Denial> {
         let record = self.key_record(&key).await?;
         let user = impersonation::authorize(AuthMethod::ApiKey, &record.scopes, on_behalf_of)?;
         let identity = Identity {
@@ -105,7 +126,11 @@ impl Authorizer {
         if !origin::allowed(&record.allowed_origins, req.origin.as_deref()) {
             return Err(Denial::new(Reason::OriginNotAllowed));
         }
-        tenant::for_publishable(&record.tenant, record.identity_platform_tenant.as_deref(), &verified)?;
+        tenant::for_publishable(
+            &record.tenant,
+            record.identity_platform_tenant.as_deref(),
+            &verified,
+        )?;
         impersonation::authorize(AuthMethod::PublishableKey, &record.scopes, on_behalf_of)?;
         let identity = Identity {
             method: AuthMethod::PublishableKey,
@@ -164,4 +189,3 @@ impl Authorizer {
         }
     }
 }
-

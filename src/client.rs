@@ -10,7 +10,12 @@ use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, 
 use serde_json::json;
 
 /// A CheckRequest for an HTTP request with these headers (names lower-cased, as Envoy sends them).
-pub fn check_request(method: &str, path: &str, host: &str, headers: &[(String, String)]) -> CheckRequest {
+pub fn check_request(
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(String, String)],
+) -> CheckRequest {
     let mut map: HashMap<String, String> = HashMap::new();
     for (k, v) in headers {
         // Envoy joins repeated headers with a comma.
@@ -70,7 +75,11 @@ pub fn describe(resp: &CheckResponse) -> serde_json::Value {
 }
 
 pub async fn run(addr: &str, req: CheckRequest) -> Result<CheckResponse, String> {
-    let url = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
     let mut client = AuthorizationClient::connect(url.clone())
         .await
         .map_err(|e| format!("cannot connect to {url}: {e}"))?;

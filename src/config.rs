@@ -165,10 +165,16 @@ fn default_tenant_claim() -> String {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
 pub enum KeySourceConfig {
-    Url { url: String },
-    File { path: PathBuf },
+    Url {
+        url: String,
+    },
+    File {
+        path: PathBuf,
+    },
     /// Keys given inline (dev mode); not meant for production files.
-    Inline { json: String },
+    Inline {
+        json: String,
+    },
 }
 
 impl Default for KeySourceConfig {
@@ -479,7 +485,10 @@ impl Config {
         apply_env(&mut value, env)?;
         let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            invalid(if path == "." { "(root)".into() } else { path }, e.into_inner().to_string())
+            invalid(
+                if path == "." { "(root)".into() } else { path },
+                e.into_inner().to_string(),
+            )
         })?;
         config.validate()?;
         Ok(config)
@@ -496,10 +505,16 @@ impl Config {
             if p.name.trim().is_empty() {
                 err(format!("{at}.name"), "must not be empty".into());
             } else if !names.insert(p.name.as_str()) {
-                err(format!("{at}.name"), format!("duplicate provider name `{}`", p.name));
+                err(
+                    format!("{at}.name"),
+                    format!("duplicate provider name `{}`", p.name),
+                );
             }
             if p.project_id.trim().is_empty() || p.project_id.contains(char::is_whitespace) {
-                err(format!("{at}.project_id"), "must be a non-empty Firebase project id".into());
+                err(
+                    format!("{at}.project_id"),
+                    "must be a non-empty Firebase project id".into(),
+                );
             }
             if p.tenant_claim.trim().is_empty() {
                 err(format!("{at}.tenant_claim"), "must not be empty".into());
@@ -522,22 +537,34 @@ impl Config {
                 }
             }
         }
-        if let Some(d) = &self.jwt.default_provider {
-            if !names.contains(d.as_str()) {
-                err("jwt.default_provider".into(), format!("no provider named `{d}`"));
-            }
+        if let Some(d) = &self.jwt.default_provider
+            && !names.contains(d.as_str())
+        {
+            err(
+                "jwt.default_provider".into(),
+                format!("no provider named `{d}`"),
+            );
         }
         if self.jwt.leeway_secs > MAX_LEEWAY_SECS {
-            err("jwt.leeway_secs".into(), format!("must be at most {MAX_LEEWAY_SECS}"));
+            err(
+                "jwt.leeway_secs".into(),
+                format!("must be at most {MAX_LEEWAY_SECS}"),
+            );
         }
         if self.jwt.cache_max_entries == 0 {
             err("jwt.cache_max_entries".into(), "must be at least 1".into());
         }
         if self.jwt.keys_fetch_timeout_ms == 0 {
-            err("jwt.keys_fetch_timeout_ms".into(), "must be at least 1".into());
+            err(
+                "jwt.keys_fetch_timeout_ms".into(),
+                "must be at least 1".into(),
+            );
         }
         if self.jwt.keys_min_refresh_secs == 0 {
-            err("jwt.keys_min_refresh_secs".into(), "must be at least 1".into());
+            err(
+                "jwt.keys_min_refresh_secs".into(),
+                "must be at least 1".into(),
+            );
         }
         if self.jwt.keys_refresh_secs < self.jwt.keys_min_refresh_secs {
             err(
@@ -555,7 +582,10 @@ impl Config {
                 err("key_store.path".into(), "must not be empty".into());
             }
             if *reload_interval_ms == 0 {
-                err("key_store.reload_interval_ms".into(), "must be at least 1".into());
+                err(
+                    "key_store.reload_interval_ms".into(),
+                    "must be at least 1".into(),
+                );
             }
         }
 
@@ -567,10 +597,16 @@ impl Config {
             err("key_cache.ttl_secs".into(), "must be at least 1".into());
         }
         if c.negative_ttl_secs == 0 {
-            err("key_cache.negative_ttl_secs".into(), "must be at least 1".into());
+            err(
+                "key_cache.negative_ttl_secs".into(),
+                "must be at least 1".into(),
+            );
         }
         if c.max_stale_secs < c.ttl_secs {
-            err("key_cache.max_stale_secs".into(), "must be at least key_cache.ttl_secs".into());
+            err(
+                "key_cache.max_stale_secs".into(),
+                "must be at least key_cache.ttl_secs".into(),
+            );
         }
         if self.rate_limit.max_keys == 0 {
             err("rate_limit.max_keys".into(), "must be at least 1".into());
@@ -583,7 +619,13 @@ impl Config {
         }
 
         let mut seen = HashSet::new();
-        let reserved = ["authorization", "x-api-key", "x-on-behalf-of", "host", "origin"];
+        let reserved = [
+            "authorization",
+            "x-api-key",
+            "x-on-behalf-of",
+            "host",
+            "origin",
+        ];
         for (field, name) in [
             ("tenant_id", &self.headers.tenant_id),
             ("user_id", &self.headers.user_id),
@@ -598,25 +640,43 @@ impl Config {
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
             {
-                err(path, "must be a lower-case header name (a-z, 0-9, -, _)".into());
+                err(
+                    path,
+                    "must be a lower-case header name (a-z, 0-9, -, _)".into(),
+                );
             } else if reserved.contains(&name.as_str()) {
-                err(path, format!("`{name}` is a request header the daemon reads"));
+                err(
+                    path,
+                    format!("`{name}` is a request header the daemon reads"),
+                );
             } else if !seen.insert(name.as_str()) {
                 err(path, format!("`{name}` is used for two identity headers"));
             }
         }
 
         if self.response.realm.contains('"') || self.response.realm.contains(char::is_control) {
-            err("response.realm".into(), "must not contain quotes or control characters".into());
+            err(
+                "response.realm".into(),
+                "must not contain quotes or control characters".into(),
+            );
         }
         if self.limits.max_authorization_bytes < 64 {
-            err("limits.max_authorization_bytes".into(), "must be at least 64".into());
+            err(
+                "limits.max_authorization_bytes".into(),
+                "must be at least 64".into(),
+            );
         }
         if self.limits.max_api_key_bytes < 16 {
-            err("limits.max_api_key_bytes".into(), "must be at least 16".into());
+            err(
+                "limits.max_api_key_bytes".into(),
+                "must be at least 16".into(),
+            );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            err("log.level".into(), format!("`{}` is not a valid filter", self.log.level));
+            err(
+                "log.level".into(),
+                format!("`{}` is not a valid filter", self.log.level),
+            );
         }
 
         if errs.is_empty() {
@@ -644,7 +704,11 @@ fn check_normal_path(p: &str) -> Result<(), &'static str> {
     if p.contains(['?', '#', '%', '\\']) || p.contains(char::is_whitespace) {
         return Err("must be a plain path (no query, fragment, percent-encoding or backslash)");
     }
-    if p.len() > 1 && p[1..].split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+    if p.len() > 1
+        && p[1..]
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
         return Err("must be in normal form (no empty, `.` or `..` segments)");
     }
     Ok(())
@@ -672,7 +736,12 @@ fn apply_env(root: &mut Value, env: &dyn Env) -> Result<(), ConfigError> {
         for seg in &segments[..segments.len() - 1] {
             let map = match node {
                 Value::Mapping(m) => m,
-                _ => return Err(invalid(key.clone(), "overrides a field that is not a section")),
+                _ => {
+                    return Err(invalid(
+                        key.clone(),
+                        "overrides a field that is not a section",
+                    ));
+                }
             };
             node = map
                 .entry(Value::String(seg.clone()))
@@ -683,7 +752,10 @@ fn apply_env(root: &mut Value, env: &dyn Env) -> Result<(), ConfigError> {
         }
         match node {
             Value::Mapping(m) => {
-                m.insert(Value::String(segments.last().cloned().unwrap_or_default()), parsed);
+                m.insert(
+                    Value::String(segments.last().cloned().unwrap_or_default()),
+                    parsed,
+                );
             }
             _ => return Err(invalid(key, "overrides a field that is not a section")),
         }

@@ -12,9 +12,15 @@ use crate::request::{HeaderField, RequestContext};
 pub enum Credentials<'a> {
     None,
     /// `Authorization: Bearer <token>` alone.
-    Bearer { token: &'a str, on_behalf_of: Option<&'a str> },
+    Bearer {
+        token: &'a str,
+        on_behalf_of: Option<&'a str>,
+    },
     /// `X-API-Key: sk_…`.
-    SecretKey { key: ApiKey<'a>, on_behalf_of: Option<&'a str> },
+    SecretKey {
+        key: ApiKey<'a>,
+        on_behalf_of: Option<&'a str>,
+    },
     /// `X-API-Key: pk_…`, with the user's token if any (`Err` when `Authorization` is not Bearer).
     PublishableKey {
         key: ApiKey<'a>,
@@ -25,7 +31,9 @@ pub enum Credentials<'a> {
 
 /// Reads the credentials, applying every rule that needs no lookup.
 pub fn extract(req: &RequestContext) -> Result<Credentials<'_>, Denial> {
-    if matches!(req.authorization, HeaderField::Duplicated) || matches!(req.api_key, HeaderField::Duplicated) {
+    if matches!(req.authorization, HeaderField::Duplicated)
+        || matches!(req.api_key, HeaderField::Duplicated)
+    {
         return Err(Denial::new(Reason::MalformedCredentials));
     }
     if matches!(req.on_behalf_of, HeaderField::Duplicated) {
@@ -49,7 +57,8 @@ pub fn extract(req: &RequestContext) -> Result<Credentials<'_>, Denial> {
         HeaderField::TooLarge => return Err(Denial::because(Reason::InvalidApiKey, "too_large")),
         HeaderField::Duplicated => unreachable!("handled above"),
         HeaderField::Present(text) => {
-            let key = ApiKey::parse(text).map_err(|_| Denial::because(Reason::InvalidApiKey, "format"))?;
+            let key = ApiKey::parse(text)
+                .map_err(|_| Denial::because(Reason::InvalidApiKey, "format"))?;
             return Ok(match key.kind() {
                 KeyKind::Secret => Credentials::SecretKey { key, on_behalf_of },
                 KeyKind::Publishable => Credentials::PublishableKey {
@@ -87,7 +96,8 @@ fn bearer(field: &HeaderField) -> Result<&str, Denial> {
         return Err(Denial::because(Reason::InvalidToken, "not_bearer"));
     }
     let token = token.trim_matches(' ');
-    let jwt_chars = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b'=';
+    let jwt_chars =
+        |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b'=';
     if token.is_empty() || !token.bytes().all(jwt_chars) {
         return Err(Denial::because(Reason::InvalidToken, "malformed"));
     }
@@ -119,17 +129,61 @@ mod tests {
         let sk = sk.as_str();
         let pk = pk.as_str();
         let denied: &[(&str, RequestContext, Reason)] = &[
-            ("sk and bearer", req(Some("Bearer a.b.c"), Some(sk), None), Reason::AmbiguousCredentials),
-            ("sk and basic", req(Some("Basic dTpw"), Some(sk), None), Reason::AmbiguousCredentials),
-            ("basic auth", req(Some("Basic dTpw"), None, None), Reason::InvalidToken),
-            ("bearer without token", req(Some("Bearer "), None, None), Reason::InvalidToken),
-            ("bare token", req(Some("a.b.c"), None, None), Reason::InvalidToken),
-            ("bearer junk", req(Some("Bearer a b"), None, None), Reason::InvalidToken),
-            ("other prefix", req(None, Some("ak_123456789012345678901234567890"), None), Reason::InvalidApiKey),
-            ("short key", req(None, Some("sk_abc"), None), Reason::InvalidApiKey),
-            ("empty key", req(None, Some(""), None), Reason::InvalidApiKey),
-            ("obo with comma", req(None, Some(sk), Some("a,b")), Reason::InvalidOnBehalfOf),
-            ("obo empty", req(Some("Bearer a.b.c"), None, Some("")), Reason::InvalidOnBehalfOf),
+            (
+                "sk and bearer",
+                req(Some("Bearer a.b.c"), Some(sk), None),
+                Reason::AmbiguousCredentials,
+            ),
+            (
+                "sk and basic",
+                req(Some("Basic dTpw"), Some(sk), None),
+                Reason::AmbiguousCredentials,
+            ),
+            (
+                "basic auth",
+                req(Some("Basic dTpw"), None, None),
+                Reason::InvalidToken,
+            ),
+            (
+                "bearer without token",
+                req(Some("Bearer "), None, None),
+                Reason::InvalidToken,
+            ),
+            (
+                "bare token",
+                req(Some("a.b.c"), None, None),
+                Reason::InvalidToken,
+            ),
+            (
+                "bearer junk",
+                req(Some("Bearer a b"), None, None),
+                Reason::InvalidToken,
+            ),
+            (
+                "other prefix",
+                req(None, Some("ak_123456789012345678901234567890"), None),
+                Reason::InvalidApiKey,
+            ),
+            (
+                "short key",
+                req(None, Some("sk_abc"), None),
+                Reason::InvalidApiKey,
+            ),
+            (
+                "empty key",
+                req(None, Some(""), None),
+                Reason::InvalidApiKey,
+            ),
+            (
+                "obo with comma",
+                req(None, Some(sk), Some("a,b")),
+                Reason::InvalidOnBehalfOf,
+            ),
+            (
+                "obo empty",
+                req(Some("Bearer a.b.c"), None, Some("")),
+                Reason::InvalidOnBehalfOf,
+            ),
         ];
         for (name, r, want) in denied {
             assert_eq!(reason(extract(r)), *want, "{name}");
@@ -138,20 +192,35 @@ mod tests {
         assert_eq!(extract(&req(None, None, None)).unwrap(), Credentials::None);
         assert!(matches!(
             extract(&req(Some("bearer a.b.c"), None, Some("u1"))).unwrap(),
-            Credentials::Bearer { token: "a.b.c", on_behalf_of: Some("u1") }
+            Credentials::Bearer {
+                token: "a.b.c",
+                on_behalf_of: Some("u1")
+            }
         ));
-        assert!(matches!(extract(&req(None, Some(sk), Some("u1"))).unwrap(), Credentials::SecretKey { .. }));
+        assert!(matches!(
+            extract(&req(None, Some(sk), Some("u1"))).unwrap(),
+            Credentials::SecretKey { .. }
+        ));
         match extract(&req(Some("Bearer a.b.c"), Some(pk), None)).unwrap() {
-            Credentials::PublishableKey { user_token: Some(Ok("a.b.c")), .. } => {}
+            Credentials::PublishableKey {
+                user_token: Some(Ok("a.b.c")),
+                ..
+            } => {}
             other => panic!("{other:?}"),
         }
         match extract(&req(Some("Basic x"), Some(pk), None)).unwrap() {
-            Credentials::PublishableKey { user_token: Some(Err(d)), .. } => assert_eq!(d.reason, Reason::InvalidToken),
+            Credentials::PublishableKey {
+                user_token: Some(Err(d)),
+                ..
+            } => assert_eq!(d.reason, Reason::InvalidToken),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
             extract(&req(None, Some(pk), None)).unwrap(),
-            Credentials::PublishableKey { user_token: None, .. }
+            Credentials::PublishableKey {
+                user_token: None,
+                ..
+            }
         ));
     }
 

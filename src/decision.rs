@@ -128,12 +128,17 @@ impl Reason {
 
     pub fn http_status(self) -> u16 {
         match self {
-            Reason::MissingCredentials | Reason::InvalidToken | Reason::UserTokenRequired | Reason::InvalidApiKey => 401,
+            Reason::MissingCredentials
+            | Reason::InvalidToken
+            | Reason::UserTokenRequired
+            | Reason::InvalidApiKey => 401,
             Reason::TenantRequired
             | Reason::ImpersonationNotAllowed
             | Reason::TenantMismatch
             | Reason::OriginNotAllowed => 403,
-            Reason::InvalidOnBehalfOf | Reason::AmbiguousCredentials | Reason::MalformedCredentials => 400,
+            Reason::InvalidOnBehalfOf
+            | Reason::AmbiguousCredentials
+            | Reason::MalformedCredentials => 400,
             Reason::RateLimited => 429,
             Reason::Unavailable => 503,
         }
@@ -152,7 +157,9 @@ impl Reason {
     /// A sentence for the body. Fixed text: it can never echo a credential.
     pub fn message(self) -> &'static str {
         match self {
-            Reason::MissingCredentials => "Authentication required: send a Bearer token or an X-API-Key.",
+            Reason::MissingCredentials => {
+                "Authentication required: send a Bearer token or an X-API-Key."
+            }
             Reason::InvalidToken => "The bearer token is invalid or expired.",
             Reason::TenantRequired => "This user belongs to no organization yet; create one first.",
             Reason::ImpersonationNotAllowed => {
@@ -161,13 +168,21 @@ impl Reason {
             Reason::InvalidOnBehalfOf => {
                 "X-On-Behalf-Of must be a user id of 1 to 128 characters without spaces, commas or control characters."
             }
-            Reason::UserTokenRequired => "A publishable key must be sent with the user's bearer token.",
-            Reason::TenantMismatch => "The user's token belongs to another tenant than the publishable key.",
+            Reason::UserTokenRequired => {
+                "A publishable key must be sent with the user's bearer token."
+            }
+            Reason::TenantMismatch => {
+                "The user's token belongs to another tenant than the publishable key."
+            }
             Reason::OriginNotAllowed => "This origin may not use this publishable key.",
-            Reason::AmbiguousCredentials => "Send either a secret API key or a bearer token, not both.",
+            Reason::AmbiguousCredentials => {
+                "Send either a secret API key or a bearer token, not both."
+            }
             Reason::MalformedCredentials => "A credential header was sent more than once.",
             Reason::InvalidApiKey => "The API key is invalid, revoked or expired.",
-            Reason::RateLimited => "Rate limit exceeded; retry after the time given in Retry-After.",
+            Reason::RateLimited => {
+                "Rate limit exceeded; retry after the time given in Retry-After."
+            }
             Reason::Unavailable => "Authorization is temporarily unavailable; retry shortly.",
         }
     }

@@ -54,7 +54,8 @@ impl SigningKey {
         let pair = KeyPair::generate(KeySize::Rsa2048).map_err(|e| DevError(e.to_string()))?;
         let pkcs8 = pair.as_der().map_err(|e| DevError(e.to_string()))?;
         let pem = pem_wrap("PRIVATE KEY", pkcs8.as_ref());
-        let encoding = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| DevError(e.to_string()))?;
+        let encoding =
+            EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| DevError(e.to_string()))?;
         let public = PublicKeyComponents::<Vec<u8>>::from(pair.public_key());
         let jwk = serde_json::json!({
             "kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid,
@@ -74,7 +75,8 @@ impl SigningKey {
 
     /// `{"keys": [...]}` for these keys.
     pub fn jwks(keys: &[&SigningKey]) -> String {
-        serde_json::json!({ "keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() }).to_string()
+        serde_json::json!({ "keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() })
+            .to_string()
     }
 
     /// Signs `claims` with RS256 and this key's `kid`.
@@ -86,7 +88,8 @@ impl SigningKey {
     pub fn sign_as(&self, kid: Option<&str>, claims: &serde_json::Value) -> String {
         let mut header = Header::new(Algorithm::RS256);
         header.kid = kid.map(str::to_owned);
-        jsonwebtoken::encode(&header, claims, &self.encoding).expect("RS256 signing with a valid key")
+        jsonwebtoken::encode(&header, claims, &self.encoding)
+            .expect("RS256 signing with a valid key")
     }
 }
 
@@ -102,7 +105,13 @@ fn pem_wrap(label: &str, der: &[u8]) -> String {
 }
 
 /// Firebase-shaped claims for `project`.
-pub fn firebase_claims(project: &str, sub: &str, tenant: Option<&str>, now: u64, lifetime: u64) -> serde_json::Value {
+pub fn firebase_claims(
+    project: &str,
+    sub: &str,
+    tenant: Option<&str>,
+    now: u64,
+    lifetime: u64,
+) -> serde_json::Value {
     let mut c = serde_json::json!({
         "iss": format!("https://securetoken.google.com/{project}"),
         "aud": project,
@@ -156,10 +165,26 @@ pub fn setup(cfg: &mut Config) -> Result<DevSetup, DevError> {
         identity_platform_tenant: None,
     };
     let store = Arc::new(FileStore::from_records(vec![
-        record("key_dev_secret", &secret_key, KeyKind::Secret, vec![IMPERSONATE_SCOPE.into()]),
-        record("key_dev_publishable", &publishable_key, KeyKind::Publishable, vec![]),
+        record(
+            "key_dev_secret",
+            &secret_key,
+            KeyKind::Secret,
+            vec![IMPERSONATE_SCOPE.into()],
+        ),
+        record(
+            "key_dev_publishable",
+            &publishable_key,
+            KeyKind::Publishable,
+            vec![],
+        ),
     ]));
-    let user_jwt = signing.sign(&firebase_claims(DEV_PROJECT, DEV_USER, Some(DEV_TENANT), now, DEV_TOKEN_SECS));
+    let user_jwt = signing.sign(&firebase_claims(
+        DEV_PROJECT,
+        DEV_USER,
+        Some(DEV_TENANT),
+        now,
+        DEV_TOKEN_SECS,
+    ));
     Ok(DevSetup {
         credentials: DevCredentials {
             secret_key,
@@ -172,7 +197,12 @@ pub fn setup(cfg: &mut Config) -> Result<DevSetup, DevError> {
 }
 
 /// The banner `serve --dev` prints once, with commands that work as printed.
-pub fn banner(c: &DevCredentials, exe: &str, grpc: std::net::SocketAddr, http: std::net::SocketAddr) -> String {
+pub fn banner(
+    c: &DevCredentials,
+    exe: &str,
+    grpc: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+) -> String {
     format!(
         "\n\
 gybc-authz dev mode: demo credentials (valid until this process exits; shown only here)\n\

@@ -23,7 +23,10 @@ pub struct AuthzService {
 
 #[tonic::async_trait]
 impl Authorization for AuthzService {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
         let ctx = RequestContext::from_check(request.get_ref(), &self.limits)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -24,9 +24,15 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JwksError {
     #[error("fetching keys from {source_name} failed: {message}")]
-    Fetch { source_name: String, message: String },
+    Fetch {
+        source_name: String,
+        message: String,
+    },
     #[error("key document from {source_name} is unusable: {message}")]
-    Parse { source_name: String, message: String },
+    Parse {
+        source_name: String,
+        message: String,
+    },
 }
 
 /// A fetched key document and how long its publisher says it stays valid.
@@ -64,7 +70,12 @@ impl KeySource for UrlSource {
                 source_name: self.url.clone(),
                 message,
             };
-            let mut resp = self.client.get(&self.url).send().await.map_err(|e| fail(e.to_string()))?;
+            let mut resp = self
+                .client
+                .get(&self.url)
+                .send()
+                .await
+                .map_err(|e| fail(e.to_string()))?;
             if !resp.status().is_success() {
                 return Err(fail(format!("HTTP {}", resp.status())));
             }
@@ -97,11 +108,16 @@ struct FileSource {
 impl KeySource for FileSource {
     fn fetch(&self) -> BoxFuture<'_, Result<Fetched, JwksError>> {
         Box::pin(async move {
-            let body = tokio::fs::read(&self.path).await.map_err(|e| JwksError::Fetch {
-                source_name: self.name(),
-                message: e.to_string(),
-            })?;
-            Ok(Fetched { body, max_age: None })
+            let body = tokio::fs::read(&self.path)
+                .await
+                .map_err(|e| JwksError::Fetch {
+                    source_name: self.name(),
+                    message: e.to_string(),
+                })?;
+            Ok(Fetched {
+                body,
+                max_age: None,
+            })
         })
     }
 
@@ -133,7 +149,13 @@ fn parse_max_age(header: &str) -> Option<Duration> {
         let (k, v) = d.trim().split_once('=')?;
         k.trim()
             .eq_ignore_ascii_case("max-age")
-            .then(|| v.trim().trim_matches('"').parse().ok().map(Duration::from_secs))
+            .then(|| {
+                v.trim()
+                    .trim_matches('"')
+                    .parse()
+                    .ok()
+                    .map(Duration::from_secs)
+            })
             .flatten()
     })
 }
@@ -169,7 +191,9 @@ pub fn parse_key_set(body: &[u8], source_name: &str) -> Result<KeySet, JwksError
         serde_json::from_slice(body).map_err(|e| err(format!("not a JSON object: {e}")))?;
     let mut keys = HashMap::new();
     if let Some(list) = doc.get("keys") {
-        let list = list.as_array().ok_or_else(|| err("`keys` is not an array".into()))?;
+        let list = list
+            .as_array()
+            .ok_or_else(|| err("`keys` is not an array".into()))?;
         for jwk in list {
             let field = |name: &str| jwk.get(name).and_then(|v| v.as_str());
             let usable = field("kty") == Some("RSA")
@@ -185,7 +209,9 @@ pub fn parse_key_set(body: &[u8], source_name: &str) -> Result<KeySet, JwksError
                 Ok(k) => {
                     keys.insert(kid.to_owned(), Arc::new(k));
                 }
-                Err(e) => tracing::warn!(kid, error = %e, source = source_name, "Skipping an unreadable JWK."),
+                Err(e) => {
+                    tracing::warn!(kid, error = %e, source = source_name, "Skipping an unreadable JWK.")
+                }
             }
         }
     } else {
@@ -195,7 +221,9 @@ pub fn parse_key_set(body: &[u8], source_name: &str) -> Result<KeySet, JwksError
                 Ok(k) => {
                     keys.insert(kid.clone(), Arc::new(k));
                 }
-                Err(e) => tracing::warn!(kid, error = %e, source = source_name, "Skipping an unreadable certificate."),
+                Err(e) => {
+                    tracing::warn!(kid, error = %e, source = source_name, "Skipping an unreadable certificate.")
+                }
             }
         }
     }
@@ -282,7 +310,10 @@ impl Jwks {
     }
 
     fn cached(&self, kid: &str) -> Option<Arc<DecodingKey>> {
-        self.current.load().as_ref().and_then(|s| s.get(kid).cloned())
+        self.current
+            .load()
+            .as_ref()
+            .and_then(|s| s.get(kid).cloned())
     }
 
     /// Fetches now; on success returns when the next refresh is due.
@@ -345,7 +376,10 @@ mod tests {
 
     #[test]
     fn max_age_is_read_from_cache_control() {
-        assert_eq!(parse_max_age("public, max-age=19302, must-revalidate, no-transform"), Some(Duration::from_secs(19302)));
+        assert_eq!(
+            parse_max_age("public, max-age=19302, must-revalidate, no-transform"),
+            Some(Duration::from_secs(19302))
+        );
         assert_eq!(parse_max_age("no-cache"), None);
         assert_eq!(parse_max_age("max-age=abc"), None);
     }
@@ -354,11 +388,15 @@ mod tests {
     fn documents_without_rsa_keys_are_refused() {
         assert!(parse_key_set(b"{}", "t").is_err());
         assert!(parse_key_set(b"[]", "t").is_err());
-        assert!(parse_key_set(br#"{"keys":[{"kty":"EC","kid":"a","x":"1","y":"2"}]}"#, "t").is_err());
+        assert!(
+            parse_key_set(br#"{"keys":[{"kty":"EC","kid":"a","x":"1","y":"2"}]}"#, "t").is_err()
+        );
         assert!(parse_key_set(br#"{"a":"not a pem"}"#, "t").is_err());
         // An RS256 JWK marked for encryption or another algorithm is not a signing key.
         let n = "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw";
-        let jwk = |extra: &str| format!(r#"{{"keys":[{{"kty":"RSA","kid":"k","n":"{n}","e":"AQAB"{extra}}}]}}"#);
+        let jwk = |extra: &str| {
+            format!(r#"{{"keys":[{{"kty":"RSA","kid":"k","n":"{n}","e":"AQAB"{extra}}}]}}"#)
+        };
         assert_eq!(parse_key_set(jwk("").as_bytes(), "t").unwrap().len(), 1);
         assert!(parse_key_set(jwk(r#","use":"enc""#).as_bytes(), "t").is_err());
         assert!(parse_key_set(jwk(r#","alg":"RS512""#).as_bytes(), "t").is_err());

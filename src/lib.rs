@@ -9,23 +9,23 @@
 
 pub mod config;
 
-pub mod grpc;
-pub mod request;
-pub mod credentials;
-pub mod authorize;
 pub mod apikey;
 pub mod authn;
+pub mod authorize;
+pub mod credentials;
+pub mod decision;
+pub mod grpc;
 pub mod jwks;
-pub mod store;
+pub mod observe;
 pub mod policy;
 pub mod ratelimit;
-pub mod decision;
+pub mod request;
 pub mod response;
-pub mod observe;
+pub mod store;
 
 pub mod admin;
 pub mod app;
-pub mod clock;
 pub mod client;
+pub mod clock;
 pub mod dev;
 pub mod telemetry;

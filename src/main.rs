@@ -12,7 +12,11 @@ use gybc_authz::{client, dev, telemetry};
 const EXIT_BAD_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "gybc-authz", version, about = "Envoy ext_authz sidecar for the GYBC API platform")]
+#[command(
+    name = "gybc-authz",
+    version,
+    about = "Envoy ext_authz sidecar for the GYBC API platform"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,7 +54,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -124,7 +131,10 @@ async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
         let exe = std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "gybc-authz".into());
-        print!("{}", dev::banner(c, &exe, running.grpc_addr, running.http_addr));
+        print!(
+            "{}",
+            dev::banner(c, &exe, running.grpc_addr, running.http_addr)
+        );
         use std::io::Write;
         let _ = std::io::stdout().flush();
     }
@@ -157,7 +167,11 @@ async fn check(addr: &str, method: &str, path: &str, host: &str, headers: &[Stri
         Ok(resp) => {
             let out = client::describe(&resp);
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
-            if out["allowed"] == true { ExitCode::SUCCESS } else { ExitCode::from(1) }
+            if out["allowed"] == true {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
         Err(e) => {
             eprintln!("{e}");

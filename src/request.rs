@@ -78,7 +78,10 @@ impl RequestContext {
             host: http.host.clone(),
             ..Default::default()
         };
-        let mut reader = Reader { ctx: &mut ctx, limits };
+        let mut reader = Reader {
+            ctx: &mut ctx,
+            limits,
+        };
         match &http.header_map {
             // `encode_raw_headers: true`: every header line arrives apart, bytes as sent.
             Some(map) if !map.headers.is_empty() => {
@@ -109,12 +112,20 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn header(&mut self, name: &str, value: &str) {
         let (slot, cap, comma_means_duplicate) = if name.eq_ignore_ascii_case(AUTHORIZATION) {
-            (&mut self.ctx.authorization, self.limits.max_authorization_bytes, true)
+            (
+                &mut self.ctx.authorization,
+                self.limits.max_authorization_bytes,
+                true,
+            )
         } else if name.eq_ignore_ascii_case(X_API_KEY) {
             (&mut self.ctx.api_key, self.limits.max_api_key_bytes, true)
         } else if name.eq_ignore_ascii_case(X_ON_BEHALF_OF) {
             // A comma here is judged by the impersonation rules (`invalid_on_behalf_of`).
-            (&mut self.ctx.on_behalf_of, MAX_ON_BEHALF_OF_CHARS * 4, false)
+            (
+                &mut self.ctx.on_behalf_of,
+                MAX_ON_BEHALF_OF_CHARS * 4,
+                false,
+            )
         } else if name.eq_ignore_ascii_case(ORIGIN) {
             if value.len() <= MAX_ORIGIN_BYTES {
                 self.ctx.origin = Some(value.to_owned());
@@ -165,7 +176,10 @@ mod tests {
                         method: "POST".into(),
                         path: path.into(),
                         host: "api.example".into(),
-                        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -183,7 +197,11 @@ mod tests {
     fn reads_path_without_query_and_headers_case_insensitively() {
         let ctx = read(&check(
             "/api/v1/orgs/create?x=1",
-            &[("Authorization", "Bearer abc"), ("X-Api-Key", "sk_x"), ("ORIGIN", "https://a")],
+            &[
+                ("Authorization", "Bearer abc"),
+                ("X-Api-Key", "sk_x"),
+                ("ORIGIN", "https://a"),
+            ],
         ));
         assert_eq!(ctx.path, "/api/v1/orgs/create");
         assert_eq!(ctx.method, "POST");
@@ -195,7 +213,13 @@ mod tests {
 
     #[test]
     fn joined_duplicates_are_detected() {
-        let ctx = read(&check("/", &[("authorization", "Bearer a,Bearer b"), ("x-api-key", "sk_a, sk_b")]));
+        let ctx = read(&check(
+            "/",
+            &[
+                ("authorization", "Bearer a,Bearer b"),
+                ("x-api-key", "sk_a, sk_b"),
+            ],
+        ));
         assert_eq!(ctx.authorization, HeaderField::Duplicated);
         assert_eq!(ctx.api_key, HeaderField::Duplicated);
         let ctx = read(&check("/", &[("x-on-behalf-of", "u1,u2")]));
@@ -205,12 +229,33 @@ mod tests {
     #[test]
     fn raw_header_map_duplicates_are_detected() {
         let mut req = check("/", &[]);
-        let http = req.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap();
+        let http = req
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap();
         http.header_map = Some(HeaderMap {
             headers: vec![
-                HeaderValue { key: "x-api-key".into(), raw_value: b"sk_a".to_vec(), ..Default::default() },
-                HeaderValue { key: "X-API-KEY".into(), raw_value: b"sk_b".to_vec(), ..Default::default() },
-                HeaderValue { key: "authorization".into(), raw_value: b"Bearer t".to_vec(), ..Default::default() },
+                HeaderValue {
+                    key: "x-api-key".into(),
+                    raw_value: b"sk_a".to_vec(),
+                    ..Default::default()
+                },
+                HeaderValue {
+                    key: "X-API-KEY".into(),
+                    raw_value: b"sk_b".to_vec(),
+                    ..Default::default()
+                },
+                HeaderValue {
+                    key: "authorization".into(),
+                    raw_value: b"Bearer t".to_vec(),
+                    ..Default::default()
+                },
             ],
         });
         let ctx = read(&req);
@@ -222,13 +267,21 @@ mod tests {
     fn oversized_values_are_not_copied() {
         let big = "a".repeat(1 << 20);
         let token = format!("Bearer {big}");
-        let ctx = read(&check("/", &[("authorization", token.as_str()), ("x-api-key", big.as_str())]));
+        let ctx = read(&check(
+            "/",
+            &[
+                ("authorization", token.as_str()),
+                ("x-api-key", big.as_str()),
+            ],
+        ));
         assert_eq!(ctx.authorization, HeaderField::TooLarge);
         assert_eq!(ctx.api_key, HeaderField::TooLarge);
     }
 
     #[test]
     fn missing_http_attributes_is_an_error() {
-        assert!(RequestContext::from_check(&CheckRequest::default(), &LimitsConfig::default()).is_err());
+        assert!(
+            RequestContext::from_check(&CheckRequest::default(), &LimitsConfig::default()).is_err()
+        );
     }
 }

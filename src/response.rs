@@ -4,9 +4,11 @@
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{CheckResponse, DeniedHttpResponse, OkHttpResponse};
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckResponse, DeniedHttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::rpc::Status;
 
 use crate::config::{Config, HeaderNames};
@@ -76,7 +78,10 @@ impl Responder {
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers,
                 headers_to_remove,
-                response_headers_to_add: grant.rate.map(|r| self.rate_headers(&r)).unwrap_or_default(),
+                response_headers_to_add: grant
+                    .rate
+                    .map(|r| self.rate_headers(&r))
+                    .unwrap_or_default(),
                 ..Default::default()
             })),
             ..Default::default()
@@ -101,7 +106,10 @@ impl Responder {
             headers.extend(self.rate_headers(rate));
         }
         if reason == Reason::Unavailable {
-            headers.push(overwrite("retry-after", &self.unavailable_retry_after.to_string()));
+            headers.push(overwrite(
+                "retry-after",
+                &self.unavailable_retry_after.to_string(),
+            ));
         }
         let body = serde_json::json!({
             "code": reason.code().as_str(),
@@ -139,9 +147,15 @@ impl Responder {
             // draft-ietf-httpapi-ratelimit-headers: the reset is relative there, in seconds.
             out.push(overwrite(
                 "ratelimit",
-                &format!("limit={}, remaining={}, reset={}", r.limit, r.remaining, r.reset_after),
+                &format!(
+                    "limit={}, remaining={}, reset={}",
+                    r.limit, r.remaining, r.reset_after
+                ),
             ));
-            out.push(overwrite("ratelimit-policy", &format!("{};w={}", r.limit, r.window_secs)));
+            out.push(overwrite(
+                "ratelimit-policy",
+                &format!("{};w={}", r.limit, r.window_secs),
+            ));
         }
         out
     }

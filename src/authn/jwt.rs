@@ -128,11 +128,18 @@ type CacheKey = (usize, [u8; 32]);
 struct UntilExp;
 
 impl Expiry<CacheKey, Arc<VerifiedToken>> for UntilExp {
-    fn expire_after_create(&self, _: &CacheKey, v: &Arc<VerifiedToken>, _: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &CacheKey,
+        v: &Arc<VerifiedToken>,
+        _: Instant,
+    ) -> Option<Duration> {
         let now = crate::clock::SystemClock.now_secs();
         // Bounded by real time too, so a token's entry cannot outlive its exp by much whatever the
         // injected clock says; hits are re-checked against the clock.
-        Some(Duration::from_secs(v.exp.saturating_sub(now).clamp(1, 24 * 3600)))
+        Some(Duration::from_secs(
+            v.exp.saturating_sub(now).clamp(1, 24 * 3600),
+        ))
     }
 }
 
@@ -153,7 +160,11 @@ impl JwtVerifier {
         leeway_secs: u64,
         cache_entries: u64,
     ) -> Self {
-        let by_name: HashMap<_, _> = providers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        let by_name: HashMap<_, _> = providers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect();
         let default = default.and_then(|d| by_name.get(d).copied());
         Self {
             providers,
@@ -161,7 +172,10 @@ impl JwtVerifier {
             default,
             clock,
             leeway: leeway_secs,
-            cache: Cache::builder().max_capacity(cache_entries).expire_after(UntilExp).build(),
+            cache: Cache::builder()
+                .max_capacity(cache_entries)
+                .expire_after(UntilExp)
+                .build(),
         }
     }
 
@@ -196,17 +210,20 @@ impl JwtVerifier {
             return Err(TokenError::Algorithm);
         }
         let kid = header.kid.ok_or(TokenError::NoKid)?;
-        let decoding_key = provider.jwks.key(&kid).await.ok_or(TokenError::UnknownKid)?;
-        let data = jsonwebtoken::decode::<Claims>(token, &decoding_key, &provider.validation).map_err(|e| {
-            match e.kind() {
+        let decoding_key = provider
+            .jwks
+            .key(&kid)
+            .await
+            .ok_or(TokenError::UnknownKid)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &decoding_key, &provider.validation)
+            .map_err(|e| match e.kind() {
                 ErrorKind::InvalidSignature => TokenError::Signature,
                 ErrorKind::InvalidIssuer => TokenError::Issuer,
                 ErrorKind::InvalidAudience => TokenError::Audience,
                 ErrorKind::InvalidAlgorithm => TokenError::Algorithm,
                 ErrorKind::Json(_) | ErrorKind::MissingRequiredClaim(_) => TokenError::Claims,
                 _ => TokenError::Malformed,
-            }
-        })?;
+            })?;
         let c = data.claims;
 
         if c.exp + self.leeway <= now {
@@ -216,7 +233,10 @@ impl JwtVerifier {
         if future(c.iat) || future(c.nbf) || future(c.auth_time) {
             return Err(TokenError::NotYetValid);
         }
-        if c.sub.is_empty() || c.sub.chars().count() > MAX_SUB_CHARS || c.sub.contains(char::is_control) {
+        if c.sub.is_empty()
+            || c.sub.chars().count() > MAX_SUB_CHARS
+            || c.sub.contains(char::is_control)
+        {
             return Err(TokenError::Subject);
         }
         let tenant = match c.rest.get(&provider.tenant_claim) {

@@ -3,7 +3,10 @@ use std::collections::BTreeMap;
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn paths(err: ConfigError) -> Vec<String> {
@@ -28,7 +31,12 @@ fn provider_defaults_to_google_keys_and_tenant_id() {
     let c = Config::from_yaml(PROVIDER, &env(&[])).unwrap();
     let p = &c.jwt.providers[0];
     assert_eq!(p.tenant_claim, "tenant_id");
-    assert_eq!(p.keys, KeySourceConfig::Url { url: GOOGLE_FIREBASE_KEYS_URL.into() });
+    assert_eq!(
+        p.keys,
+        KeySourceConfig::Url {
+            url: GOOGLE_FIREBASE_KEYS_URL.into()
+        }
+    );
     assert_eq!(c.default_provider_name(), Some("dashboard"));
 }
 
@@ -38,7 +46,10 @@ fn unknown_fields_are_rejected_with_their_path() {
     assert_eq!(paths(err), vec!["server.grpc_adr"]);
     let err = Config::from_yaml(&format!("{PROVIDER}      colour: red\n"), &env(&[])).unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("jwt.providers[0]") && text.contains("colour"), "{text}");
+    assert!(
+        text.contains("jwt.providers[0]") && text.contains("colour"),
+        "{text}"
+    );
     let err = Config::from_yaml("rate_limit:\n  default: lots\n", &env(&[])).unwrap_err();
     assert!(err.to_string().contains("rate_limit.default"), "{err}");
 }
@@ -111,7 +122,10 @@ fn environment_overrides_fields_with_their_types() {
     assert_eq!(c.rate_limit.default.requests, 10);
     assert_eq!(
         c.key_store,
-        KeyStoreConfig::File { path: "/etc/keys.yaml".into(), reload_interval_ms: DEFAULT_FILE_RELOAD_MS }
+        KeyStoreConfig::File {
+            path: "/etc/keys.yaml".into(),
+            reload_interval_ms: DEFAULT_FILE_RELOAD_MS
+        }
     );
     assert_eq!(c.jwt.providers.len(), 1, "the file's providers are kept");
 }

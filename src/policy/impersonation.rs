@@ -16,7 +16,10 @@ pub fn check_header(value: &str) -> Result<&str, Denial> {
     if chars > MAX_ON_BEHALF_OF_CHARS {
         return Err(Denial::because(Reason::InvalidOnBehalfOf, "too_long"));
     }
-    if value.chars().any(|c| c.is_control() || c.is_whitespace() || c == ',') {
+    if value
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == ',')
+    {
         return Err(Denial::because(Reason::InvalidOnBehalfOf, "characters"));
     }
     Ok(value)
@@ -28,7 +31,9 @@ pub fn authorize<'a>(
     scopes: &[String],
     on_behalf_of: Option<&'a str>,
 ) -> Result<Option<&'a str>, Denial> {
-    let Some(user) = on_behalf_of else { return Ok(None) };
+    let Some(user) = on_behalf_of else {
+        return Ok(None);
+    };
     match method {
         AuthMethod::ApiKey if scopes.iter().any(|s| s == IMPERSONATE_SCOPE) => Ok(Some(user)),
         AuthMethod::ApiKey => Err(Denial::because(Reason::ImpersonationNotAllowed, "scope")),
@@ -72,13 +77,34 @@ mod tests {
     fn who_may_impersonate() {
         let with = vec![IMPERSONATE_SCOPE.to_owned()];
         let without = vec!["threads:read".to_owned()];
-        let cases: &[(AuthMethod, &[String], Option<&str>, Result<Option<&str>, Reason>)] = &[
+        type Case<'a> = (
+            AuthMethod,
+            &'a [String],
+            Option<&'a str>,
+            Result<Option<&'a str>, Reason>,
+        );
+        let cases: &[Case] = &[
             (AuthMethod::ApiKey, &with, Some("u1"), Ok(Some("u1"))),
             (AuthMethod::ApiKey, &with, None, Ok(None)),
-            (AuthMethod::ApiKey, &without, Some("u1"), Err(Reason::ImpersonationNotAllowed)),
+            (
+                AuthMethod::ApiKey,
+                &without,
+                Some("u1"),
+                Err(Reason::ImpersonationNotAllowed),
+            ),
             (AuthMethod::ApiKey, &without, None, Ok(None)),
-            (AuthMethod::Jwt, &with, Some("u1"), Err(Reason::ImpersonationNotAllowed)),
-            (AuthMethod::PublishableKey, &with, Some("u1"), Err(Reason::ImpersonationNotAllowed)),
+            (
+                AuthMethod::Jwt,
+                &with,
+                Some("u1"),
+                Err(Reason::ImpersonationNotAllowed),
+            ),
+            (
+                AuthMethod::PublishableKey,
+                &with,
+                Some("u1"),
+                Err(Reason::ImpersonationNotAllowed),
+            ),
             (AuthMethod::Jwt, &[], None, Ok(None)),
         ];
         for (method, scopes, obo, want) in cases {

@@ -17,7 +17,10 @@ mod tests {
 
     #[test]
     fn origin_table() {
-        let list = vec!["https://app.example.com".to_owned(), "http://localhost:3000/".to_owned()];
+        let list = vec![
+            "https://app.example.com".to_owned(),
+            "http://localhost:3000/".to_owned(),
+        ];
         let cases: &[(&[String], Option<&str>, bool)] = &[
             (&[], Some("https://evil.example"), true),
             (&list, Some("https://app.example.com"), true),

@@ -6,7 +6,11 @@ use crate::decision::{Denial, Reason};
 
 /// The tenant of a plain JWT request. Paths compare exactly: the configured paths are in normal
 /// form (checked at start), so an equal path is one too.
-pub fn for_jwt(token_tenant: Option<&str>, path: &str, tenantless_paths: &[String]) -> Result<Option<String>, Denial> {
+pub fn for_jwt(
+    token_tenant: Option<&str>,
+    path: &str,
+    tenantless_paths: &[String],
+) -> Result<Option<String>, Denial> {
     match token_tenant {
         Some(t) => Ok(Some(t.to_owned())),
         None if tenantless_paths.iter().any(|p| p == path) => Ok(None),
@@ -16,11 +20,18 @@ pub fn for_jwt(token_tenant: Option<&str>, path: &str, tenantless_paths: &[Strin
 
 /// A publishable key's user must be of the key's tenant, and of its Identity Platform tenant when
 /// the key names one (a project-level verifier accepts every Identity Platform tenant's tokens).
-pub fn for_publishable(key_tenant: &str, key_ip_tenant: Option<&str>, token: &VerifiedToken) -> Result<(), Denial> {
-    if let Some(want) = key_ip_tenant {
-        if token.firebase_tenant.as_deref() != Some(want) {
-            return Err(Denial::because(Reason::TenantMismatch, "identity_platform_tenant"));
-        }
+pub fn for_publishable(
+    key_tenant: &str,
+    key_ip_tenant: Option<&str>,
+    token: &VerifiedToken,
+) -> Result<(), Denial> {
+    if let Some(want) = key_ip_tenant
+        && token.firebase_tenant.as_deref() != Some(want)
+    {
+        return Err(Denial::because(
+            Reason::TenantMismatch,
+            "identity_platform_tenant",
+        ));
     }
     match token.tenant.as_deref() {
         Some(t) if t != key_tenant => Err(Denial::because(Reason::TenantMismatch, "tenant_claim")),
@@ -38,16 +49,29 @@ mod tests {
 
     #[test]
     fn jwt_tenant_table() {
-        let cases: &[(Option<&str>, &str, Result<Option<&str>, Reason>)] = &[
-            (Some("t1"), "/api/v1/llm/gateway/list-threads", Ok(Some("t1"))),
+        type Case<'a> = (Option<&'a str>, &'a str, Result<Option<&'a str>, Reason>);
+        let cases: &[Case] = &[
+            (
+                Some("t1"),
+                "/api/v1/llm/gateway/list-threads",
+                Ok(Some("t1")),
+            ),
             (Some("t1"), "/api/v1/orgs/create", Ok(Some("t1"))),
             (None, "/api/v1/orgs/create", Ok(None)),
-            (None, "/api/v1/llm/gateway/list-threads", Err(Reason::TenantRequired)),
+            (
+                None,
+                "/api/v1/llm/gateway/list-threads",
+                Err(Reason::TenantRequired),
+            ),
             // Not the tenantless path in any other spelling.
             (None, "/api/v1/orgs/create/", Err(Reason::TenantRequired)),
             (None, "/api/v1//orgs/create", Err(Reason::TenantRequired)),
             (None, "/api/v1/orgs/./create", Err(Reason::TenantRequired)),
-            (None, "/api/v1/x/../orgs/create", Err(Reason::TenantRequired)),
+            (
+                None,
+                "/api/v1/x/../orgs/create",
+                Err(Reason::TenantRequired),
+            ),
             (None, "/api/v1/orgs%2Fcreate", Err(Reason::TenantRequired)),
             (None, "/API/v1/orgs/create", Err(Reason::TenantRequired)),
         ];

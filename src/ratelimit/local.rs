@@ -65,7 +65,8 @@ impl LocalLimiter {
                 };
             }
             let new_tat = tat + interval;
-            match cell.compare_exchange_weak(current, new_tat, Ordering::AcqRel, Ordering::Acquire) {
+            match cell.compare_exchange_weak(current, new_tat, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => {
                     let used = (new_tat - now).div_ceil(interval);
                     return RateStatus {
@@ -134,7 +135,9 @@ mod tests {
         let (clock, l) = limiter(1_000);
         // Spend the whole quota just before a fixed window's edge...
         clock.advance(Duration::from_millis(59_900));
-        let allowed = (0..10).filter(|_| l.check_now("k", lim("10/60s")).allowed).count();
+        let allowed = (0..10)
+            .filter(|_| l.check_now("k", lim("10/60s")).allowed)
+            .count();
         assert_eq!(allowed, 10);
         // ...and just after it a fixed window would allow 10 more; GCRA allows none yet.
         clock.advance(Duration::from_millis(200));
@@ -152,7 +155,10 @@ mod tests {
             assert!(l.check_now("a", lim("3/3s")).allowed);
         }
         assert!(!l.check_now("a", lim("3/3s")).allowed);
-        assert!(l.check_now("b", lim("3/3s")).allowed, "another key has its own quota");
+        assert!(
+            l.check_now("b", lim("3/3s")).allowed,
+            "another key has its own quota"
+        );
         clock.advance(Duration::from_secs(3));
         let s = l.check_now("a", lim("3/3s"));
         assert!(s.allowed);
@@ -167,6 +173,10 @@ mod tests {
             l.check_now(&format!("key-{i}"), lim("5/1s"));
         }
         l.cells.run_pending_tasks();
-        assert!(l.cells.entry_count() <= 100, "{} cells held", l.cells.entry_count());
+        assert!(
+            l.cells.entry_count() <= 100,
+            "{} cells held",
+            l.cells.entry_count()
+        );
     }
 }

@@ -19,7 +19,9 @@ pub struct RateLimit {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid rate limit `{0}`: expected <requests>/<window> like 100/60s, 1000/1h (units s, m, h, d)")]
+#[error(
+    "invalid rate limit `{0}`: expected <requests>/<window> like 100/60s, 1000/1h (units s, m, h, d)"
+)]
 pub struct RateLimitParseError(pub String);
 
 impl FromStr for RateLimit {
@@ -116,11 +118,30 @@ mod tests {
         assert_eq!(l.requests, 100);
         assert_eq!(l.window, Duration::from_secs(60));
         assert_eq!("10/m".parse::<RateLimit>().unwrap().window.as_secs(), 60);
-        assert_eq!("1000/1h".parse::<RateLimit>().unwrap().window.as_secs(), 3600);
-        assert_eq!("5/2d".parse::<RateLimit>().unwrap().window.as_secs(), 172_800);
+        assert_eq!(
+            "1000/1h".parse::<RateLimit>().unwrap().window.as_secs(),
+            3600
+        );
+        assert_eq!(
+            "5/2d".parse::<RateLimit>().unwrap().window.as_secs(),
+            172_800
+        );
         assert_eq!(l.to_string(), "100/60s");
-        for bad in ["", "100", "0/60s", "100/0s", "100/60", "x/60s", "100/60x", "-1/60s", "100/99999d"] {
-            assert!(bad.parse::<RateLimit>().is_err(), "{bad:?} should be rejected");
+        for bad in [
+            "",
+            "100",
+            "0/60s",
+            "100/0s",
+            "100/60",
+            "x/60s",
+            "100/60x",
+            "-1/60s",
+            "100/99999d",
+        ] {
+            assert!(
+                bad.parse::<RateLimit>().is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 }

@@ -48,14 +48,26 @@ fn allow_sets_identity_and_removes_what_it_does_not_set() {
     };
     let resp = responder("").build(&Decision::Allow(grant));
     assert_eq!(resp.status.unwrap().code, 0);
-    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else { panic!() };
+    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+        panic!()
+    };
     assert_eq!(
         map(&ok.headers),
-        vec![("x-user-id".into(), "u1".into()), ("x-auth-method".into(), "jwt".into())]
+        vec![
+            ("x-user-id".into(), "u1".into()),
+            ("x-auth-method".into(), "jwt".into())
+        ]
     );
     assert_eq!(
         ok.headers_to_remove,
-        vec!["x-tenant-id", "x-api-key-id", "x-scopes", "x-impersonated-by", "x-api-key", "x-on-behalf-of"]
+        vec![
+            "x-tenant-id",
+            "x-api-key-id",
+            "x-scopes",
+            "x-impersonated-by",
+            "x-api-key",
+            "x-on-behalf-of"
+        ]
     );
     assert!(ok.response_headers_to_add.is_empty());
 }
@@ -73,20 +85,30 @@ fn allow_with_key_carries_rate_headers_to_the_client_only() {
         },
         rate: Some(rate()),
     };
-    let resp = responder("policy: { forward_api_key: true }\nrate_limit: { ietf_headers: true }\n").build(&Decision::Allow(grant));
-    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else { panic!() };
+    let resp = responder("policy: { forward_api_key: true }\nrate_limit: { ietf_headers: true }\n")
+        .build(&Decision::Allow(grant));
+    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+        panic!()
+    };
     let up = map(&ok.headers);
     assert!(up.contains(&("x-scopes".into(), "a users:impersonate".into())));
     assert!(up.contains(&("x-impersonated-by".into(), "key_1".into())));
     assert!(up.iter().all(|(k, _)| !k.starts_with("x-ratelimit")));
-    assert_eq!(ok.headers_to_remove, vec!["x-on-behalf-of"], "x-api-key forwarded by config");
+    assert_eq!(
+        ok.headers_to_remove,
+        vec!["x-on-behalf-of"],
+        "x-api-key forwarded by config"
+    );
     assert_eq!(
         map(&ok.response_headers_to_add),
         vec![
             ("x-ratelimit-limit".into(), "100".into()),
             ("x-ratelimit-remaining".into(), "99".into()),
             ("x-ratelimit-reset".into(), "1700000060".into()),
-            ("ratelimit".into(), "limit=100, remaining=99, reset=60".into()),
+            (
+                "ratelimit".into(),
+                "limit=100, remaining=99, reset=60".into()
+            ),
             ("ratelimit-policy".into(), "100;w=60".into()),
         ]
     );
@@ -99,7 +121,9 @@ fn every_denial_has_status_json_body_and_nonzero_grpc_code() {
         let resp = r.build(&Decision::Deny(Denial::new(reason)));
         let code = resp.status.as_ref().unwrap().code;
         assert_ne!(code, 0, "{reason:?}: code 0 would be an allow");
-        let Some(HttpResponse::DeniedResponse(d)) = resp.http_response else { panic!() };
+        let Some(HttpResponse::DeniedResponse(d)) = resp.http_response else {
+            panic!()
+        };
         assert_eq!(d.status.unwrap().code, reason.http_status() as i32);
         let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
         assert_eq!(body["reason"], reason.as_str());
@@ -109,7 +133,11 @@ fn every_denial_has_status_json_body_and_nonzero_grpc_code() {
         assert!(headers.contains(&("content-type".into(), "application/json".into())));
         let www = headers.iter().find(|(k, _)| k == "www-authenticate");
         match reason {
-            Reason::InvalidToken => assert!(www.unwrap().1.starts_with("Bearer realm=\"gybc\", error=\"invalid_token\"")),
+            Reason::InvalidToken => assert!(
+                www.unwrap()
+                    .1
+                    .starts_with("Bearer realm=\"gybc\", error=\"invalid_token\"")
+            ),
             Reason::MissingCredentials | Reason::UserTokenRequired => {
                 assert_eq!(www.unwrap().1, "Bearer realm=\"gybc\"")
             }
@@ -133,10 +161,20 @@ fn rate_limited_denial_carries_quota_and_retry_after() {
         rate: Some(status),
         detail: None,
     }));
-    let Some(HttpResponse::DeniedResponse(d)) = resp.http_response else { panic!() };
+    let Some(HttpResponse::DeniedResponse(d)) = resp.http_response else {
+        panic!()
+    };
     assert_eq!(d.status.unwrap().code, 429);
     let h = map(&d.headers);
-    for want in [("x-ratelimit-limit", "100"), ("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1700000060"), ("retry-after", "7")] {
-        assert!(h.contains(&(want.0.into(), want.1.into())), "{want:?} in {h:?}");
+    for want in [
+        ("x-ratelimit-limit", "100"),
+        ("x-ratelimit-remaining", "0"),
+        ("x-ratelimit-reset", "1700000060"),
+        ("retry-after", "7"),
+    ] {
+        assert!(
+            h.contains(&(want.0.into(), want.1.into())),
+            "{want:?} in {h:?}"
+        );
     }
 }

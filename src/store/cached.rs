@@ -26,10 +26,20 @@ struct EntryExpiry {
 
 impl Expiry<KeyHash, Entry> for EntryExpiry {
     fn expire_after_create(&self, _: &KeyHash, e: &Entry, _: Instant) -> Option<Duration> {
-        Some(if e.record.is_some() { self.positive } else { self.negative })
+        Some(if e.record.is_some() {
+            self.positive
+        } else {
+            self.negative
+        })
     }
 
-    fn expire_after_update(&self, k: &KeyHash, e: &Entry, now: Instant, _: Option<Duration>) -> Option<Duration> {
+    fn expire_after_update(
+        &self,
+        k: &KeyHash,
+        e: &Entry,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
         self.expire_after_create(k, e, now)
     }
 }
@@ -102,7 +112,11 @@ impl CachedStore {
         if !self.refreshing.lock().expect("refresh set").insert(hash) {
             return;
         }
-        let (inner, cache, refreshing) = (self.inner.clone(), self.cache.clone(), self.refreshing.clone());
+        let (inner, cache, refreshing) = (
+            self.inner.clone(),
+            self.cache.clone(),
+            self.refreshing.clone(),
+        );
         tokio::spawn(async move {
             match inner.lookup(&hash).await {
                 Ok(record) => {
@@ -116,7 +130,9 @@ impl CachedStore {
                         )
                         .await
                 }
-                Err(e) => tracing::warn!(error = %e, "Key refresh failed; serving the cached record."),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Key refresh failed; serving the cached record.")
+                }
             }
             refreshing.lock().expect("refresh set").remove(&hash);
         });
@@ -153,7 +169,10 @@ mod tests {
     }
 
     impl KeyStore for Counting {
-        fn lookup<'a>(&'a self, _: &'a KeyHash) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
+        fn lookup<'a>(
+            &'a self,
+            _: &'a KeyHash,
+        ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
             Box::pin(async move {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(self.delay_ms)).await;
@@ -192,7 +211,12 @@ mod tests {
                 let (c, b) = (cached.clone(), barrier.clone());
                 tokio::spawn(async move {
                     b.wait().await;
-                    c.lookup(&KeyHash::of("k")).await.unwrap().unwrap().id.clone()
+                    c.lookup(&KeyHash::of("k"))
+                        .await
+                        .unwrap()
+                        .unwrap()
+                        .id
+                        .clone()
                 })
             })
             .collect();
@@ -212,7 +236,10 @@ mod tests {
         assert_eq!(store.calls.load(Ordering::SeqCst), 1);
         tokio::time::sleep(Duration::from_millis(1_100)).await;
         *store.record.lock().unwrap() = Some(rec());
-        assert!(cached.lookup(&KeyHash::of("x")).await.unwrap().is_some(), "negative entry expired");
+        assert!(
+            cached.lookup(&KeyHash::of("x")).await.unwrap().is_some(),
+            "negative entry expired"
+        );
         assert_eq!(store.calls.load(Ordering::SeqCst), 2);
     }
 

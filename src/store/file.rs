@@ -57,7 +57,10 @@ pub struct KeyFileEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("cannot read key file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("key file {path}: {errors}")]
     Invalid { path: String, errors: ErrorList },
 }
@@ -166,9 +169,13 @@ impl FileStore {
                 tick.tick().await;
                 let Some(store) = store.upgrade() else { return };
                 match store.reload_if_changed() {
-                    Ok(true) => tracing::info!(keys = store.len(), path = %store.path.display(), "Key file reloaded."),
+                    Ok(true) => {
+                        tracing::info!(keys = store.len(), path = %store.path.display(), "Key file reloaded.")
+                    }
                     Ok(false) => {}
-                    Err(e) => tracing::error!(error = %e, "Key file reload failed; the previous keys keep serving."),
+                    Err(e) => {
+                        tracing::error!(error = %e, "Key file reload failed; the previous keys keep serving.")
+                    }
                 }
             }
         })
@@ -176,7 +183,10 @@ impl FileStore {
 }
 
 impl KeyStore for FileStore {
-    fn lookup<'a>(&'a self, hash: &'a KeyHash) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
+    fn lookup<'a>(
+        &'a self,
+        hash: &'a KeyHash,
+    ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
         let found = self.index.load().get(hash).cloned();
         Box::pin(futures_util::future::ready(Ok(found)))
     }
@@ -192,13 +202,15 @@ fn load(path: &Path) -> Result<Index, KeyFileError> {
         errors: ErrorList(errors),
     };
     // JSON is YAML, so one parser reads both.
-    let file: KeyFile = serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(&text))
-        .map_err(|e| {
-            invalid(vec![FieldError {
-                path: e.path().to_string(),
-                message: e.into_inner().to_string(),
-            }])
-        })?;
+    let file: KeyFile = serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(
+        &text,
+    ))
+    .map_err(|e| {
+        invalid(vec![FieldError {
+            path: e.path().to_string(),
+            message: e.into_inner().to_string(),
+        }])
+    })?;
     let records = parse_entries(&file.keys).map_err(invalid)?;
     Ok(records.into_iter().map(|r| (r.hash, Arc::new(r))).collect())
 }
@@ -228,7 +240,10 @@ pub fn parse_entries(entries: &[KeyFileEntry]) -> Result<Vec<KeyRecord>, Vec<Fie
             Some(_) => {}
         }
         if e.tenant.trim().is_empty() || e.tenant.contains(char::is_control) {
-            err("tenant", "must be a non-empty string without control characters".into());
+            err(
+                "tenant",
+                "must be a non-empty string without control characters".into(),
+            );
         }
         let expires_at = parse_time(e.expires_at.as_deref()).unwrap_or_else(|m| {
             err("expires_at", m);
@@ -240,13 +255,22 @@ pub fn parse_entries(entries: &[KeyFileEntry]) -> Result<Vec<KeyRecord>, Vec<Fie
         });
         if e.kind == KeyKind::Secret {
             if !e.allowed_origins.is_empty() {
-                err("allowed_origins", "only publishable keys have allowed origins".into());
+                err(
+                    "allowed_origins",
+                    "only publishable keys have allowed origins".into(),
+                );
             }
             if e.jwt_provider.is_some() {
-                err("jwt_provider", "only publishable keys name a JWT provider".into());
+                err(
+                    "jwt_provider",
+                    "only publishable keys name a JWT provider".into(),
+                );
             }
             if e.identity_platform_tenant.is_some() {
-                err("identity_platform_tenant", "only publishable keys name an Identity Platform tenant".into());
+                err(
+                    "identity_platform_tenant",
+                    "only publishable keys name an Identity Platform tenant".into(),
+                );
             }
         }
         if let Some(h) = hash {
@@ -311,7 +335,13 @@ mod tests {
         assert!(rec.has_scope("users:impersonate"));
         assert_eq!(rec.rate_limit, Some("5/1s".parse().unwrap()));
         assert_eq!(rec.expires_at, Some(1_893_456_000));
-        assert!(store.lookup(&KeyHash::of("sk_other")).await.unwrap().is_none());
+        assert!(
+            store
+                .lookup(&KeyHash::of("sk_other"))
+                .await
+                .unwrap()
+                .is_none()
+        );
 
         let json = dir.path().join("keys.json");
         std::fs::write(
@@ -348,7 +378,11 @@ mod tests {
         ] {
             assert!(err.contains(want), "{want:?} missing from {err}");
         }
-        std::fs::write(&p, "keys:\n  - id: a\n    hash: x\n    kind: secret\n    tenant: t\n    colour: red\n").unwrap();
+        std::fs::write(
+            &p,
+            "keys:\n  - id: a\n    hash: x\n    kind: secret\n    tenant: t\n    colour: red\n",
+        )
+        .unwrap();
         let err = FileStore::open(&p).err().unwrap().to_string();
         assert!(err.contains("keys[0]") && err.contains("colour"), "{err}");
     }
@@ -357,7 +391,10 @@ mod tests {
     async fn reloads_changes_and_keeps_the_last_good_set() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("keys.yaml");
-        let (a, b) = (ApiKey::generate(KeyKind::Secret), ApiKey::generate(KeyKind::Secret));
+        let (a, b) = (
+            ApiKey::generate(KeyKind::Secret),
+            ApiKey::generate(KeyKind::Secret),
+        );
         std::fs::write(&p, format!("keys:\n{}", entry_yaml("a", &a, ""))).unwrap();
         let store = FileStore::open(&p).unwrap();
         let mut changes = store.subscribe();
@@ -365,7 +402,15 @@ mod tests {
 
         // Written as a new file and renamed over the old one, as editors and ConfigMaps do.
         let tmp = dir.path().join("keys.tmp");
-        std::fs::write(&tmp, format!("keys:\n{}{}", entry_yaml("a", &a, ""), entry_yaml("b", &b, ""))).unwrap();
+        std::fs::write(
+            &tmp,
+            format!(
+                "keys:\n{}{}",
+                entry_yaml("a", &a, ""),
+                entry_yaml("b", &b, "")
+            ),
+        )
+        .unwrap();
         std::fs::rename(&tmp, &p).unwrap();
         assert!(store.reload_if_changed().unwrap());
         assert!(changes.has_changed().unwrap());
@@ -376,6 +421,9 @@ mod tests {
         std::fs::rename(&tmp, &p).unwrap();
         assert!(store.reload_if_changed().is_err());
         assert!(!changes.has_changed().unwrap());
-        assert!(store.lookup(&KeyHash::of(&b)).await.unwrap().is_some(), "last good set keeps serving");
+        assert!(
+            store.lookup(&KeyHash::of(&b)).await.unwrap().is_some(),
+            "last good set keeps serving"
+        );
     }
 }

@@ -66,14 +66,20 @@ pub enum StoreError {
 
 /// A source of key records, looked up by key hash.
 pub trait KeyStore: Send + Sync {
-    fn lookup<'a>(&'a self, hash: &'a KeyHash) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>>;
+    fn lookup<'a>(
+        &'a self,
+        hash: &'a KeyHash,
+    ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>>;
 }
 
 /// No store configured: every key is unknown.
 pub struct NoStore;
 
 impl KeyStore for NoStore {
-    fn lookup<'a>(&'a self, _: &'a KeyHash) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
+    fn lookup<'a>(
+        &'a self,
+        _: &'a KeyHash,
+    ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
         Box::pin(async { Ok(None) })
     }
 }

@@ -37,8 +37,14 @@ pub const ORG_CREATE: &str = "/api/v1/orgs/create";
 pub const APP_ORIGIN: &str = "https://app.example.com";
 pub const IP_TENANT: &str = "ip-tenant-a";
 /// The identity headers with their default names.
-pub const IDENTITY_HEADERS: [&str; 6] =
-    ["x-tenant-id", "x-user-id", "x-auth-method", "x-api-key-id", "x-scopes", "x-impersonated-by"];
+pub const IDENTITY_HEADERS: [&str; 6] = [
+    "x-tenant-id",
+    "x-user-id",
+    "x-auth-method",
+    "x-api-key-id",
+    "x-scopes",
+    "x-impersonated-by",
+];
 
 // === key endpoint ===
 
@@ -64,7 +70,9 @@ impl KeyServer {
             fetches: AtomicUsize::new(0),
             failing: AtomicBool::new(false),
         });
-        let app = Router::new().route("/keys", get(serve_keys)).with_state(state.clone());
+        let app = Router::new()
+            .route("/keys", get(serve_keys))
+            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
@@ -110,7 +118,14 @@ async fn serve_keys(State(s): State<Arc<KeyServerState>>) -> axum::response::Res
         None => "no-cache".into(),
     };
     let body = s.body.lock().unwrap().clone();
-    ([(header::CONTENT_TYPE, "application/json".to_owned()), (header::CACHE_CONTROL, cache)], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::CACHE_CONTROL, cache),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 // === keys and tokens ===
@@ -244,8 +259,13 @@ log: {{ allow_level: info }}
         )
         .await
         .expect("daemon starts");
-        assert!(daemon.wait_ready(Duration::from_secs(10)).await, "daemon became ready");
-        let client = AuthorizationClient::connect(format!("http://{}", daemon.grpc_addr)).await.unwrap();
+        assert!(
+            daemon.wait_ready(Duration::from_secs(10)).await,
+            "daemon became ready"
+        );
+        let client = AuthorizationClient::connect(format!("http://{}", daemon.grpc_addr))
+            .await
+            .unwrap();
         Self {
             dashboard_keys,
             app_keys,
@@ -282,12 +302,21 @@ log: {{ allow_level: info }}
     }
 
     pub async fn check(&self, path: &str, headers: &[(&str, &str)]) -> CheckResponse {
-        let h: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        self.check_raw(check_request("POST", path, "api.example.com", &h)).await
+        let h: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.check_raw(check_request("POST", path, "api.example.com", &h))
+            .await
     }
 
     pub async fn check_raw(&self, req: CheckRequest) -> CheckResponse {
-        self.client.clone().check(req).await.expect("Check succeeds as an RPC").into_inner()
+        self.client
+            .clone()
+            .check(req)
+            .await
+            .expect("Check succeeds as an RPC")
+            .into_inner()
     }
 
     pub async fn stop(mut self) {
@@ -327,7 +356,11 @@ pub struct Denied {
 
 #[track_caller]
 pub fn allowed(resp: &CheckResponse) -> Allowed {
-    assert_eq!(resp.status.as_ref().map(|s| s.code), Some(0), "expected an allow: {resp:?}");
+    assert_eq!(
+        resp.status.as_ref().map(|s| s.code),
+        Some(0),
+        "expected an allow: {resp:?}"
+    );
     match &resp.http_response {
         Some(HttpResponse::OkResponse(ok)) => {
             for h in ok.headers.iter().chain(&ok.response_headers_to_add) {
@@ -346,12 +379,18 @@ pub fn allowed(resp: &CheckResponse) -> Allowed {
 #[track_caller]
 pub fn denied(resp: &CheckResponse) -> Denied {
     let grpc_code = resp.status.as_ref().map_or(0, |s| s.code);
-    assert_ne!(grpc_code, 0, "a denial must carry a non-zero gRPC code: {resp:?}");
+    assert_ne!(
+        grpc_code, 0,
+        "a denial must carry a non-zero gRPC code: {resp:?}"
+    );
     match &resp.http_response {
         Some(HttpResponse::DeniedResponse(d)) => {
             let body: Value = serde_json::from_str(&d.body).expect("denial body is JSON");
             let h = headers(&d.headers);
-            assert_eq!(h.get("content-type").map(String::as_str), Some("application/json"));
+            assert_eq!(
+                h.get("content-type").map(String::as_str),
+                Some("application/json")
+            );
             Denied {
                 status: d.status.as_ref().map_or(0, |s| s.code),
                 grpc_code,
@@ -396,5 +435,8 @@ pub fn expected_removed(upstream: &BTreeMap<String, String>) -> Vec<String> {
 }
 
 pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
