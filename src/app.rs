@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
 
 use crate::admin::{self, Readiness};
 use crate::authn::{JwtVerifier, Provider};
@@ -155,23 +156,9 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     health
         .set_not_serving::<AuthorizationServer<AuthzService>>()
         .await;
-
-    // Readiness: every provider's keys loaded (the file store loaded before we got here).
-    {
-        let (ready, health) = (ready.clone(), health.clone());
-        background.push(tokio::spawn(async move {
-            for mut rx in loaded {
-                if rx.wait_for(|l| *l).await.is_err() {
-                    return;
-                }
-            }
-            ready.set_loaded();
-            health
-                .set_serving::<AuthorizationServer<AuthzService>>()
-                .await;
-            tracing::info!("Ready.");
-        }));
-    }
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
 
     let grpc = TcpListener::bind(cfg.server.grpc_addr)
         .await
@@ -193,6 +180,25 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
         addr: cfg.server.http_addr,
         source,
     })?;
+
+    // Readiness: every provider's keys loaded (the file store loaded before we got here).
+    {
+        let (ready, health) = (ready.clone(), health.clone());
+        background.push(tokio::spawn(async move {
+            for mut rx in loaded {
+                if rx.wait_for(|l| *l).await.is_err() {
+                    return;
+                }
+            }
+            health
+                .set_serving::<AuthorizationServer<AuthzService>>()
+                .await;
+            // Probes that name no service ask about the server as a whole.
+            health.set_service_status("", ServingStatus::Serving).await;
+            ready.set_loaded();
+            tracing::info!("Ready.");
+        }));
+    }
 
     let mut servers = Vec::new();
     {
@@ -235,6 +241,9 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
             ready.set_draining();
             drain_health
                 .set_not_serving::<AuthorizationServer<AuthzService>>()
+                .await;
+            drain_health
+                .set_service_status("", ServingStatus::NotServing)
                 .await;
         }));
     }

@@ -13,7 +13,7 @@ use crate::ratelimit::RateLimit;
 
 /// Default gRPC (ext_authz) listen address: loopback, since Envoy runs in the same pod.
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
-/// Default HTTP listen address for `/healthz`, `/readyz` (and `/metrics`).
+/// Default HTTP listen address for `/healthz` and `/readyz`.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8181";
 /// How long in-flight checks get to finish after SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
@@ -30,6 +30,8 @@ pub const MAX_LEEWAY_SECS: u64 = 300;
 pub const DEFAULT_JWT_CACHE_ENTRIES: u64 = 100_000;
 /// At most one key fetch per provider per interval when tokens name an unknown `kid`.
 pub const DEFAULT_UNKNOWN_KID_REFETCH_MS: u64 = 30_000;
+/// How long a Check waits for the fetch its unknown `kid` started: below Envoy's ext_authz timeout.
+pub const DEFAULT_UNKNOWN_KID_WAIT_MS: u64 = 250;
 /// Key refresh period when the key endpoint sends no `Cache-Control: max-age` (and for files).
 pub const DEFAULT_KEYS_REFRESH_SECS: u64 = 300;
 /// Lower bound on any key refresh period, whatever `max-age` says.
@@ -118,6 +120,9 @@ pub struct JwtConfig {
     pub cache_max_entries: u64,
     /// Minimum time between key fetches caused by unknown `kid`s, ms. Default 30000.
     pub unknown_kid_refetch_interval_ms: u64,
+    /// How long a Check waits for the key fetch its unknown `kid` started, ms; the fetch itself
+    /// goes on to completion. Keep it below Envoy's ext_authz timeout. Default 250.
+    pub unknown_kid_wait_ms: u64,
     /// Refresh period when the endpoint sends no `max-age`, seconds. Default 300.
     pub keys_refresh_secs: u64,
     /// Floor on the refresh period, seconds. Default 10.
@@ -134,6 +139,7 @@ impl Default for JwtConfig {
             leeway_secs: DEFAULT_LEEWAY_SECS,
             cache_max_entries: DEFAULT_JWT_CACHE_ENTRIES,
             unknown_kid_refetch_interval_ms: DEFAULT_UNKNOWN_KID_REFETCH_MS,
+            unknown_kid_wait_ms: DEFAULT_UNKNOWN_KID_WAIT_MS,
             keys_refresh_secs: DEFAULT_KEYS_REFRESH_SECS,
             keys_min_refresh_secs: DEFAULT_KEYS_MIN_REFRESH_SECS,
             keys_fetch_timeout_ms: DEFAULT_KEYS_FETCH_TIMEOUT_MS,

@@ -204,23 +204,29 @@ pub fn banner(
     http: std::net::SocketAddr,
 ) -> String {
     format!(
-        "\n\
-gybc-authz dev mode: demo credentials (valid until this process exits; shown only here)\n\
-\n\
-  tenant           {DEV_TENANT}\n\
-  secret key       {sk}\n\
-  publishable key  {pk}\n\
-  user JWT         {jwt}\n\
-\n\
-  gRPC ext_authz   {grpc}\n\
-  HTTP             http://{http}/readyz   (dev JWKS: http://{http}/dev/jwks.json)\n\
-\n\
-Try them (each prints the decision as Envoy would receive it):\n\
-  {exe} check --addr {grpc} -H 'x-api-key: {sk}'\n\
-  {exe} check --addr {grpc} -H 'x-api-key: {sk}' -H 'x-on-behalf-of: user_123'\n\
-  {exe} check --addr {grpc} -H 'authorization: Bearer {jwt}'\n\
-  {exe} check --addr {grpc} -H 'x-api-key: {pk}' -H 'authorization: Bearer {jwt}'\n\
-\n",
+        concat!(
+            "\n",
+            "gybc-authz dev mode: demo credentials (valid until this process exits; shown only here)\n",
+            "\n",
+            "  tenant           {tenant}\n",
+            "  secret key       {sk}\n",
+            "  publishable key  {pk}\n",
+            "  user JWT         {jwt}\n",
+            "\n",
+            "  gRPC ext_authz   {grpc}\n",
+            "  HTTP             http://{http}/readyz   (dev JWKS: http://{http}/dev/jwks.json)\n",
+            "\n",
+            "Try them (each prints the decision as Envoy would receive it):\n",
+            "  {exe} check --addr {grpc} -H 'x-api-key: {sk}'\n",
+            "  {exe} check --addr {grpc} -H 'x-api-key: {sk}' -H 'x-on-behalf-of: user_123'\n",
+            "  {exe} check --addr {grpc} -H 'authorization: Bearer {jwt}'\n",
+            "  {exe} check --addr {grpc} -H 'x-api-key: {pk}' -H 'authorization: Bearer {jwt}'\n",
+            "\n",
+        ),
+        tenant = DEV_TENANT,
+        exe = exe,
+        grpc = grpc,
+        http = http,
         sk = c.secret_key,
         pk = c.publishable_key,
         jwt = c.user_jwt,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use futures_util::future::BoxFuture;
 use jsonwebtoken::DecodingKey;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{JwtConfig, KeySourceConfig};
@@ -237,6 +237,7 @@ pub fn parse_key_set(body: &[u8], source_name: &str) -> Result<KeySet, JwksError
 #[derive(Debug, Clone, Copy)]
 pub struct JwksTiming {
     pub unknown_kid_interval: Duration,
+    pub unknown_kid_wait: Duration,
     pub default_refresh: Duration,
     pub min_refresh: Duration,
 }
@@ -245,6 +246,7 @@ impl From<&JwtConfig> for JwksTiming {
     fn from(c: &JwtConfig) -> Self {
         Self {
             unknown_kid_interval: Duration::from_millis(c.unknown_kid_refetch_interval_ms),
+            unknown_kid_wait: Duration::from_millis(c.unknown_kid_wait_ms),
             default_refresh: Duration::from_secs(c.keys_refresh_secs),
             min_refresh: Duration::from_secs(c.keys_min_refresh_secs),
         }
@@ -257,9 +259,16 @@ pub struct Jwks {
     source: Arc<dyn KeySource>,
     timing: JwksTiming,
     current: ArcSwapOption<KeySet>,
-    /// Serialises fetches and remembers when the last one started.
-    last_fetch: Mutex<Option<Instant>>,
+    fetch: std::sync::Mutex<FetchState>,
+    /// Counts finished fetches (success or not), so waiters can tell when one is done.
+    fetched: watch::Sender<u64>,
     loaded: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct FetchState {
+    last_start: Option<Instant>,
+    in_flight: bool,
 }
 
 impl Jwks {
@@ -269,7 +278,8 @@ impl Jwks {
             source,
             timing,
             current: ArcSwapOption::empty(),
-            last_fetch: Mutex::new(None),
+            fetch: Default::default(),
+            fetched: watch::channel(0).0,
             loaded: watch::channel(false).0,
         })
     }
@@ -287,25 +297,27 @@ impl Jwks {
         self.current.load().as_ref().map_or(0, |s| s.len())
     }
 
-    /// The key for `kid`; an unknown `kid` triggers one fetch, at most once per interval.
-    pub async fn key(&self, kid: &str) -> Option<Arc<DecodingKey>> {
+    /// The key for `kid`. An unknown `kid` starts one fetch, at most once per interval (any fetch
+    /// counts), and waits for it a bounded time. The fetch runs in its own task: a Check that
+    /// Envoy cancels cannot cut it short.
+    pub async fn key(self: &Arc<Self>, kid: &str) -> Option<Arc<DecodingKey>> {
         if let Some(k) = self.cached(kid) {
             return Some(k);
         }
+        let mut done = self.fetched.subscribe();
         {
-            let mut last = self.last_fetch.lock().await;
-            // Someone may have fetched while we waited for the lock.
-            if let Some(k) = self.cached(kid) {
-                return Some(k);
-            }
-            if last.is_some_and(|t| t.elapsed() < self.timing.unknown_kid_interval) {
-                return None;
-            }
-            *last = Some(Instant::now());
-            if let Err(e) = self.fetch_locked().await {
-                tracing::warn!(provider = %self.provider, error = %e, "Key fetch for an unknown kid failed.");
+            let mut st = self.fetch.lock().expect("fetch state");
+            if !st.in_flight {
+                if st
+                    .last_start
+                    .is_some_and(|t| t.elapsed() < self.timing.unknown_kid_interval)
+                {
+                    return None;
+                }
+                self.start_fetch_locked(&mut st);
             }
         }
+        let _ = tokio::time::timeout(self.timing.unknown_kid_wait, done.changed()).await;
         self.cached(kid)
     }
 
@@ -316,14 +328,53 @@ impl Jwks {
             .and_then(|s| s.get(kid).cloned())
     }
 
-    /// Fetches now; on success returns when the next refresh is due.
-    pub async fn refresh(&self) -> Result<Duration, JwksError> {
-        let mut last = self.last_fetch.lock().await;
-        *last = Some(Instant::now());
-        self.fetch_locked().await
+    fn start_fetch_locked(
+        self: &Arc<Self>,
+        st: &mut FetchState,
+    ) -> tokio::task::JoinHandle<Result<Duration, JwksError>> {
+        st.in_flight = true;
+        st.last_start = Some(Instant::now());
+        let me = self.clone();
+        tokio::spawn(async move {
+            let result = me.fetch_and_store().await;
+            if let Err(e) = &result {
+                tracing::warn!(provider = %me.provider, error = %e, "Key fetch failed; the last good keys keep serving.");
+            }
+            me.fetch.lock().expect("fetch state").in_flight = false;
+            me.fetched.send_modify(|n| *n += 1);
+            result
+        })
     }
 
-    async fn fetch_locked(&self) -> Result<Duration, JwksError> {
+    /// Fetches now (or joins the fetch in flight); on success returns when the next refresh is due.
+    pub async fn refresh(self: &Arc<Self>) -> Result<Duration, JwksError> {
+        let mut done = self.fetched.subscribe();
+        let handle = {
+            let mut st = self.fetch.lock().expect("fetch state");
+            (!st.in_flight).then(|| self.start_fetch_locked(&mut st))
+        };
+        match handle {
+            Some(h) => h.await.unwrap_or_else(|e| {
+                Err(JwksError::Fetch {
+                    source_name: self.source.name(),
+                    message: e.to_string(),
+                })
+            }),
+            None => {
+                let _ = done.changed().await;
+                if self.key_count() > 0 {
+                    Ok(self.timing.default_refresh)
+                } else {
+                    Err(JwksError::Fetch {
+                        source_name: self.source.name(),
+                        message: "the concurrent fetch failed".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    async fn fetch_and_store(&self) -> Result<Duration, JwksError> {
         let fetched = self.source.fetch().await?;
         let set = parse_key_set(&fetched.body, &self.source.name())?;
         tracing::info!(provider = %self.provider, keys = set.len(), "Signing keys loaded.");
@@ -352,11 +403,8 @@ impl Jwks {
                         next
                     }
                     Err(e) => {
-                        let level_error = j.key_count() == 0;
-                        if level_error {
+                        if j.key_count() == 0 {
                             tracing::error!(provider = %j.provider, error = %e, retry_in_ms = retry.as_millis() as u64, "No signing keys yet; tokens of this provider cannot be verified.");
-                        } else {
-                            tracing::warn!(provider = %j.provider, error = %e, retry_in_ms = retry.as_millis() as u64, "Key refresh failed; the last good keys keep serving.");
                         }
                         let w = retry;
                         retry = (retry * 2).min(RETRY_MAX);

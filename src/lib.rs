@@ -7,25 +7,26 @@
 //! `observe` (the decision's log line). `app` wires it all together from `config`.
 #![forbid(unsafe_code)]
 
-pub mod config;
-
+// The request path, in order.
+pub mod grpc;
+pub mod request;
+pub mod credentials;
+pub mod authorize;
 pub mod apikey;
 pub mod authn;
-pub mod authorize;
-pub mod credentials;
-pub mod decision;
-pub mod grpc;
 pub mod jwks;
-pub mod observe;
+pub mod store;
 pub mod policy;
 pub mod ratelimit;
-pub mod request;
+pub mod decision;
 pub mod response;
-pub mod store;
+pub mod observe;
 
-pub mod admin;
+// Around it.
+pub mod config;
 pub mod app;
-pub mod client;
+pub mod admin;
 pub mod clock;
+pub mod client;
 pub mod dev;
 pub mod telemetry;

@@ -210,3 +210,34 @@ async fn googles_x509_certificate_map_is_accepted() {
     );
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_endpoint_bounds_the_wait_and_the_fetch_still_completes() {
+    let env = TestEnv::start().await;
+    let old = signing_key("dashboard-1");
+    let new = signing_key("dashboard-4");
+    env.dashboard_keys.set_body(SigningKey::jwks(&[&old, &new]));
+    env.dashboard_keys.set_delay(Duration::from_millis(900));
+    past_refetch_interval().await;
+    let before = env.dashboard_keys.fetches();
+    let token = bearer(&new.sign(&env.claims("u1", Some(TENANT))));
+
+    // The Check waits at most unknown_kid_wait_ms (250 ms), not the whole fetch.
+    let started = std::time::Instant::now();
+    assert_denied(
+        &env.check(API_PATH, &[("authorization", &token)]).await,
+        401,
+        "invalid_token",
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(850),
+        "waited {waited:?} for a 900 ms fetch"
+    );
+
+    // The fetch went on without the request; once done, the new key verifies with no new fetch.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    allowed(&env.check(API_PATH, &[("authorization", &token)]).await);
+    assert_eq!(env.dashboard_keys.fetches(), before + 1);
+    env.stop().await;
+}

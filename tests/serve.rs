@@ -20,20 +20,24 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> u16 {
         .unwrap_or(0)
 }
 
-async fn grpc_health(addr: std::net::SocketAddr) -> i32 {
+async fn grpc_health(addr: std::net::SocketAddr) -> (i32, i32) {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
     let mut c = HealthClient::new(channel);
-    c.check(HealthCheckRequest {
-        service: "envoy.service.auth.v3.Authorization".into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .status
+    let status = |service: &str| {
+        let req = HealthCheckRequest {
+            service: service.into(),
+        };
+        let mut c = c.clone();
+        async move { c.check(req).await.unwrap().into_inner().status }
+    };
+    let named = status("envoy.service.auth.v3.Authorization").await;
+    let whole = status("").await;
+    let _ = &mut c;
+    (named, whole)
 }
 
 #[tokio::test]
@@ -62,7 +66,13 @@ async fn readiness_waits_for_every_providers_keys_and_drops_on_shutdown() {
         503,
         "not ready without signing keys"
     );
-    assert_eq!(grpc_health(grpc).await, ServingStatus::NotServing as i32);
+    assert_eq!(
+        grpc_health(grpc).await,
+        (
+            ServingStatus::NotServing as i32,
+            ServingStatus::NotServing as i32
+        )
+    );
 
     keys.set_failing(false);
     assert!(
@@ -70,7 +80,10 @@ async fn readiness_waits_for_every_providers_keys_and_drops_on_shutdown() {
         "ready once the endpoint answers"
     );
     assert_eq!(http_get(http, "/readyz").await, 200);
-    assert_eq!(grpc_health(grpc).await, ServingStatus::Serving as i32);
+    assert_eq!(
+        grpc_health(grpc).await,
+        (ServingStatus::Serving as i32, ServingStatus::Serving as i32)
+    );
 
     let ready = running.ready.clone();
     running.shutdown().await;

@@ -1,5 +1,6 @@
-//! In-memory GCRA limiter: exact per replica, O(1) state per key, no burst of twice the limit at a
-//! window edge (unlike a fixed window), bounded memory.
+//! In-memory GCRA limiter: exact per replica, O(1) state per key, bounded memory. A key may burst
+//! up to its limit, then gets one request per `window / limit`; never the instant second burst a
+//! fixed window allows at its edge.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,7 @@ const NANOS: u64 = 1_000_000_000;
 
 /// GCRA keeps one number per key, the theoretical arrival time (TAT): the instant at which the
 /// key's bucket would be empty again. A request at `now` is allowed while `TAT - now` stays within
-/// the burst tolerance `window - interval`, so at most `requests` pass in any window.
+/// the burst tolerance `window - interval`: a burst of at most `requests`, then a steady rate.
 pub struct LocalLimiter {
     clock: Arc<dyn Clock>,
     // Least-recently used keys are dropped at the bound; a dropped key starts afresh, which only
@@ -142,7 +143,7 @@ mod tests {
         // ...and just after it a fixed window would allow 10 more; GCRA allows none yet.
         clock.advance(Duration::from_millis(200));
         assert!(!l.check_now("k", lim("10/60s")).allowed);
-        // Across any 60 s span at most 10 (+ the one that drained) get through.
+        // After a full burst, quota returns one request per interval (6 s), not a window at once.
         clock.advance(Duration::from_secs(6));
         assert!(l.check_now("k", lim("10/60s")).allowed);
         assert!(!l.check_now("k", lim("10/60s")).allowed);

@@ -60,6 +60,7 @@ struct KeyServerState {
     max_age: Mutex<Option<u64>>,
     fetches: AtomicUsize,
     failing: AtomicBool,
+    delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl KeyServer {
@@ -69,6 +70,7 @@ impl KeyServer {
             max_age: Mutex::new(Some(3600)),
             fetches: AtomicUsize::new(0),
             failing: AtomicBool::new(false),
+            delay_ms: Default::default(),
         });
         let app = Router::new()
             .route("/keys", get(serve_keys))
@@ -97,6 +99,13 @@ impl KeyServer {
         self.state.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// Every answer waits this long first.
+    pub fn set_delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
     pub fn set_max_age(&self, secs: Option<u64>) {
         *self.state.max_age.lock().unwrap() = secs;
     }
@@ -110,6 +119,10 @@ impl Drop for KeyServer {
 
 async fn serve_keys(State(s): State<Arc<KeyServerState>>) -> axum::response::Response {
     s.fetches.fetch_add(1, Ordering::SeqCst);
+    let delay = s.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     if s.failing.load(Ordering::SeqCst) {
         return (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response();
     }
