@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use futures_util::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -16,13 +17,15 @@ use crate::admin::{self, Readiness};
 use crate::authn::{JwtVerifier, Provider};
 use crate::authorize::Authorizer;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, KeyStoreConfig};
+use crate::config::{Config, KeyStoreConfig, RateLimitBackend};
 use crate::grpc::AuthzService;
 use crate::jwks::{self, Jwks, JwksTiming};
 use crate::observe::DecisionLog;
-use crate::ratelimit::LocalLimiter;
+use crate::ratelimit::{LocalLimiter, RateLimiter, RedisLimiter};
+use crate::redis_conn::Redis;
 use crate::response::Responder;
-use crate::store::{CachedStore, FileStore, KeyStore, NoStore};
+use crate::store::redis::spawn_event_listener;
+use crate::store::{CachedStore, FileStore, KeyStore, NoStore, RedisStore};
 
 /// What `start` takes besides the config: seams that tests and dev mode replace.
 pub struct Options {
@@ -54,6 +57,8 @@ pub enum StartError {
     KeyFile(#[from] crate::store::KeyFileError),
     #[error("cannot build the HTTP client for key fetching: {0}")]
     HttpClient(String),
+    #[error(transparent)]
+    Redis(#[from] crate::redis_conn::RedisSetupError),
 }
 
 /// A started daemon. Dropping it does not stop it; call `shutdown`.
@@ -72,10 +77,31 @@ pub struct Running {
 pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     let clock = opts.clock;
 
-    // Key store, and the cache in front of it. A file store drops the cache whenever it reloads.
+    // Readiness gates: each resolves once its dependency has loaded.
+    let mut gates: Vec<BoxFuture<'static, ()>> = Vec::new();
     let mut background = Vec::new();
-    let file_store = match (&opts.store, &cfg.key_store) {
-        (Some(_), _) => None,
+
+    let needs_redis = opts.store.is_none() && cfg.key_store == KeyStoreConfig::Redis
+        || cfg.rate_limit.backend == RateLimitBackend::Redis;
+    let redis = match (&cfg.redis, needs_redis) {
+        (Some(r), true) => {
+            let redis = Redis::connect(r).await?;
+            let probe = redis.clone();
+            gates.push(Box::pin(async move {
+                while !probe.ping().await {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }));
+            Some(redis)
+        }
+        _ => None,
+    };
+
+    // Key store, and the cache in front of it. A file store drops the cache whenever it reloads;
+    // the Redis store follows the key events channel.
+    let mut file_store = None;
+    let store: Arc<dyn KeyStore> = match (opts.store, &cfg.key_store) {
+        (Some(s), _) => s,
         (
             None,
             KeyStoreConfig::File {
@@ -86,17 +112,16 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
             let s = Arc::new(FileStore::open(path)?);
             background.push(s.spawn_watcher(Duration::from_millis(*reload_interval_ms)));
             tracing::info!(keys = s.len(), path = %path.display(), "Key file loaded.");
-            Some(s)
+            file_store = Some(s.clone());
+            s
         }
+        (None, KeyStoreConfig::Redis) => Arc::new(RedisStore::new(
+            redis.clone().expect("validated: redis section present"),
+        )),
         (None, KeyStoreConfig::None) => {
             tracing::info!("No key store configured: API keys are refused.");
-            None
+            Arc::new(NoStore)
         }
-    };
-    let store: Arc<dyn KeyStore> = match (opts.store, &file_store) {
-        (Some(s), _) => s,
-        (None, Some(s)) => s.clone(),
-        (None, None) => Arc::new(NoStore),
     };
     let keys = Arc::new(CachedStore::new(store, &cfg.key_cache));
     if let Some(s) = &file_store {
@@ -111,6 +136,22 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
             }
         }));
     }
+    if let (Some(r), KeyStoreConfig::Redis) = (&redis, &cfg.key_store) {
+        background.push(spawn_event_listener(r.clone(), Arc::downgrade(&keys)));
+    }
+
+    // Rate limits: this replica's own, or the fleet's in Redis with the local one standing in.
+    let local = Arc::new(LocalLimiter::new(clock.clone(), cfg.rate_limit.max_keys));
+    let limiter: Arc<dyn RateLimiter> = match (&redis, cfg.rate_limit.backend) {
+        (Some(r), RateLimitBackend::Redis) => Arc::new(RedisLimiter::new(
+            r.clone(),
+            clock.clone(),
+            cfg.rate_limit.failure_mode,
+            local,
+            cfg.rate_limit.max_keys,
+        )),
+        _ => local,
+    };
 
     // Signing keys per provider, loading in the background.
     let client = reqwest::Client::builder()
@@ -120,10 +161,12 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
         .map_err(|e| StartError::HttpClient(e.to_string()))?;
     let timing = JwksTiming::from(&cfg.jwt);
     let mut providers = Vec::new();
-    let mut loaded = Vec::new();
     for p in &cfg.jwt.providers {
         let set = Jwks::new(&p.name, jwks::source_from_config(&p.keys, &client), timing);
-        loaded.push(set.loaded());
+        let mut loaded = set.loaded();
+        gates.push(Box::pin(async move {
+            let _ = loaded.wait_for(|l| *l).await;
+        }));
         background.push(set.spawn_refresher());
         providers.push(Provider::new(&p.name, &p.project_id, &p.tenant_claim, set));
     }
@@ -138,7 +181,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     let authorizer = Arc::new(Authorizer {
         jwt: jwt.clone(),
         keys: keys.clone(),
-        limiter: Arc::new(LocalLimiter::new(clock.clone(), cfg.rate_limit.max_keys)),
+        limiter,
         clock,
         default_rate_limit: cfg.rate_limit.default,
         tenantless_paths: cfg.policy.tenantless_paths.clone(),
@@ -185,11 +228,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     {
         let (ready, health) = (ready.clone(), health.clone());
         background.push(tokio::spawn(async move {
-            for mut rx in loaded {
-                if rx.wait_for(|l| *l).await.is_err() {
-                    return;
-                }
-            }
+            futures_util::future::join_all(gates).await;
             health
                 .set_serving::<AuthorizationServer<AuthzService>>()
                 .await;

@@ -69,6 +69,8 @@ pub struct Config {
     pub jwt: JwtConfig,
     /// Where API key records come from.
     pub key_store: KeyStoreConfig,
+    /// The shared Redis (key store, revocations, rate limits), when either uses it.
+    pub redis: Option<RedisConfig>,
     /// In-process cache in front of the key store.
     pub key_cache: KeyCacheConfig,
     /// Rate limiting of API-key traffic.
@@ -204,6 +206,79 @@ pub enum KeyStoreConfig {
         #[serde(default = "default_file_reload_ms")]
         reload_interval_ms: u64,
     },
+    /// Records in the shared Redis (section `redis`), written by the platform's key service;
+    /// revocations arrive on its pub/sub channel. Layout: docs/key-store.md.
+    Redis,
+}
+
+/// Default prefix of every Redis key and channel name.
+pub const DEFAULT_REDIS_PREFIX: &str = "gybc";
+/// Default per-command Redis timeout: a decision never waits longer on Redis.
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 200;
+pub const DEFAULT_REDIS_CONNECT_TIMEOUT_MS: u64 = 1_000;
+
+/// Connection to the shared Redis. Credentials never sit in this file: they come from a mounted
+/// file or an environment variable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:6379` or `rediss://host:6380` (TLS); with `cluster: true`, one or more
+    /// seed nodes. No password in the URL.
+    pub urls: Vec<String>,
+    /// Redis Cluster. Default false.
+    #[serde(default)]
+    pub cluster: bool,
+    /// ACL user name, if any.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File whose content is the password (a mounted Secret); trailing newline ignored.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Name of an environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Prefix of every key and channel name. Default `gybc`.
+    #[serde(default = "default_redis_prefix")]
+    pub key_prefix: String,
+    /// Per-command timeout, ms. Default 200.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Connect timeout, ms. Default 1000.
+    #[serde(default = "default_redis_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// The password, read from `password_file` or `password_env` while loading.
+    #[serde(skip)]
+    pub password: Option<Secret>,
+}
+
+fn default_redis_prefix() -> String {
+    DEFAULT_REDIS_PREFIX.into()
+}
+fn default_redis_timeout_ms() -> u64 {
+    DEFAULT_REDIS_TIMEOUT_MS
+}
+fn default_redis_connect_timeout_ms() -> u64 {
+    DEFAULT_REDIS_CONNECT_TIMEOUT_MS
+}
+
+/// A credential that must never be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 fn default_file_reload_ms() -> u64 {
@@ -243,6 +318,27 @@ pub struct RateLimitConfig {
     pub max_keys: u64,
     /// Also send the IETF draft `RateLimit` and `RateLimit-Policy` fields. Default false.
     pub ietf_headers: bool,
+    /// `local` (per replica, default) or `redis` (one limit across the fleet; section `redis`).
+    pub backend: RateLimitBackend,
+    /// With `backend: redis`, what happens while Redis cannot answer: `fail_open` (default) counts
+    /// against this replica's local limiter; `fail_closed` answers 503 `unavailable`.
+    pub failure_mode: FailureMode,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitBackend {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    #[default]
+    FailOpen,
+    FailClosed,
 }
 
 impl Default for RateLimitConfig {
@@ -251,6 +347,8 @@ impl Default for RateLimitConfig {
             default: DEFAULT_RATE_LIMIT.parse().expect("valid default"),
             max_keys: DEFAULT_RATE_LIMIT_MAX_KEYS,
             ietf_headers: false,
+            backend: RateLimitBackend::Local,
+            failure_mode: FailureMode::FailOpen,
         }
     }
 }
@@ -489,7 +587,7 @@ impl Config {
             value = Value::Mapping(Default::default());
         }
         apply_env(&mut value, env)?;
-        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             invalid(
                 if path == "." { "(root)".into() } else { path },
@@ -497,7 +595,38 @@ impl Config {
             )
         })?;
         config.validate()?;
+        config.resolve_secrets(env)?;
         Ok(config)
+    }
+
+    /// Reads the Redis password from its file or environment variable.
+    fn resolve_secrets(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
+        let Some(r) = self.redis.as_mut() else {
+            return Ok(());
+        };
+        if let Some(path) = &r.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    "redis.password_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            r.password = Some(Secret::new(text.trim_end_matches(['\n', '\r'])));
+        } else if let Some(var) = &r.password_env {
+            let value = env
+                .vars()
+                .into_iter()
+                .find(|(k, _)| k == var)
+                .map(|(_, v)| v)
+                .ok_or_else(|| {
+                    invalid(
+                        "redis.password_env",
+                        format!("environment variable `{var}` is not set"),
+                    )
+                })?;
+            r.password = Some(Secret::new(value));
+        }
+        Ok(())
     }
 
     /// Every semantic problem, each with its field path.
@@ -592,6 +721,65 @@ impl Config {
                     "key_store.reload_interval_ms".into(),
                     "must be at least 1".into(),
                 );
+            }
+        }
+
+        let needs_redis = self.key_store == KeyStoreConfig::Redis
+            || self.rate_limit.backend == RateLimitBackend::Redis;
+        match &self.redis {
+            None if needs_redis => err(
+                "redis".into(),
+                "required by key_store.type: redis or rate_limit.backend: redis".into(),
+            ),
+            None => {}
+            Some(r) => {
+                if r.urls.is_empty() {
+                    err("redis.urls".into(), "needs at least one URL".into());
+                }
+                if r.urls.len() > 1 && !r.cluster {
+                    err(
+                        "redis.urls".into(),
+                        "several URLs need `cluster: true`".into(),
+                    );
+                }
+                for (i, u) in r.urls.iter().enumerate() {
+                    let path = format!("redis.urls[{i}]");
+                    let rest = u
+                        .strip_prefix("redis://")
+                        .or_else(|| u.strip_prefix("rediss://"));
+                    match rest {
+                        None => err(path, "must start with redis:// or rediss://".into()),
+                        Some(rest) => {
+                            let authority = rest.split('/').next().unwrap_or("");
+                            if let Some((userinfo, _)) = authority.rsplit_once('@')
+                                && userinfo.contains(':')
+                            {
+                                err(path, "must not contain a password: use redis.password_file or redis.password_env".into());
+                            }
+                        }
+                    }
+                }
+                if r.password_file.is_some() && r.password_env.is_some() {
+                    err(
+                        "redis.password_env".into(),
+                        "set either password_file or password_env, not both".into(),
+                    );
+                }
+                if r.key_prefix.is_empty() || r.key_prefix.contains(char::is_whitespace) {
+                    err(
+                        "redis.key_prefix".into(),
+                        "must be non-empty without spaces".into(),
+                    );
+                }
+                if r.timeout_ms == 0 {
+                    err("redis.timeout_ms".into(), "must be at least 1".into());
+                }
+                if r.connect_timeout_ms == 0 {
+                    err(
+                        "redis.connect_timeout_ms".into(),
+                        "must be at least 1".into(),
+                    );
+                }
             }
         }
 

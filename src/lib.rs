@@ -16,6 +16,7 @@ pub mod apikey;
 pub mod authn;
 pub mod jwks;
 pub mod store;
+pub mod redis_conn;
 pub mod policy;
 pub mod ratelimit;
 pub mod decision;
@@ -24,6 +25,7 @@ pub mod observe;
 
 // Around it.
 pub mod config;
+pub mod proto;
 pub mod app;
 pub mod admin;
 pub mod clock;

@@ -145,3 +145,64 @@ fn loading_a_missing_file_says_which() {
     let err = Config::load(Path::new("/nonexistent/gybc.yaml"), &env(&[])).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/gybc.yaml"));
 }
+
+#[test]
+fn redis_section_is_required_by_its_users_and_checked() {
+    let err = Config::from_yaml("key_store: { type: redis }\n", &env(&[])).unwrap_err();
+    assert_eq!(paths(err), vec!["redis"]);
+    let err = Config::from_yaml("rate_limit: { backend: redis }\n", &env(&[])).unwrap_err();
+    assert_eq!(paths(err), vec!["redis"]);
+
+    let yaml = r#"
+redis:
+  urls: ["redis://user:hunter2@r:6379", "http://r", "redis://r2"]
+  password_file: /x
+  password_env: Y
+  key_prefix: ""
+  timeout_ms: 0
+"#;
+    let got = paths(Config::from_yaml(yaml, &env(&[])).unwrap_err());
+    for want in [
+        "redis.urls",
+        "redis.urls[0]",
+        "redis.urls[1]",
+        "redis.password_env",
+        "redis.key_prefix",
+        "redis.timeout_ms",
+    ] {
+        assert!(got.contains(&want.to_string()), "{want} missing from {got:?}");
+    }
+    let err = Config::from_yaml("redis: { urls: [\"redis://u:p@r\"] }\n", &env(&[])).unwrap_err();
+    assert!(
+        !err.to_string().contains(":p@"),
+        "the error names the field, not the password: {err}"
+    );
+}
+
+#[test]
+fn redis_password_comes_from_a_file_or_the_environment_and_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let yaml = format!(
+        "redis: {{ urls: [\"rediss://r:6380\"], password_file: \"{}\" }}\nkey_store: {{ type: redis }}\nrate_limit: {{ backend: redis, failure_mode: fail_closed }}\n",
+        pw.display()
+    );
+    let c = Config::from_yaml(&yaml, &env(&[])).unwrap();
+    let r = c.redis.as_ref().unwrap();
+    assert_eq!(r.password.as_ref().unwrap().expose(), "s3cret");
+    assert!(!format!("{c:?}").contains("s3cret"), "Debug never shows the password");
+    assert_eq!(c.rate_limit.failure_mode, FailureMode::FailClosed);
+
+    let yaml = "redis: { urls: [\"redis://r\"], password_env: REDIS_PW }\n";
+    let c = Config::from_yaml(yaml, &env(&[("REDIS_PW", "from-env")])).unwrap();
+    assert_eq!(c.redis.unwrap().password.unwrap().expose(), "from-env");
+    let err = Config::from_yaml(yaml, &env(&[])).unwrap_err();
+    assert_eq!(paths(err), vec!["redis.password_env"]);
+    let err = Config::from_yaml(
+        "redis: { urls: [\"redis://r\"], password_file: /nonexistent/pw }\n",
+        &env(&[]),
+    )
+    .unwrap_err();
+    assert_eq!(paths(err), vec!["redis.password_file"]);
+}

@@ -9,10 +9,8 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, FutureExt};
 use moka::sync::Cache;
 
-use super::{RateLimit, RateLimitError, RateLimiter, RateStatus};
+use super::{RateLimit, RateLimitError, RateLimiter, RateStatus, gcra_params, gcra_status};
 use crate::clock::Clock;
-
-const NANOS: u64 = 1_000_000_000;
 
 /// GCRA keeps one number per key, the theoretical arrival time (TAT): the instant at which the
 /// key's bucket would be empty again. A request at `now` is allowed while `TAT - now` stays within
@@ -46,48 +44,21 @@ impl LocalLimiter {
                 .get_with(Arc::from(key_id), || Arc::new(AtomicU64::new(0))),
         };
         let now = self.clock.now_nanos();
-        let window = limit.window.as_nanos() as u64;
-        let interval = (window / limit.requests as u64).max(1);
-        let tolerance = window.saturating_sub(interval);
-
+        let (interval, tolerance) = gcra_params(limit);
         let mut current = cell.load(Ordering::Acquire);
         loop {
             let tat = current.max(now);
             if tat - now > tolerance {
-                let allowed_at = tat - tolerance;
-                return RateStatus {
-                    allowed: false,
-                    limit: limit.requests,
-                    remaining: 0,
-                    reset_at: ceil_secs(tat),
-                    reset_after: ceil_secs(tat - now),
-                    retry_after: Some(ceil_secs(allowed_at - now).max(1)),
-                    window_secs: limit.window.as_secs(),
-                };
+                return gcra_status(false, tat, now, limit);
             }
             let new_tat = tat + interval;
             match cell.compare_exchange_weak(current, new_tat, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => {
-                    let used = (new_tat - now).div_ceil(interval);
-                    return RateStatus {
-                        allowed: true,
-                        limit: limit.requests,
-                        remaining: (limit.requests as u64).saturating_sub(used) as u32,
-                        reset_at: ceil_secs(new_tat),
-                        reset_after: ceil_secs(new_tat - now),
-                        retry_after: None,
-                        window_secs: limit.window.as_secs(),
-                    };
-                }
+                Ok(_) => return gcra_status(true, new_tat, now, limit),
                 Err(actual) => current = actual,
             }
         }
     }
-}
-
-fn ceil_secs(nanos: u64) -> u64 {
-    nanos.div_ceil(NANOS)
 }
 
 impl RateLimiter for LocalLimiter {

@@ -1,6 +1,7 @@
 //! Rate limiting per API key: the limit type, the backend trait, and the answer every backend gives.
 
 mod local;
+mod redis;
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,6 +11,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Deserializer};
 
 pub use local::LocalLimiter;
+pub use redis::RedisLimiter;
 
 /// `requests` per `window`, written `100/60s`, `10/1s`, `1000/1h`, `5000/1d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -90,6 +92,47 @@ pub struct RateStatus {
     pub retry_after: Option<u64>,
     /// The window, for the IETF `RateLimit-Policy` field.
     pub window_secs: u64,
+}
+
+const NANOS: u64 = 1_000_000_000;
+
+/// GCRA parameters in nanoseconds: one request's share of the window, and the burst tolerance.
+pub(crate) fn gcra_params(limit: RateLimit) -> (u64, u64) {
+    let window = limit.window.as_nanos() as u64;
+    let interval = (window / limit.requests as u64).max(1);
+    (interval, window.saturating_sub(interval))
+}
+
+/// The headers' view of one GCRA decision, from the theoretical arrival time after it (allowed:
+/// the new TAT; denied: the unchanged one) and the time it was made. Every backend answers
+/// through here, so replicas and backends report identical numbers for identical state.
+pub(crate) fn gcra_status(allowed: bool, tat: u64, now: u64, limit: RateLimit) -> RateStatus {
+    let (interval, tolerance) = gcra_params(limit);
+    let tat = tat.max(now);
+    let ceil = |n: u64| n.div_ceil(NANOS);
+    if allowed {
+        let used = (tat - now).div_ceil(interval);
+        RateStatus {
+            allowed: true,
+            limit: limit.requests,
+            remaining: (limit.requests as u64).saturating_sub(used) as u32,
+            reset_at: ceil(tat),
+            reset_after: ceil(tat - now),
+            retry_after: None,
+            window_secs: limit.window.as_secs(),
+        }
+    } else {
+        let allowed_at = tat.saturating_sub(tolerance).max(now);
+        RateStatus {
+            allowed: false,
+            limit: limit.requests,
+            remaining: 0,
+            reset_at: ceil(tat),
+            reset_after: ceil(tat - now),
+            retry_after: Some(ceil(allowed_at - now).max(1)),
+            window_secs: limit.window.as_secs(),
+        }
+    }
 }
 
 /// Why a backend could not answer (the Redis backend has these; the local one never fails).

@@ -3,13 +3,15 @@
 
 mod cached;
 mod file;
+pub mod redis;
 
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
 pub use cached::CachedStore;
-pub use file::{FileStore, KeyFile, KeyFileEntry, KeyFileError};
+pub use file::{FileStore, KeyFile, KeyFileEntry, KeyFileError, parse_entries};
+pub use redis::RedisStore;
 
 use crate::apikey::{KeyHash, KeyKind};
 use crate::ratelimit::RateLimit;

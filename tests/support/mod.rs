@@ -2,6 +2,8 @@
 //! map), RSA signing keys, a key file, and the real daemon started on ephemeral loopback ports.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -154,6 +156,7 @@ pub fn signing_key(kid: &str) -> Arc<SigningKey> {
 }
 
 /// API keys written to the test key file; generated fresh for each environment.
+#[derive(Clone)]
 pub struct TestKeys {
     /// `sk_`, tenant t1, scope `threads:read`, 5/60s.
     pub secret: String,
@@ -172,7 +175,7 @@ pub struct TestKeys {
 }
 
 impl TestKeys {
-    fn generate() -> Self {
+    pub fn generate() -> Self {
         let s = || ApiKey::generate(KeyKind::Secret);
         let p = || ApiKey::generate(KeyKind::Publishable);
         Self {
@@ -185,6 +188,12 @@ impl TestKeys {
             publishable: p(),
             publishable_ip: p(),
         }
+    }
+
+    /// The records of the key file, as a key service would store them.
+    pub fn records(&self) -> Vec<gybc_authz::store::KeyRecord> {
+        let file: gybc_authz::store::KeyFile = serde_yaml_ng::from_str(&self.file()).unwrap();
+        gybc_authz::store::parse_entries(&file.keys).unwrap()
     }
 
     fn file(&self) -> String {
@@ -228,6 +237,10 @@ pub struct TestEnv {
 #[derive(Default)]
 pub struct EnvOptions {
     pub extra_yaml: String,
+    /// Replaces the default `key_store:` line (a file store over the test keys).
+    pub key_store_yaml: Option<String>,
+    /// The keys to use (replicas of one fleet share them); fresh ones by default.
+    pub keys: Option<TestKeys>,
     pub store: Option<Arc<dyn KeyStore>>,
 }
 
@@ -241,7 +254,7 @@ impl TestEnv {
         let app = signing_key("app-1");
         let dashboard_keys = KeyServer::start(SigningKey::jwks(&[&dashboard])).await;
         let app_keys = KeyServer::start(SigningKey::jwks(&[&app])).await;
-        let keys = TestKeys::generate();
+        let keys = opts.keys.clone().unwrap_or_else(TestKeys::generate);
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("keys.yaml");
         std::fs::write(&key_file, keys.file()).unwrap();
@@ -252,12 +265,15 @@ jwt:
   providers:
     - {{ name: dashboard, project_id: {PROJECT}, keys: {{ type: url, url: "{}" }} }}
     - {{ name: endusers, project_id: {APP_PROJECT}, keys: {{ type: url, url: "{}" }} }}
-key_store: {{ type: file, path: "{}", reload_interval_ms: 50 }}
+{}
 log: {{ allow_level: info }}
 {}"#,
             dashboard_keys.url(),
             app_keys.url(),
-            key_file.display(),
+            opts.key_store_yaml.clone().unwrap_or_else(|| format!(
+                "key_store: {{ type: file, path: \"{}\", reload_interval_ms: 50 }}",
+                key_file.display()
+            )),
             opts.extra_yaml,
         );
         let cfg = Config::from_yaml(&yaml, &BTreeMap::new()).expect("test config is valid");

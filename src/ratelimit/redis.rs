@@ -1,0 +1,180 @@
+//! The fleet-wide limiter: GCRA state in Redis, updated by one Lua script per decision (one round
+//! trip, atomic, on Redis's own clock so replicas agree). A key found over its limit is denied
+//! locally until it may pass again, without asking Redis. When Redis cannot answer, the configured
+//! failure mode decides: this replica's local limiter, or 503.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use moka::sync::Cache;
+
+use super::{
+    LocalLimiter, RateLimit, RateLimitError, RateLimiter, RateStatus, gcra_params, gcra_status,
+};
+use crate::clock::Clock;
+use crate::config::FailureMode;
+use crate::redis_conn::Redis;
+
+/// GCRA in microseconds (exact in Lua's doubles until the year 2255). Returns
+/// `{allowed, tat_after_us, now_us}`; the key expires once its quota is fully back.
+const GCRA_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+if tat - now > tolerance then
+  return {0, tat, now}
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return {1, new_tat, now}
+"#;
+
+/// Why a decision came from somewhere other than Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Redis failed; the local limiter answered.
+    Local,
+    /// Redis failed; fail-closed.
+    Denied,
+}
+
+pub struct RedisLimiter {
+    redis: Redis,
+    script: redis::Script,
+    clock: Arc<dyn Clock>,
+    failure_mode: FailureMode,
+    fallback: Arc<LocalLimiter>,
+    /// Keys known to be over their limit, with the local time (ns) they may pass again and the
+    /// TAT at which their quota is whole.
+    over: Cache<Arc<str>, (u64, u64)>,
+    fallbacks: AtomicU64,
+    local_denials: AtomicU64,
+    on_fallback: Option<Box<dyn Fn(Fallback) + Send + Sync>>,
+}
+
+impl RedisLimiter {
+    pub fn new(
+        redis: Redis,
+        clock: Arc<dyn Clock>,
+        failure_mode: FailureMode,
+        fallback: Arc<LocalLimiter>,
+        max_keys: u64,
+    ) -> Self {
+        Self {
+            redis,
+            script: redis::Script::new(GCRA_LUA),
+            clock,
+            failure_mode,
+            fallback,
+            over: Cache::builder()
+                .max_capacity(max_keys)
+                .time_to_live(Duration::from_secs(86_400))
+                .build(),
+            fallbacks: AtomicU64::new(0),
+            local_denials: AtomicU64::new(0),
+            on_fallback: None,
+        }
+    }
+
+    /// Called once per fallback (metrics hook it here).
+    pub fn with_fallback_hook(mut self, hook: impl Fn(Fallback) + Send + Sync + 'static) -> Self {
+        self.on_fallback = Some(Box::new(hook));
+        self
+    }
+
+    /// Decisions Redis could not make.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Denials answered without a round trip.
+    pub fn local_denials(&self) -> u64 {
+        self.local_denials.load(Ordering::Relaxed)
+    }
+
+    async fn check_inner(
+        &self,
+        key_id: &str,
+        limit: RateLimit,
+    ) -> Result<RateStatus, RateLimitError> {
+        let now = self.clock.now_nanos();
+        if let Some((until, tat)) = self.over.get(key_id) {
+            if now < until {
+                self.local_denials.fetch_add(1, Ordering::Relaxed);
+                return Ok(gcra_status(false, tat, now, limit));
+            }
+            self.over.invalidate(key_id);
+        }
+        let (interval, tolerance) = gcra_params(limit);
+        let mut conn = self.redis.conn.clone();
+        let mut call = self.script.key(self.redis.names.rate_limit(key_id));
+        call.arg(interval / 1_000).arg(tolerance / 1_000);
+        let answer = tokio::time::timeout(
+            self.redis.timeout,
+            call.invoke_async::<(u8, u64, u64)>(&mut conn),
+        )
+        .await;
+        match answer {
+            Ok(Ok((allowed, tat_us, now_us))) => {
+                // Redis's clock decides; headers are computed on it so every replica agrees.
+                let (tat, redis_now) = (tat_us * 1_000, now_us * 1_000);
+                let status = gcra_status(allowed == 1, tat, redis_now, limit);
+                if allowed != 1 {
+                    let wait = tat.saturating_sub(tolerance).saturating_sub(redis_now);
+                    // Stored on the local clock, shifted so "now" lines up with Redis's.
+                    let offset = now as i128 - redis_now as i128;
+                    let shift = |t: u64| (t as i128 + offset).max(0) as u64;
+                    self.over
+                        .insert(Arc::from(key_id), (now + wait, shift(tat)));
+                }
+                Ok(status)
+            }
+            Ok(Err(e)) => self.fail(key_id, limit, e.to_string()),
+            Err(_) => self.fail(
+                key_id,
+                limit,
+                format!("timed out after {:?}", self.redis.timeout),
+            ),
+        }
+    }
+
+    fn fail(
+        &self,
+        key_id: &str,
+        limit: RateLimit,
+        why: String,
+    ) -> Result<RateStatus, RateLimitError> {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        match self.failure_mode {
+            FailureMode::FailOpen => {
+                tracing::warn!(error = %why, "Redis rate limiter unavailable; counting on this replica.");
+                if let Some(h) = &self.on_fallback {
+                    h(Fallback::Local);
+                }
+                Ok(self.fallback.check_now(key_id, limit))
+            }
+            FailureMode::FailClosed => {
+                tracing::warn!(error = %why, "Redis rate limiter unavailable; failing closed.");
+                if let Some(h) = &self.on_fallback {
+                    h(Fallback::Denied);
+                }
+                Err(RateLimitError::Unavailable(why))
+            }
+        }
+    }
+}
+
+impl RateLimiter for RedisLimiter {
+    fn check<'a>(
+        &'a self,
+        key_id: &'a str,
+        limit: RateLimit,
+    ) -> BoxFuture<'a, Result<RateStatus, RateLimitError>> {
+        Box::pin(self.check_inner(key_id, limit))
+    }
+}
