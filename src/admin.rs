@@ -1,5 +1,6 @@
 //! The HTTP port: `/healthz` (the process serves), `/readyz` (keys and every provider's signing
-//! keys have loaded, and no drain has begun), and in dev mode the dev JWKS.
+//! keys have loaded, and no drain has begun), `/metrics` (Prometheus text), and in dev mode the
+//! dev JWKS.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,6 +10,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+
+use crate::metrics::Metrics;
 
 /// Readiness latch: set once everything has loaded, cleared for good when draining starts.
 #[derive(Debug, Default)]
@@ -34,17 +37,33 @@ impl Readiness {
 #[derive(Clone)]
 struct AdminState {
     ready: Arc<Readiness>,
+    metrics: Arc<Metrics>,
     dev_jwks: Option<Arc<str>>,
 }
 
-pub fn router(ready: Arc<Readiness>, dev_jwks: Option<Arc<str>>) -> Router {
+pub fn router(ready: Arc<Readiness>, metrics: Arc<Metrics>, dev_jwks: Option<Arc<str>>) -> Router {
     let mut r = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler));
     if dev_jwks.is_some() {
         r = r.route("/dev/jwks.json", get(dev_jwks_handler));
     }
-    r.with_state(AdminState { ready, dev_jwks })
+    r.with_state(AdminState {
+        ready,
+        metrics,
+        dev_jwks,
+    })
+}
+
+async fn metrics_handler(State(s): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
 }
 
 async fn healthz() -> &'static str {

@@ -20,12 +20,16 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, KeyStoreConfig, RateLimitBackend};
 use crate::grpc::AuthzService;
 use crate::jwks::{self, Jwks, JwksTiming};
-use crate::observe::DecisionLog;
+use crate::metrics::Metrics;
+use crate::observe::Observer;
 use crate::ratelimit::{LocalLimiter, RateLimiter, RedisLimiter};
 use crate::redis_conn::Redis;
 use crate::response::Responder;
 use crate::store::redis::spawn_event_listener;
 use crate::store::{CachedStore, FileStore, KeyStore, NoStore, RedisStore};
+
+/// How often the Redis connection-state gauge is refreshed.
+const REDIS_HEALTH_EVERY: Duration = Duration::from_secs(2);
 
 /// What `start` takes besides the config: seams that tests and dev mode replace.
 pub struct Options {
@@ -68,6 +72,7 @@ pub struct Running {
     pub ready: Arc<Readiness>,
     pub keys: Arc<CachedStore>,
     pub jwt: Arc<JwtVerifier>,
+    pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
@@ -76,6 +81,9 @@ pub struct Running {
 
 pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     let clock = opts.clock;
+
+    let metrics = Arc::new(Metrics::new());
+    let observer = Arc::new(Observer::new(metrics.clone(), &cfg.log));
 
     // Readiness gates: each resolves once its dependency has loaded.
     let mut gates: Vec<BoxFuture<'static, ()>> = Vec::new();
@@ -90,6 +98,14 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
             gates.push(Box::pin(async move {
                 while !probe.ping().await {
                     tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }));
+            // The connection-state gauge.
+            let (probe, obs) = (redis.clone(), observer.clone());
+            background.push(tokio::spawn(async move {
+                loop {
+                    obs.redis_health(probe.ping().await);
+                    tokio::time::sleep(REDIS_HEALTH_EVERY).await;
                 }
             }));
             Some(redis)
@@ -123,7 +139,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
             Arc::new(NoStore)
         }
     };
-    let keys = Arc::new(CachedStore::new(store, &cfg.key_cache));
+    let keys = Arc::new(CachedStore::new(store, &cfg.key_cache).with_observer(observer.clone()));
     if let Some(s) = &file_store {
         let mut changes = s.subscribe();
         let keys = Arc::downgrade(&keys);
@@ -143,13 +159,16 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     // Rate limits: this replica's own, or the fleet's in Redis with the local one standing in.
     let local = Arc::new(LocalLimiter::new(clock.clone(), cfg.rate_limit.max_keys));
     let limiter: Arc<dyn RateLimiter> = match (&redis, cfg.rate_limit.backend) {
-        (Some(r), RateLimitBackend::Redis) => Arc::new(RedisLimiter::new(
-            r.clone(),
-            clock.clone(),
-            cfg.rate_limit.failure_mode,
-            local,
-            cfg.rate_limit.max_keys,
-        )),
+        (Some(r), RateLimitBackend::Redis) => Arc::new(
+            RedisLimiter::new(
+                r.clone(),
+                clock.clone(),
+                cfg.rate_limit.failure_mode,
+                local,
+                cfg.rate_limit.max_keys,
+            )
+            .with_observer(observer.clone()),
+        ),
         _ => local,
     };
 
@@ -162,7 +181,12 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     let timing = JwksTiming::from(&cfg.jwt);
     let mut providers = Vec::new();
     for p in &cfg.jwt.providers {
-        let set = Jwks::new(&p.name, jwks::source_from_config(&p.keys, &client), timing);
+        let set = Jwks::observed(
+            &p.name,
+            jwks::source_from_config(&p.keys, &client),
+            timing,
+            observer.clone(),
+        );
         let mut loaded = set.loaded();
         gates.push(Box::pin(async move {
             let _ = loaded.wait_for(|l| *l).await;
@@ -170,13 +194,16 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
         background.push(set.spawn_refresher());
         providers.push(Provider::new(&p.name, &p.project_id, &p.tenant_claim, set));
     }
-    let jwt = Arc::new(JwtVerifier::new(
-        providers,
-        cfg.default_provider_name(),
-        clock.clone(),
-        cfg.jwt.leeway_secs,
-        cfg.jwt.cache_max_entries,
-    ));
+    let jwt = Arc::new(
+        JwtVerifier::new(
+            providers,
+            cfg.default_provider_name(),
+            clock.clone(),
+            cfg.jwt.leeway_secs,
+            cfg.jwt.cache_max_entries,
+        )
+        .with_observer(observer.clone()),
+    );
 
     let authorizer = Arc::new(Authorizer {
         jwt: jwt.clone(),
@@ -185,12 +212,13 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
         clock,
         default_rate_limit: cfg.rate_limit.default,
         tenantless_paths: cfg.policy.tenantless_paths.clone(),
+        observer: observer.clone(),
     });
     let service = AuthzService {
         authorizer,
         responder: Arc::new(Responder::new(&cfg)),
         limits: cfg.limits.clone(),
-        log: DecisionLog::new(&cfg.log),
+        observer,
     };
 
     let (shutdown, _) = watch::channel(false);
@@ -258,7 +286,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     }
     {
         let mut stop = shutdown.subscribe();
-        let app = admin::router(ready.clone(), opts.dev_jwks.clone());
+        let app = admin::router(ready.clone(), metrics.clone(), opts.dev_jwks.clone());
         servers.push(tokio::spawn(async move {
             let result = axum::serve(http, app)
                 .with_graceful_shutdown(async move {
@@ -294,6 +322,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
         ready,
         keys,
         jwt,
+        metrics,
         shutdown,
         servers,
         background,

@@ -9,8 +9,9 @@ use crate::authn::{JwtVerifier, VerifiedToken};
 use crate::clock::Clock;
 use crate::credentials::{self, Credentials};
 use crate::decision::{AuthMethod, Decision, Denial, Grant, Identity, Reason};
+use crate::observe::{Backend, Observer};
 use crate::policy::{impersonation, origin, tenant};
-use crate::ratelimit::{RateLimit, RateLimiter};
+use crate::ratelimit::{RateLimit, RateLimitError, RateLimiter};
 use crate::request::RequestContext;
 use crate::store::{CachedStore, KeyRecord};
 
@@ -21,6 +22,7 @@ pub struct Authorizer {
     pub clock: Arc<dyn Clock>,
     pub default_rate_limit: RateLimit,
     pub tenantless_paths: Vec<String>,
+    pub observer: Arc<Observer>,
 }
 
 impl Authorizer {
@@ -59,20 +61,26 @@ impl Authorizer {
         token: &str,
         on_behalf_of: Option<&str>,
     ) -> Result<Grant, Denial> {
+        let jwt = AuthMethod::Jwt;
         let provider = self
             .jwt
             .default_provider()
-            .ok_or(Denial::because(Reason::InvalidToken, "no_provider"))?;
-        let verified = self.verify(provider, token).await?;
-        impersonation::authorize(AuthMethod::Jwt, &[], on_behalf_of)?;
+            .ok_or(Denial::because(Reason::InvalidToken, "no_provider").by(jwt, None, None))?;
+        let verified = self
+            .verify(provider, token)
+            .await
+            .map_err(|d| d.by(jwt, None, None))?;
+        let refused = |d: Denial| d.by(jwt, verified.tenant.as_deref(), None);
+        impersonation::authorize(jwt, &[], on_behalf_of).map_err(refused)?;
         let tenant = tenant::for_jwt(
             verified.tenant.as_deref(),
             &req.path,
             &self.tenantless_paths,
-        )?;
+        )
+        .map_err(refused)?;
         Ok(Grant {
             identity: Identity {
-                method: AuthMethod::Jwt,
+                method: jwt,
                 tenant,
                 user: Some(verified.sub.clone()),
                 key_id: None,
@@ -89,10 +97,15 @@ impl Authorizer {
         key: ApiKey<'_>,
         on_behalf_of: Option<&str>,
     ) -> Result<Grant, Denial> {
-        let record = self.key_record(&key).await?;
-        let user = impersonation::authorize(AuthMethod::ApiKey, &record.scopes, on_behalf_of)?;
+        let method = AuthMethod::ApiKey;
+        let record = self
+            .key_record(&key)
+            .await
+            .map_err(|d| d.by(method, None, None))?;
+        let user = impersonation::authorize(method, &record.scopes, on_behalf_of)
+            .map_err(|d| refused_key(d, method, &record))?;
         let identity = Identity {
-            method: AuthMethod::ApiKey,
+            method,
             tenant: Some(record.tenant.clone()),
             user: user.map(str::to_owned),
             key_id: Some(record.id.clone()),
@@ -110,30 +123,39 @@ impl Authorizer {
         user_token: Option<Result<&str, Denial>>,
         on_behalf_of: Option<&str>,
     ) -> Result<Grant, Denial> {
-        let record = self.key_record(&key).await?;
-        let token = user_token.ok_or(Denial::new(Reason::UserTokenRequired))??;
+        let method = AuthMethod::PublishableKey;
+        let record = self
+            .key_record(&key)
+            .await
+            .map_err(|d| d.by(method, None, None))?;
+        let refused = |d: Denial| refused_key(d, method, &record);
+        let token = user_token
+            .ok_or(Denial::new(Reason::UserTokenRequired))
+            .and_then(|t| t)
+            .map_err(refused)?;
         let provider = match &record.jwt_provider {
             Some(name) => self.jwt.provider_index(name).ok_or_else(|| {
                 tracing::warn!(key_id = %record.id, provider = %name, "Publishable key names an unknown JWT provider.");
-                Denial::because(Reason::InvalidApiKey, "unknown_provider")
+                refused(Denial::because(Reason::InvalidApiKey, "unknown_provider"))
             })?,
             None => self
                 .jwt
                 .default_provider()
-                .ok_or(Denial::because(Reason::InvalidToken, "no_provider"))?,
+                .ok_or_else(|| refused(Denial::because(Reason::InvalidToken, "no_provider")))?,
         };
-        let verified = self.verify(provider, token).await?;
+        let verified = self.verify(provider, token).await.map_err(refused)?;
         if !origin::allowed(&record.allowed_origins, req.origin.as_deref()) {
-            return Err(Denial::new(Reason::OriginNotAllowed));
+            return Err(refused(Denial::new(Reason::OriginNotAllowed)));
         }
         tenant::for_publishable(
             &record.tenant,
             record.identity_platform_tenant.as_deref(),
             &verified,
-        )?;
-        impersonation::authorize(AuthMethod::PublishableKey, &record.scopes, on_behalf_of)?;
+        )
+        .map_err(refused)?;
+        impersonation::authorize(method, &record.scopes, on_behalf_of).map_err(refused)?;
         let identity = Identity {
-            method: AuthMethod::PublishableKey,
+            method,
             tenant: Some(record.tenant.clone()),
             user: Some(verified.sub.clone()),
             key_id: Some(record.id.clone()),
@@ -152,11 +174,14 @@ impl Authorizer {
 
     /// The key's record, if it exists, matches the key's kind, and is usable now.
     async fn key_record(&self, key: &ApiKey<'_>) -> Result<Arc<KeyRecord>, Denial> {
-        let record = match self.keys.lookup(&key.hash()).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err(Denial::because(Reason::InvalidApiKey, "unknown")),
+        let record = match self.keys.lookup_traced(&key.hash()).await {
+            Ok((found, outcome)) => {
+                self.observer.key_lookup(outcome, found.is_some());
+                found.ok_or(Denial::because(Reason::InvalidApiKey, "unknown"))?
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "Key store unavailable for an uncached key.");
+                self.observer
+                    .backend_error(Backend::KeyStore, "unavailable", &e);
                 return Err(Denial::because(Reason::Unavailable, "key_store"));
             }
         };
@@ -178,14 +203,20 @@ impl Authorizer {
                 rate: Some(status),
             }),
             Ok(status) => Err(Denial {
-                reason: Reason::RateLimited,
                 rate: Some(status),
-                detail: None,
+                ..refused_key(Denial::new(Reason::RateLimited), identity.method, record)
             }),
-            Err(e) => {
-                tracing::warn!(error = %e, "Rate limiter unavailable.");
-                Err(Denial::because(Reason::Unavailable, "rate_limiter"))
-            }
+            // The limiter has reported the failure (metric and log) itself.
+            Err(RateLimitError::Unavailable(_)) => Err(refused_key(
+                Denial::because(Reason::Unavailable, "rate_limiter"),
+                identity.method,
+                record,
+            )),
         }
     }
+}
+
+/// A denial of a caller whose key is known.
+fn refused_key(d: Denial, method: AuthMethod, record: &KeyRecord) -> Denial {
+    d.by(method, Some(&record.tenant), Some(&record.id))
 }

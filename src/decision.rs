@@ -205,6 +205,16 @@ pub struct Denial {
     pub rate: Option<RateStatus>,
     /// Why, for the log only (e.g. which token check failed). Never a credential.
     pub detail: Option<&'static str>,
+    /// Who was refused, as far as it was established (for the log and the metric's method).
+    pub who: Option<Box<Who>>,
+}
+
+/// The caller of a refused request, once its credential is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Who {
+    pub method: AuthMethod,
+    pub tenant: Option<String>,
+    pub key_id: Option<String>,
 }
 
 impl Denial {
@@ -213,15 +223,25 @@ impl Denial {
             reason,
             rate: None,
             detail: None,
+            who: None,
         }
     }
 
     pub fn because(reason: Reason, detail: &'static str) -> Self {
         Self {
-            reason,
-            rate: None,
             detail: Some(detail),
+            ..Self::new(reason)
         }
+    }
+
+    /// Names the caller once its credential is known.
+    pub fn by(mut self, method: AuthMethod, tenant: Option<&str>, key_id: Option<&str>) -> Self {
+        self.who = Some(Box::new(Who {
+            method,
+            tenant: tenant.map(str::to_owned),
+            key_id: key_id.map(str::to_owned),
+        }));
+        self
     }
 }
 

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::authorize::Authorizer;
 use crate::config::LimitsConfig;
-use crate::observe::DecisionLog;
+use crate::observe::Observer;
 use crate::request::RequestContext;
 use crate::response::Responder;
 
@@ -18,7 +18,7 @@ pub struct AuthzService {
     pub authorizer: Arc<Authorizer>,
     pub responder: Arc<Responder>,
     pub limits: LimitsConfig,
-    pub log: DecisionLog,
+    pub observer: Arc<Observer>,
 }
 
 #[tonic::async_trait]
@@ -32,7 +32,7 @@ impl Authorization for AuthzService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let decision = self.authorizer.decide(&ctx).await;
         let response = self.responder.build(&decision);
-        self.log.record(&ctx, &decision, started.elapsed());
+        self.observer.decision(&ctx, &decision, started.elapsed());
         Ok(Response::new(response))
     }
 }

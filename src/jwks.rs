@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{JwtConfig, KeySourceConfig};
+use crate::observe::Observer;
 
 /// A key document larger than this is refused (Google's is ~4 KB).
 const MAX_KEYS_BYTES: usize = 1 << 20;
@@ -263,6 +264,7 @@ pub struct Jwks {
     /// Counts finished fetches (success or not), so waiters can tell when one is done.
     fetched: watch::Sender<u64>,
     loaded: watch::Sender<bool>,
+    observer: Arc<Observer>,
 }
 
 #[derive(Default)]
@@ -273,7 +275,19 @@ struct FetchState {
 
 impl Jwks {
     pub fn new(provider: &str, source: Arc<dyn KeySource>, timing: JwksTiming) -> Arc<Self> {
+        Self::observed(provider, source, timing, Arc::default())
+    }
+
+    /// Like `new`, reporting fetches to `observer`.
+    pub fn observed(
+        provider: &str,
+        source: Arc<dyn KeySource>,
+        timing: JwksTiming,
+        observer: Arc<Observer>,
+    ) -> Arc<Self> {
+        observer.metrics.register_provider(provider);
         Arc::new(Self {
+            observer,
             provider: provider.to_owned(),
             source,
             timing,
@@ -314,6 +328,7 @@ impl Jwks {
                 {
                     return None;
                 }
+                self.observer.unknown_kid_fetch(&self.provider);
                 self.start_fetch_locked(&mut st);
             }
         }
@@ -337,8 +352,9 @@ impl Jwks {
         let me = self.clone();
         tokio::spawn(async move {
             let result = me.fetch_and_store().await;
-            if let Err(e) = &result {
-                tracing::warn!(provider = %me.provider, error = %e, "Key fetch failed; the last good keys keep serving.");
+            match &result {
+                Ok(_) => me.observer.jwks_loaded(&me.provider, me.key_count()),
+                Err(e) => me.observer.jwks_failed(&me.provider, me.key_count(), e),
             }
             me.fetch.lock().expect("fetch state").in_flight = false;
             me.fetched.send_modify(|n| *n += 1);
@@ -377,7 +393,6 @@ impl Jwks {
     async fn fetch_and_store(&self) -> Result<Duration, JwksError> {
         let fetched = self.source.fetch().await?;
         let set = parse_key_set(&fetched.body, &self.source.name())?;
-        tracing::info!(provider = %self.provider, keys = set.len(), "Signing keys loaded.");
         self.current.store(Some(Arc::new(set)));
         self.loaded.send_replace(true);
         // Refresh before expiry: at 3/4 of max-age, so a slow or failing fetch has time to retry.
@@ -402,10 +417,7 @@ impl Jwks {
                         retry = RETRY_FIRST;
                         next
                     }
-                    Err(e) => {
-                        if j.key_count() == 0 {
-                            tracing::error!(provider = %j.provider, error = %e, retry_in_ms = retry.as_millis() as u64, "No signing keys yet; tokens of this provider cannot be verified.");
-                        }
+                    Err(_) => {
                         let w = retry;
                         retry = (retry * 2).min(RETRY_MAX);
                         w

@@ -22,6 +22,7 @@ pub mod ratelimit;
 pub mod decision;
 pub mod response;
 pub mod observe;
+pub mod metrics;
 
 // Around it.
 pub mod config;

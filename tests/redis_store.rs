@@ -207,6 +207,31 @@ async fn redis_killed_mid_test_fail_open() {
         }
     }
     assert_eq!(allowed_count, 5, "fail-open: the local limiter stands in");
+    let m = scrape(&env).await;
+    assert_eq!(
+        m.get(
+            "gybc_authz_rate_limit_fallbacks_total",
+            &[("mode", "local")]
+        ),
+        7.0,
+        "every fallback is counted"
+    );
+    assert_eq!(
+        m.get(
+            "gybc_authz_backend_errors_total",
+            &[("backend", "rate_limit"), ("kind", "error")]
+        ) + m.get(
+            "gybc_authz_backend_errors_total",
+            &[("backend", "rate_limit"), ("kind", "timeout")]
+        ),
+        7.0
+    );
+    wait_until(
+        "redis_connected gauge drops",
+        Duration::from_secs(5),
+        async || scrape(&env).await.get("gybc_authz_redis_connected", &[]) == 0.0,
+    )
+    .await;
     // An uncached key cannot be judged: 503, never an allow.
     let d = assert_denied(
         &env.check(API_PATH, &[("x-api-key", &keys.impersonator)])
@@ -248,6 +273,12 @@ async fn redis_killed_mid_test_fail_open() {
         "1",
         "counted in Redis again"
     );
+    wait_until(
+        "redis_connected gauge back up",
+        Duration::from_secs(5),
+        async || scrape(&env).await.get("gybc_authz_redis_connected", &[]) == 1.0,
+    )
+    .await;
     env.stop().await;
 }
 
@@ -271,6 +302,21 @@ async fn redis_killed_mid_test_fail_closed() {
         &env.check(API_PATH, &[("x-api-key", &keys.unknown)]).await,
         503,
         "unavailable",
+    );
+    let m = scrape(&env).await;
+    assert_eq!(
+        m.get(
+            "gybc_authz_rate_limit_fallbacks_total",
+            &[("mode", "denied")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.get(
+            "gybc_authz_rate_limit_fallbacks_total",
+            &[("mode", "local")]
+        ),
+        0.0
     );
     // Token traffic needs no Redis.
     allowed(&env.check(API_PATH, &[("authorization", &jwt)]).await);

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
 use crate::jwks::Jwks;
+use crate::observe::Observer;
 
 /// Longest `sub` accepted (Firebase's own limit).
 pub const MAX_SUB_CHARS: usize = 128;
@@ -150,6 +151,7 @@ pub struct JwtVerifier {
     clock: Arc<dyn Clock>,
     leeway: u64,
     cache: Cache<CacheKey, Arc<VerifiedToken>>,
+    observer: Arc<Observer>,
 }
 
 impl JwtVerifier {
@@ -176,7 +178,14 @@ impl JwtVerifier {
                 .max_capacity(cache_entries)
                 .expire_after(UntilExp)
                 .build(),
+            observer: Arc::default(),
         }
+    }
+
+    /// Reports cache hits and misses to `observer`.
+    pub fn with_observer(mut self, observer: Arc<Observer>) -> Self {
+        self.observer = observer;
+        self
     }
 
     pub fn providers(&self) -> &[Provider] {
@@ -197,7 +206,9 @@ impl JwtVerifier {
         let provider = self.providers.get(p).ok_or(TokenError::UnknownKid)?;
         let now = self.clock.now_secs();
         let key: CacheKey = (p, Sha256::digest(token.as_bytes()).into());
-        if let Some(hit) = self.cache.get(&key).await {
+        let hit = self.cache.get(&key).await;
+        self.observer.token_lookup(hit.is_some());
+        if let Some(hit) = hit {
             if hit.exp + self.leeway <= now {
                 self.cache.invalidate(&key).await;
                 return Err(TokenError::Expired);

@@ -170,7 +170,10 @@ redis:
         "redis.key_prefix",
         "redis.timeout_ms",
     ] {
-        assert!(got.contains(&want.to_string()), "{want} missing from {got:?}");
+        assert!(
+            got.contains(&want.to_string()),
+            "{want} missing from {got:?}"
+        );
     }
     let err = Config::from_yaml("redis: { urls: [\"redis://u:p@r\"] }\n", &env(&[])).unwrap_err();
     assert!(
@@ -191,7 +194,10 @@ fn redis_password_comes_from_a_file_or_the_environment_and_is_never_printed() {
     let c = Config::from_yaml(&yaml, &env(&[])).unwrap();
     let r = c.redis.as_ref().unwrap();
     assert_eq!(r.password.as_ref().unwrap().expose(), "s3cret");
-    assert!(!format!("{c:?}").contains("s3cret"), "Debug never shows the password");
+    assert!(
+        !format!("{c:?}").contains("s3cret"),
+        "Debug never shows the password"
+    );
     assert_eq!(c.rate_limit.failure_mode, FailureMode::FailClosed);
 
     let yaml = "redis: { urls: [\"redis://r\"], password_env: REDIS_PW }\n";

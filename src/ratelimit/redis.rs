@@ -4,7 +4,6 @@
 //! failure mode decides: this replica's local limiter, or 503.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -15,6 +14,7 @@ use super::{
 };
 use crate::clock::Clock;
 use crate::config::FailureMode;
+use crate::observe::Observer;
 use crate::redis_conn::Redis;
 
 /// GCRA in microseconds (exact in Lua's doubles until the year 2255). Returns
@@ -34,27 +34,16 @@ redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 10
 return {1, new_tat, now}
 "#;
 
-/// Why a decision came from somewhere other than Redis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fallback {
-    /// Redis failed; the local limiter answered.
-    Local,
-    /// Redis failed; fail-closed.
-    Denied,
-}
-
 pub struct RedisLimiter {
     redis: Redis,
     script: redis::Script,
     clock: Arc<dyn Clock>,
     failure_mode: FailureMode,
     fallback: Arc<LocalLimiter>,
-    /// Keys known to be over their limit, with the local time (ns) they may pass again and the
-    /// TAT at which their quota is whole.
-    over: Cache<Arc<str>, (u64, u64)>,
-    fallbacks: AtomicU64,
-    local_denials: AtomicU64,
-    on_fallback: Option<Box<dyn Fn(Fallback) + Send + Sync>>,
+    /// Keys known to be over their limit: the local time (ns) they may pass again, their TAT on
+    /// Redis's clock, and Redis's clock minus ours (so local answers match Redis's headers).
+    over: Cache<Arc<str>, (u64, u64, i128)>,
+    observer: Arc<Observer>,
 }
 
 impl RedisLimiter {
@@ -75,26 +64,14 @@ impl RedisLimiter {
                 .max_capacity(max_keys)
                 .time_to_live(Duration::from_secs(86_400))
                 .build(),
-            fallbacks: AtomicU64::new(0),
-            local_denials: AtomicU64::new(0),
-            on_fallback: None,
+            observer: Arc::default(),
         }
     }
 
-    /// Called once per fallback (metrics hook it here).
-    pub fn with_fallback_hook(mut self, hook: impl Fn(Fallback) + Send + Sync + 'static) -> Self {
-        self.on_fallback = Some(Box::new(hook));
+    /// Reports fallbacks to `observer`.
+    pub fn with_observer(mut self, observer: Arc<Observer>) -> Self {
+        self.observer = observer;
         self
-    }
-
-    /// Decisions Redis could not make.
-    pub fn fallbacks(&self) -> u64 {
-        self.fallbacks.load(Ordering::Relaxed)
-    }
-
-    /// Denials answered without a round trip.
-    pub fn local_denials(&self) -> u64 {
-        self.local_denials.load(Ordering::Relaxed)
     }
 
     async fn check_inner(
@@ -103,10 +80,10 @@ impl RedisLimiter {
         limit: RateLimit,
     ) -> Result<RateStatus, RateLimitError> {
         let now = self.clock.now_nanos();
-        if let Some((until, tat)) = self.over.get(key_id) {
+        if let Some((until, tat, skew)) = self.over.get(key_id) {
             if now < until {
-                self.local_denials.fetch_add(1, Ordering::Relaxed);
-                return Ok(gcra_status(false, tat, now, limit));
+                let redis_now = (now as i128 + skew).max(0) as u64;
+                return Ok(gcra_status(false, tat, redis_now, limit));
             }
             self.over.invalidate(key_id);
         }
@@ -126,18 +103,16 @@ impl RedisLimiter {
                 let status = gcra_status(allowed == 1, tat, redis_now, limit);
                 if allowed != 1 {
                     let wait = tat.saturating_sub(tolerance).saturating_sub(redis_now);
-                    // Stored on the local clock, shifted so "now" lines up with Redis's.
-                    let offset = now as i128 - redis_now as i128;
-                    let shift = |t: u64| (t as i128 + offset).max(0) as u64;
-                    self.over
-                        .insert(Arc::from(key_id), (now + wait, shift(tat)));
+                    let skew = redis_now as i128 - now as i128;
+                    self.over.insert(Arc::from(key_id), (now + wait, tat, skew));
                 }
                 Ok(status)
             }
-            Ok(Err(e)) => self.fail(key_id, limit, e.to_string()),
+            Ok(Err(e)) => self.fail(key_id, limit, "error", e.to_string()),
             Err(_) => self.fail(
                 key_id,
                 limit,
+                "timeout",
                 format!("timed out after {:?}", self.redis.timeout),
             ),
         }
@@ -147,22 +122,16 @@ impl RedisLimiter {
         &self,
         key_id: &str,
         limit: RateLimit,
+        kind: &'static str,
         why: String,
     ) -> Result<RateStatus, RateLimitError> {
-        self.fallbacks.fetch_add(1, Ordering::Relaxed);
         match self.failure_mode {
             FailureMode::FailOpen => {
-                tracing::warn!(error = %why, "Redis rate limiter unavailable; counting on this replica.");
-                if let Some(h) = &self.on_fallback {
-                    h(Fallback::Local);
-                }
+                self.observer.rate_limit_fallback(true, kind, &why);
                 Ok(self.fallback.check_now(key_id, limit))
             }
             FailureMode::FailClosed => {
-                tracing::warn!(error = %why, "Redis rate limiter unavailable; failing closed.");
-                if let Some(h) = &self.on_fallback {
-                    h(Fallback::Denied);
-                }
+                self.observer.rate_limit_fallback(false, kind, &why);
                 Err(RateLimitError::Unavailable(why))
             }
         }

@@ -157,9 +157,8 @@ fn rate_limited_denial_carries_quota_and_retry_after() {
         ..rate()
     };
     let resp = responder("").build(&Decision::Deny(Denial {
-        reason: Reason::RateLimited,
         rate: Some(status),
-        detail: None,
+        ..Denial::new(Reason::RateLimited)
     }));
     let Some(HttpResponse::DeniedResponse(d)) = resp.http_response else {
         panic!()

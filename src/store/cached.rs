@@ -12,6 +12,7 @@ use moka::future::Cache;
 use super::{KeyRecord, KeyStore, StoreError};
 use crate::apikey::KeyHash;
 use crate::config::KeyCacheConfig;
+use crate::observe::{Backend, Observer};
 
 #[derive(Clone)]
 struct Entry {
@@ -57,6 +58,7 @@ pub struct CachedStore {
     cache: Cache<KeyHash, Entry>,
     ttl: Duration,
     refreshing: Arc<Mutex<HashSet<KeyHash>>>,
+    observer: Arc<Observer>,
 }
 
 impl CachedStore {
@@ -72,7 +74,14 @@ impl CachedStore {
                 .build(),
             ttl: Duration::from_secs(cfg.ttl_secs),
             refreshing: Arc::default(),
+            observer: Arc::default(),
         }
+    }
+
+    /// Reports failed background refreshes to `observer`.
+    pub fn with_observer(mut self, observer: Arc<Observer>) -> Self {
+        self.observer = observer;
+        self
     }
 
     pub async fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
@@ -112,10 +121,11 @@ impl CachedStore {
         if !self.refreshing.lock().expect("refresh set").insert(hash) {
             return;
         }
-        let (inner, cache, refreshing) = (
+        let (inner, cache, refreshing, observer) = (
             self.inner.clone(),
             self.cache.clone(),
             self.refreshing.clone(),
+            self.observer.clone(),
         );
         tokio::spawn(async move {
             match inner.lookup(&hash).await {
@@ -130,9 +140,7 @@ impl CachedStore {
                         )
                         .await
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Key refresh failed; serving the cached record.")
-                }
+                Err(e) => observer.backend_error(Backend::KeyStore, "refresh", &e),
             }
             refreshing.lock().expect("refresh set").remove(&hash);
         });

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-pub use cached::CachedStore;
+pub use cached::{CacheOutcome, CachedStore};
 pub use file::{FileStore, KeyFile, KeyFileEntry, KeyFileError, parse_entries};
 pub use redis::RedisStore;
 

@@ -2,6 +2,7 @@
 //! map), RSA signing keys, a key file, and the real daemon started on ephemeral loopback ports.
 #![allow(dead_code)]
 
+pub mod envoy;
 pub mod redis;
 
 use std::collections::BTreeMap;
@@ -241,6 +242,8 @@ pub struct EnvOptions {
     pub key_store_yaml: Option<String>,
     /// The keys to use (replicas of one fleet share them); fresh ones by default.
     pub keys: Option<TestKeys>,
+    /// Replaces the default `log:` line (allows logged at info).
+    pub log_yaml: Option<String>,
     pub store: Option<Arc<dyn KeyStore>>,
 }
 
@@ -266,7 +269,7 @@ jwt:
     - {{ name: dashboard, project_id: {PROJECT}, keys: {{ type: url, url: "{}" }} }}
     - {{ name: endusers, project_id: {APP_PROJECT}, keys: {{ type: url, url: "{}" }} }}
 {}
-log: {{ allow_level: info }}
+{}
 {}"#,
             dashboard_keys.url(),
             app_keys.url(),
@@ -274,6 +277,9 @@ log: {{ allow_level: info }}
                 "key_store: {{ type: file, path: \"{}\", reload_interval_ms: 50 }}",
                 key_file.display()
             )),
+            opts.log_yaml
+                .clone()
+                .unwrap_or_else(|| "log: { allow_level: info }".into()),
             opts.extra_yaml,
         );
         let cfg = Config::from_yaml(&yaml, &BTreeMap::new()).expect("test config is valid");
@@ -468,4 +474,74 @@ pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+// === metrics ===
+
+/// The daemon's `/metrics` text.
+pub async fn scrape(env: &TestEnv) -> Metrics {
+    let addr = env.daemon.as_ref().expect("running daemon").http_addr;
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    Metrics(text)
+}
+
+/// A scraped `/metrics` page.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The value of the series `name` whose labels include all of `labels` (0 when absent).
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut found = None;
+        for line in self.0.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name
+                || !labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            {
+                continue;
+            }
+            assert!(
+                found.is_none(),
+                "{name} {labels:?} matches more than one series"
+            );
+            found = Some(value.parse::<f64>().unwrap());
+        }
+        found.unwrap_or(0.0)
+    }
+
+    /// Every label value on the page.
+    pub fn label_values(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for line in self.0.lines().filter(|l| !l.starts_with('#')) {
+            let Some((_, rest)) = line.split_once('{') else {
+                continue;
+            };
+            let labels = rest.rsplit_once('}').map_or("", |(l, _)| l);
+            for pair in labels.split("\",") {
+                if let Some((_, v)) = pair.split_once("=\"") {
+                    out.push(v.trim_end_matches('"').to_owned());
+                }
+            }
+        }
+        out
+    }
+
+    /// Names of every metric family on the page.
+    pub fn names(&self) -> std::collections::BTreeSet<String> {
+        self.0
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
 }
