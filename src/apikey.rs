@@ -101,21 +101,28 @@ impl<'a> ApiKey<'a> {
     pub fn generate(kind: KeyKind) -> String {
         let mut out = String::with_capacity(3 + BODY_CHARS + CHECKSUM_CHARS);
         out.push_str(kind.prefix());
-        let mut buf = [0u8; 64];
-        while out.len() < 3 + BODY_CHARS {
-            aws_lc_rs::rand::fill(&mut buf).expect("the system CSPRNG is available");
-            // Rejection sampling: 62 × 4 = 248, so bytes below 248 map uniformly onto the alphabet.
-            for b in buf.iter().filter(|b| **b < 248) {
-                if out.len() == 3 + BODY_CHARS {
-                    break;
-                }
-                out.push(BASE62[(*b % 62) as usize] as char);
-            }
-        }
+        out.push_str(&random_base62(BODY_CHARS));
         let sum = checksum(&out);
         out.push_str(&sum);
         out
     }
+}
+
+/// `n` uniformly random base62 characters from the system CSPRNG.
+pub fn random_base62(n: usize) -> String {
+    let mut out = String::with_capacity(n);
+    let mut buf = [0u8; 64];
+    while out.len() < n {
+        aws_lc_rs::rand::fill(&mut buf).expect("the system CSPRNG is available");
+        // Rejection sampling: 62 × 4 = 248, so bytes below 248 map uniformly onto the alphabet.
+        for b in buf.iter().filter(|b| **b < 248) {
+            if out.len() == n {
+                break;
+            }
+            out.push(BASE62[(*b % 62) as usize] as char);
+        }
+    }
+    out
 }
 
 /// CRC32 of prefix + body, as 6 base62 digits (62⁶ > 2³²).

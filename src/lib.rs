@@ -31,5 +31,6 @@ pub mod app;
 pub mod admin;
 pub mod clock;
 pub mod client;
+pub mod keyadmin;
 pub mod dev;
 pub mod telemetry;

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod cli_keys;
+
 use clap::{Parser, Subcommand};
 use gybc_authz::app::{self, Options};
 use gybc_authz::config::{Config, ProcessEnv};
@@ -33,6 +35,8 @@ enum Command {
         #[arg(long)]
         dev: bool,
     },
+    /// Manage API keys in the configured store: create, list, show, revoke, rotate.
+    Keys(cli_keys::KeysArgs),
     /// Load and validate a config file; print every problem with its field path.
     CheckConfig { file: PathBuf },
     /// Send one Check as Envoy would and print the decision as JSON (exit 0 allow, 1 deny).
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Serve { config, dev } => serve(config, dev).await,
+            Command::Keys(args) => cli_keys::run(args).await,
             Command::CheckConfig { file } => match Config::load(&file, &ProcessEnv) {
                 Ok(_) => {
                     println!("{}: ok", file.display());

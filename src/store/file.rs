@@ -53,6 +53,31 @@ pub struct KeyFileEntry {
     pub identity_platform_tenant: Option<String>,
 }
 
+impl KeyFileEntry {
+    /// The file form of a record (times as RFC 3339, UTC).
+    pub fn from_record(r: &KeyRecord) -> Self {
+        let time = |t: u64| {
+            humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(t))
+                .to_string()
+        };
+        KeyFileEntry {
+            id: r.id.clone(),
+            hash: format!("sha256:{}", r.hash.to_hex()),
+            kind: r.kind,
+            tenant: r.tenant.clone(),
+            scopes: r.scopes.clone(),
+            rate_limit: r.rate_limit,
+            status: r.status,
+            expires_at: r.expires_at.map(time),
+            name: r.name.clone(),
+            created_at: r.created_at.map(time),
+            allowed_origins: r.allowed_origins.clone(),
+            jwt_provider: r.jwt_provider.clone(),
+            identity_platform_tenant: r.identity_platform_tenant.clone(),
+        }
+    }
+}
+
 /// Why a key file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
