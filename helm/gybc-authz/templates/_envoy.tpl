@@ -1,0 +1,158 @@
+{{/*
+Envoy's bootstrap: the same config as deploy/envoy/envoy.yaml (documented line by line there),
+with ports, timeouts, health paths and the upstream from values. The chart tests render it
+with the shipped file's values and require the two to be identical, and run
+`envoy --mode validate` on every rendering.
+*/}}
+{{- define "gybc-authz.envoyConfig" -}}
+{{- $v := .Values }}
+{{- $e := $v.envoy }}
+{{- $strip := concat (include "gybc-authz.identityHeaders" . | fromYamlArray) (list "x-api-key" "x-on-behalf-of") -}}
+# Envoy sidecar config rendered by the gybc-authz Helm chart; the annotated original is
+# deploy/envoy/envoy.yaml in the gybc-authz repository.
+admin:
+  address:
+    socket_address: { address: 127.0.0.1, port_value: {{ int $e.ports.admin }} }
+overload_manager:
+  resource_monitors:
+    - name: envoy.resource_monitors.global_downstream_max_connections
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
+        max_active_downstream_connections: {{ int $e.maxConnections }}
+static_resources:
+  listeners:
+    - name: ingress
+      address:
+        socket_address: { address: 0.0.0.0, port_value: {{ int $e.ports.http }} }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: ingress
+                codec_type: AUTO
+                # gybc-authz judges the path the upstream receives.
+                normalize_path: true
+                merge_slashes: true
+                path_with_escaped_slashes_action: KEEP_UNCHANGED
+                route_config:
+                  name: local_app
+                  virtual_hosts:
+                    - name: app
+                      domains: ["*"]
+                      routes:
+                        {{- range $e.healthPaths }}
+                        # Health endpoint: no check for GET/HEAD; Envoy strips identity and credentials.
+                        - match:
+                            path: {{ . | quote }}
+                            headers:
+                              - name: ":method"
+                                string_match: { safe_regex: { regex: "GET|HEAD" } }
+                          route: { cluster: app, timeout: 5s }
+                          request_headers_to_remove:
+                            {{- range $strip }}
+                            - {{ . }}
+                            {{- end }}
+                          typed_per_filter_config:
+                            envoy.filters.http.ext_authz:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                              disabled: true
+                        {{- end }}
+                        - match: { prefix: / }
+                          route: { cluster: app, timeout: {{ $e.routeTimeout }} }
+                http_filters:
+                  - name: envoy.filters.http.ext_authz
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+                      transport_api_version: V3
+                      grpc_service:
+                        envoy_grpc: { cluster_name: gybc_authz }
+                        timeout: {{ $e.authzTimeout }}
+                      # Fail closed, and answer 503 (not 403) when gybc-authz cannot answer.
+                      failure_mode_allow: false
+                      status_on_error: { code: ServiceUnavailable }
+                      # Only the headers gybc-authz reads.
+                      allowed_headers:
+                        patterns:
+                          - { exact: authorization, ignore_case: true }
+                          - { exact: x-api-key, ignore_case: true }
+                          - { exact: x-on-behalf-of, ignore_case: true }
+                          - { exact: origin, ignore_case: true }
+                          - { exact: x-request-id, ignore_case: true }
+                      validate_mutations: true
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+    - name: stats
+      address:
+        socket_address: { address: 0.0.0.0, port_value: {{ int $e.ports.stats }} }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: stats
+                codec_type: AUTO
+                route_config:
+                  name: stats
+                  virtual_hosts:
+                    - name: stats
+                      domains: ["*"]
+                      routes:
+                        - match: { path: /ready }
+                          route: { cluster: envoy_admin }
+                        - match: { path: /stats/prometheus }
+                          route: { cluster: envoy_admin }
+                        - match: { prefix: / }
+                          direct_response: { status: 404 }
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: gybc_authz
+      type: STATIC
+      connect_timeout: 0.25s
+      load_assignment:
+        cluster_name: gybc_authz
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: { address: 127.0.0.1, port_value: {{ int $v.gybcAuthz.ports.grpc }} }
+      # gRPC needs HTTP/2; without it every Check fails at run time.
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config:
+            http2_protocol_options: {}
+    - name: app
+      {{- if $v.app.enabled }}
+      type: STATIC
+      {{- else }}
+      # A DNS name (a Service): re-resolved as it changes.
+      type: STRICT_DNS
+      {{- end }}
+      connect_timeout: 1s
+      load_assignment:
+        cluster_name: app
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    {{- if $v.app.enabled }}
+                    socket_address: { address: 127.0.0.1, port_value: {{ int $v.app.port }} }
+                    {{- else }}
+                    socket_address: { address: {{ $e.upstream.address | quote }}, port_value: {{ int $e.upstream.port }} }
+                    {{- end }}
+    - name: envoy_admin
+      type: STATIC
+      connect_timeout: 0.25s
+      load_assignment:
+        cluster_name: envoy_admin
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: { address: 127.0.0.1, port_value: {{ int $e.ports.admin }} }
+{{- end }}

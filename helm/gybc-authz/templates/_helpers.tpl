@@ -1,0 +1,153 @@
+{{/*
+The chart name, truncated to 63 characters (a DNS label).
+*/}}
+{{- define "gybc-authz.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The full name: `<release>-<chart>`, or the release name alone when it already contains the
+chart name; truncated to 63 characters.
+*/}}
+{{- define "gybc-authz.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+`<chart>-<version>` for the helm.sh/chart label.
+*/}}
+{{- define "gybc-authz.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every resource.
+*/}}
+{{- define "gybc-authz.labels" -}}
+helm.sh/chart: {{ include "gybc-authz.chart" . }}
+{{ include "gybc-authz.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.gybcAuthz.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Selector labels: name and instance only, so they never change on upgrade.
+*/}}
+{{- define "gybc-authz.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gybc-authz.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+The ServiceAccount the pods run as.
+*/}}
+{{- define "gybc-authz.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "gybc-authz.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+A container's securityContext: the shared hardened defaults, with the container's own
+settings merged over them. Call with (list $ .Values.<container>.securityContext).
+*/}}
+{{- define "gybc-authz.containerSecurityContext" -}}
+{{- $root := index . 0 }}
+{{- $own := index . 1 | default dict }}
+{{- toYaml (mergeOverwrite (deepCopy $root.Values.containerSecurityContext) (deepCopy $own)) }}
+{{- end }}
+
+{{/*
+The identity header names the daemon sets, from gybcAuthz.config.headers over the defaults.
+Returns YAML (a list); use with fromYamlArray.
+*/}}
+{{- define "gybc-authz.identityHeaders" -}}
+{{- $defaults := dict "tenant_id" "x-tenant-id" "user_id" "x-user-id" "auth_method" "x-auth-method" "api_key_id" "x-api-key-id" "scopes" "x-scopes" "impersonated_by" "x-impersonated-by" }}
+{{- $h := merge (deepCopy (.Values.gybcAuthz.config.headers | default dict)) $defaults }}
+{{- toYaml (list $h.tenant_id $h.user_id $h.auth_method $h.api_key_id $h.scopes $h.impersonated_by) }}
+{{- end }}
+
+{{/*
+Whether Redis is in use by the daemon's config ("true" or "").
+*/}}
+{{- define "gybc-authz.usesRedis" -}}
+{{- $c := .Values.gybcAuthz.config }}
+{{- $ks := $c.key_store | default dict }}
+{{- $rl := $c.rate_limit | default dict }}
+{{- if or (eq (toString $ks.type) "redis") (eq (toString $rl.backend) "redis") }}true{{ end }}
+{{- end }}
+
+{{/*
+Stops the render on contradictory values, with a message that says what to change. Included
+by every template that depends on these values, so `helm template` fails as `helm install` does.
+*/}}
+{{- define "gybc-authz.validate" -}}
+{{- $v := .Values }}
+{{- $a := $v.gybcAuthz }}
+{{- if and $a.keyFile.existingSecret $a.keyFile.existingConfigMap }}
+{{- fail "gybcAuthz.keyFile: set existingSecret or existingConfigMap, not both" }}
+{{- end }}
+{{- $ks := $a.config.key_store | default dict }}
+{{- if and (or $a.keyFile.existingSecret $a.keyFile.existingConfigMap) (hasKey $a.config "key_store") }}
+{{- fail "gybcAuthz.config.key_store is set by the chart when gybcAuthz.keyFile names a Secret or ConfigMap: remove it from config" }}
+{{- end }}
+{{- if eq (toString $ks.type) "file" }}
+{{- fail "gybcAuthz.config.key_store.type is file: name the key file's source in gybcAuthz.keyFile.existingSecret or existingConfigMap instead (the chart mounts it and sets key_store)" }}
+{{- end }}
+{{- $redisCfg := $a.config.redis | default dict }}
+{{- if and $a.redis.urls (hasKey $redisCfg "urls") }}
+{{- fail "Redis URLs are set twice: use gybcAuthz.redis.urls, not gybcAuthz.config.redis.urls" }}
+{{- end }}
+{{- if and $a.redis.existingSecret $a.redis.passwordKey (or (hasKey $redisCfg "password_env") (hasKey $redisCfg "password_file")) }}
+{{- fail "The Redis password is set twice: gybcAuthz.redis.existingSecret/passwordKey, and gybcAuthz.config.redis.password_env or password_file. Keep one" }}
+{{- end }}
+{{- if and (include "gybc-authz.usesRedis" .) (not (or $a.redis.urls $redisCfg.urls (and $a.redis.existingSecret $a.redis.urlKey))) }}
+{{- fail "gybcAuthz.config uses Redis (key_store.type or rate_limit.backend is redis) but no Redis is named: set gybcAuthz.redis.urls" }}
+{{- end }}
+{{- if and $a.redis.urlKey (not $a.redis.existingSecret) }}
+{{- fail "gybcAuthz.redis.urlKey names an item of gybcAuthz.redis.existingSecret, which is empty" }}
+{{- end }}
+{{- if and $v.app.enabled $v.envoy.upstream.address }}
+{{- fail "app.enabled runs the upstream in the pod, so envoy.upstream.address must be empty (set envoy.upstream.address=\"\")" }}
+{{- end }}
+{{- if and (not $v.app.enabled) (not $v.envoy.upstream.address) }}
+{{- fail "Envoy has no upstream: set app.enabled=true (and app.image.repository), or envoy.upstream.address" }}
+{{- end }}
+{{- if and $v.app.enabled (not $v.app.image.repository) }}
+{{- fail "app.enabled needs app.image.repository" }}
+{{- end }}
+{{- $ports := list (int $a.ports.grpc) (int $a.ports.http) (int $v.envoy.ports.http) (int $v.envoy.ports.stats) (int $v.envoy.ports.admin) }}
+{{- if $v.app.enabled }}{{ $ports = append $ports (int $v.app.port) }}{{ end }}
+{{- if ne (len $ports) (len (uniq $ports)) }}
+{{- fail (printf "Two containers of the pod would listen on one port (gybcAuthz.ports, envoy.ports, app.port): %v" $ports) }}
+{{- end }}
+{{- if and $v.podDisruptionBudget.enabled (not (kindIs "invalid" $v.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable)) }}
+{{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both (set the other to null)" }}
+{{- end }}
+{{- if and $v.podDisruptionBudget.enabled (kindIs "invalid" $v.podDisruptionBudget.minAvailable) (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable) }}
+{{- fail "podDisruptionBudget.enabled needs minAvailable or maxUnavailable" }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling.minReplicas is greater than autoscaling.maxReplicas" }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (not $v.autoscaling.targetCPUUtilizationPercentage) (not $v.autoscaling.targetMemoryUtilizationPercentage) }}
+{{- fail "autoscaling.enabled needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" }}
+{{- end }}
+{{- if lt (int $a.preStopSleepSeconds) (int $v.envoy.preStopSleepSeconds) }}
+{{- fail "gybcAuthz.preStopSleepSeconds must be at least envoy.preStopSleepSeconds: otherwise the daemon stops while Envoy still sends it checks, and clients get 503" }}
+{{- end }}
+{{- if le (int $v.terminationGracePeriodSeconds) (add (int $a.preStopSleepSeconds) (int $a.shutdownGraceSeconds)) }}
+{{- fail "terminationGracePeriodSeconds must exceed gybcAuthz.preStopSleepSeconds + gybcAuthz.shutdownGraceSeconds, or in-flight checks are killed" }}
+{{- end }}
+{{- end }}
