@@ -1,6 +1,6 @@
-//! The decision, top to bottom: read credentials → authenticate (401) → authorize (403) →
-//! rate-limit (429). The only module that awaits lookups; every rule it applies is a pure function
-//! from `credentials` or `policy`.
+//! The decision, top to bottom: route settings → read credentials → authenticate (401) →
+//! authorize (403) → rate-limit (429). The only module that awaits lookups; every rule it applies
+//! is a pure function from `credentials`, `route` or `policy`.
 
 use std::sync::Arc;
 
@@ -34,14 +34,24 @@ impl Authorizer {
     }
 
     async fn decide_inner(&self, req: &RequestContext) -> Result<Grant, Denial> {
+        if let Some(e) = &req.route_error {
+            self.observer.route_config_error(e);
+            return Err(Denial::because(Reason::RouteMisconfigured, e.why));
+        }
         match credentials::extract(req)? {
+            // A public route reached without credentials: no identity goes upstream, and every
+            // client copy of an identity header is stripped.
+            Credentials::None if req.route.public => Ok(Grant {
+                identity: None,
+                rate: None,
+            }),
             Credentials::None => Err(Denial::new(Reason::MissingCredentials)),
             Credentials::Bearer {
                 token,
                 on_behalf_of,
             } => self.bearer(req, token, on_behalf_of).await,
             Credentials::SecretKey { key, on_behalf_of } => {
-                self.secret_key(key, on_behalf_of).await
+                self.secret_key(req, key, on_behalf_of).await
             }
             Credentials::PublishableKey {
                 key,
@@ -71,22 +81,27 @@ impl Authorizer {
             .await
             .map_err(|d| d.by(jwt, None, None))?;
         let refused = |d: Denial| d.by(jwt, verified.tenant.as_deref(), None);
+        route_allows(req, jwt, &[]).map_err(refused)?;
         impersonation::authorize(jwt, &[], on_behalf_of).map_err(refused)?;
-        let tenant = tenant::for_jwt(
-            verified.tenant.as_deref(),
-            &req.path,
-            &self.tenantless_paths,
-        )
-        .map_err(refused)?;
+        let tenant = if req.route.tenantless && verified.tenant.is_none() {
+            None
+        } else {
+            tenant::for_jwt(
+                verified.tenant.as_deref(),
+                &req.path,
+                &self.tenantless_paths,
+            )
+            .map_err(refused)?
+        };
         Ok(Grant {
-            identity: Identity {
+            identity: Some(Identity {
                 method: jwt,
                 tenant,
                 user: Some(verified.sub.clone()),
                 key_id: None,
                 scopes: Vec::new(),
                 impersonated_by: None,
-            },
+            }),
             rate: None,
         })
     }
@@ -94,6 +109,7 @@ impl Authorizer {
     /// A customer backend's secret key, possibly acting for one of its users.
     async fn secret_key(
         &self,
+        req: &RequestContext,
         key: ApiKey<'_>,
         on_behalf_of: Option<&str>,
     ) -> Result<Grant, Denial> {
@@ -102,8 +118,10 @@ impl Authorizer {
             .key_record(&key)
             .await
             .map_err(|d| d.by(method, None, None))?;
-        let user = impersonation::authorize(method, &record.scopes, on_behalf_of)
-            .map_err(|d| refused_key(d, method, &record))?;
+        let refused = |d: Denial| refused_key(d, method, &record);
+        route_allows(req, method, &record.scopes).map_err(refused)?;
+        let user =
+            impersonation::authorize(method, &record.scopes, on_behalf_of).map_err(refused)?;
         let identity = Identity {
             method,
             tenant: Some(record.tenant.clone()),
@@ -144,6 +162,7 @@ impl Authorizer {
                 .ok_or_else(|| refused(Denial::because(Reason::InvalidToken, "no_provider")))?,
         };
         let verified = self.verify(provider, token).await.map_err(refused)?;
+        route_allows(req, method, &record.scopes).map_err(refused)?;
         if !origin::allowed(&record.allowed_origins, req.origin.as_deref()) {
             return Err(refused(Denial::new(Reason::OriginNotAllowed)));
         }
@@ -199,7 +218,7 @@ impl Authorizer {
         let limit = record.rate_limit.unwrap_or(self.default_rate_limit);
         match self.limiter.check(&record.id, limit).await {
             Ok(status) if status.allowed => Ok(Grant {
-                identity,
+                identity: Some(identity),
                 rate: Some(status),
             }),
             Ok(status) => Err(Denial {
@@ -214,6 +233,17 @@ impl Authorizer {
             )),
         }
     }
+}
+
+/// The route's own rules, once the caller's method (and a key's scopes) are known.
+fn route_allows(req: &RequestContext, method: AuthMethod, scopes: &[String]) -> Result<(), Denial> {
+    if !req.route.allows_method(method) {
+        return Err(Denial::new(Reason::MethodNotAllowed));
+    }
+    if method != AuthMethod::Jwt && req.route.missing_scope(scopes).is_some() {
+        return Err(Denial::new(Reason::InsufficientScope));
+    }
+    Ok(())
 }
 
 /// A denial of a caller whose key is known.

@@ -35,7 +35,8 @@ pub struct Identity {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
-    pub identity: Identity,
+    /// `None` on a public route reached without credentials: no identity goes upstream.
+    pub identity: Option<Identity>,
     /// Set for key-authenticated requests.
     pub rate: Option<RateStatus>,
 }
@@ -56,6 +57,9 @@ pub enum Reason {
     InvalidApiKey,
     RateLimited,
     Unavailable,
+    InsufficientScope,
+    MethodNotAllowed,
+    RouteMisconfigured,
 }
 
 /// Connect-style error codes of the body's `code`.
@@ -92,7 +96,7 @@ impl Code {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 16] = [
         Reason::MissingCredentials,
         Reason::InvalidToken,
         Reason::TenantRequired,
@@ -106,6 +110,9 @@ impl Reason {
         Reason::InvalidApiKey,
         Reason::RateLimited,
         Reason::Unavailable,
+        Reason::InsufficientScope,
+        Reason::MethodNotAllowed,
+        Reason::RouteMisconfigured,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -123,6 +130,9 @@ impl Reason {
             Reason::InvalidApiKey => "invalid_api_key",
             Reason::RateLimited => "rate_limited",
             Reason::Unavailable => "unavailable",
+            Reason::InsufficientScope => "insufficient_scope",
+            Reason::MethodNotAllowed => "method_not_allowed",
+            Reason::RouteMisconfigured => "route_misconfigured",
         }
     }
 
@@ -135,7 +145,10 @@ impl Reason {
             Reason::TenantRequired
             | Reason::ImpersonationNotAllowed
             | Reason::TenantMismatch
-            | Reason::OriginNotAllowed => 403,
+            | Reason::OriginNotAllowed
+            | Reason::InsufficientScope
+            | Reason::MethodNotAllowed
+            | Reason::RouteMisconfigured => 403,
             Reason::InvalidOnBehalfOf
             | Reason::AmbiguousCredentials
             | Reason::MalformedCredentials => 400,
@@ -184,6 +197,11 @@ impl Reason {
                 "Rate limit exceeded; retry after the time given in Retry-After."
             }
             Reason::Unavailable => "Authorization is temporarily unavailable; retry shortly.",
+            Reason::InsufficientScope => "The API key lacks a scope this endpoint requires.",
+            Reason::MethodNotAllowed => "This endpoint does not accept this kind of credential.",
+            Reason::RouteMisconfigured => {
+                "This endpoint's authorization settings are invalid; the operator has been told."
+            }
         }
     }
 

@@ -10,6 +10,7 @@
 // The request path, in order.
 pub mod grpc;
 pub mod request;
+pub mod route;
 pub mod credentials;
 pub mod authorize;
 pub mod apikey;

@@ -33,6 +33,7 @@ pub struct Metrics {
     jwks_keys: IntGaugeVec,
     pub redis_connected: IntGauge,
     unknown_kid_fetches: IntCounterVec,
+    route_config_errors: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -80,6 +81,11 @@ impl Metrics {
             "jwks_unknown_kid_fetches_total",
             "Key fetches started because a token named an unknown kid, by provider.",
             &["provider"],
+        );
+        let route_config_errors = counter(
+            "route_config_errors_total",
+            "Checks refused because a route's gybc.* context_extensions are invalid, by setting key (from the Envoy config, at most 64 characters).",
+            &["key"],
         );
         let jwks_keys = IntGaugeVec::new(
             Opts::new("jwks_keys", "Signing keys held, by provider."),
@@ -147,6 +153,7 @@ impl Metrics {
             jwks_keys,
             redis_connected,
             unknown_kid_fetches,
+            route_config_errors,
         };
         // Every decision series exists from the start (above), so rates and ratios work at once.
         for (cache, result) in [
@@ -229,6 +236,10 @@ impl Metrics {
         self.unknown_kid_fetches
             .with_label_values(&[provider])
             .inc();
+    }
+
+    pub fn route_config_error(&self, key: &str) {
+        self.route_config_errors.with_label_values(&[key]).inc();
     }
 
     /// The registry in Prometheus text format.

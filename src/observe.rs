@@ -60,11 +60,9 @@ impl Observer {
                 self.allow_level,
                 None,
                 None,
-                (
-                    Some(g.identity.method),
-                    g.identity.tenant.as_deref(),
-                    g.identity.key_id.as_deref(),
-                ),
+                g.identity.as_ref().map_or((None, None, None), |i| {
+                    (Some(i.method), i.tenant.as_deref(), i.key_id.as_deref())
+                }),
             ),
             Decision::Deny(d) => (
                 self.deny_level,
@@ -169,6 +167,13 @@ impl Observer {
     /// A token named an unknown kid and a fetch was started for it.
     pub fn unknown_kid_fetch(&self, provider: &str) {
         self.metrics.unknown_kid_fetch(provider);
+    }
+
+    /// A route's `context_extensions` are wrong: the request is refused until the operator fixes
+    /// the Envoy route.
+    pub fn route_config_error(&self, e: &crate::route::RouteError) {
+        self.metrics.route_config_error(&e.key);
+        tracing::error!(key = %e.key, why = e.why, "Invalid per-route setting in Envoy's context_extensions; requests on this route are refused.");
     }
 
     /// Result of a Redis health check; logs only changes.

@@ -5,6 +5,7 @@
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 
 use crate::config::LimitsConfig;
+use crate::route::{RouteError, RouteSettings};
 
 pub const AUTHORIZATION: &str = "authorization";
 pub const X_API_KEY: &str = "x-api-key";
@@ -56,6 +57,10 @@ pub struct RequestContext {
     pub api_key: HeaderField,
     pub on_behalf_of: HeaderField,
     pub origin: Option<String>,
+    /// This route's settings from Envoy's `context_extensions`.
+    pub route: RouteSettings,
+    /// Set when those settings are wrong: the request is refused, never judged by defaults.
+    pub route_error: Option<RouteError>,
 }
 
 /// A CheckRequest without HTTP attributes: Envoy misconfigured, not a client's doing.
@@ -78,6 +83,12 @@ impl RequestContext {
             host: http.host.clone(),
             ..Default::default()
         };
+        if let Some(attrs) = &req.attributes {
+            match RouteSettings::parse(&attrs.context_extensions) {
+                Ok(route) => ctx.route = route,
+                Err(e) => ctx.route_error = Some(e),
+            }
+        }
         let mut reader = Reader {
             ctx: &mut ctx,
             limits,

@@ -45,15 +45,20 @@ impl Responder {
     }
 
     fn allow(&self, grant: &Grant) -> CheckResponse {
-        let id = &grant.identity;
-        let scopes = (!id.scopes.is_empty()).then(|| id.scopes.join(" "));
+        let id = grant.identity.as_ref();
+        let scopes = id
+            .filter(|i| !i.scopes.is_empty())
+            .map(|i| i.scopes.join(" "));
         let values: [(&str, Option<&str>); 6] = [
-            (&self.names.tenant_id, id.tenant.as_deref()),
-            (&self.names.user_id, id.user.as_deref()),
-            (&self.names.auth_method, Some(id.method.as_str())),
-            (&self.names.api_key_id, id.key_id.as_deref()),
+            (&self.names.tenant_id, id.and_then(|i| i.tenant.as_deref())),
+            (&self.names.user_id, id.and_then(|i| i.user.as_deref())),
+            (&self.names.auth_method, id.map(|i| i.method.as_str())),
+            (&self.names.api_key_id, id.and_then(|i| i.key_id.as_deref())),
             (&self.names.scopes, scopes.as_deref()),
-            (&self.names.impersonated_by, id.impersonated_by.as_deref()),
+            (
+                &self.names.impersonated_by,
+                id.and_then(|i| i.impersonated_by.as_deref()),
+            ),
         ];
         let mut headers = Vec::with_capacity(6);
         // Only headers the daemon does not set are listed for removal: a set header already

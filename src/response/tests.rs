@@ -36,14 +36,14 @@ fn rate() -> RateStatus {
 #[test]
 fn allow_sets_identity_and_removes_what_it_does_not_set() {
     let grant = Grant {
-        identity: Identity {
+        identity: Some(Identity {
             method: AuthMethod::Jwt,
             tenant: None,
             user: Some("u1".into()),
             key_id: None,
             scopes: vec![],
             impersonated_by: None,
-        },
+        }),
         rate: None,
     };
     let resp = responder("").build(&Decision::Allow(grant));
@@ -75,14 +75,14 @@ fn allow_sets_identity_and_removes_what_it_does_not_set() {
 #[test]
 fn allow_with_key_carries_rate_headers_to_the_client_only() {
     let grant = Grant {
-        identity: Identity {
+        identity: Some(Identity {
             method: AuthMethod::ApiKey,
             tenant: Some("t1".into()),
             user: Some("u9".into()),
             key_id: Some("key_1".into()),
             scopes: vec!["a".into(), "users:impersonate".into()],
             impersonated_by: Some("key_1".into()),
-        },
+        }),
         rate: Some(rate()),
     };
     let resp = responder("policy: { forward_api_key: true }\nrate_limit: { ietf_headers: true }\n")
