@@ -19,6 +19,7 @@ use crate::authorize::Authorizer;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, KeyStoreConfig, RateLimitBackend};
 use crate::grpc::AuthzService;
+use crate::http_authz::{self, HttpAuthz};
 use crate::jwks::{self, Jwks, JwksTiming};
 use crate::metrics::Metrics;
 use crate::observe::Observer;
@@ -69,6 +70,8 @@ pub enum StartError {
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// The HTTP authorization mode's address, when enabled.
+    pub http_authz_addr: Option<SocketAddr>,
     pub ready: Arc<Readiness>,
     pub keys: Arc<CachedStore>,
     pub jwt: Arc<JwtVerifier>,
@@ -214,9 +217,19 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
         tenantless_paths: cfg.policy.tenantless_paths.clone(),
         observer: observer.clone(),
     });
+    let responder = Arc::new(Responder::new(&cfg));
+    let http_authz = cfg.server.http_authz.clone().map(|config| {
+        Arc::new(HttpAuthz {
+            authorizer: authorizer.clone(),
+            responder: responder.clone(),
+            limits: cfg.limits.clone(),
+            observer: observer.clone(),
+            config,
+        })
+    });
     let service = AuthzService {
         authorizer,
-        responder: Arc::new(Responder::new(&cfg)),
+        responder,
         limits: cfg.limits.clone(),
         observer,
     };
@@ -252,6 +265,21 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
         source,
     })?;
 
+    let http_authz = match http_authz {
+        Some(svc) => {
+            let addr = svc.config.addr;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?;
+            Some((listener, bound, svc))
+        }
+        None => None,
+    };
+    let http_authz_addr = http_authz.as_ref().map(|(_, a, _)| *a);
+
     // Readiness: every provider's keys loaded (the file store loaded before we got here).
     {
         let (ready, health) = (ready.clone(), health.clone());
@@ -281,6 +309,19 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
                 .await;
             if let Err(e) = result {
                 tracing::error!(error = %e, "gRPC server failed.");
+            }
+        }));
+    }
+    if let Some((listener, _, svc)) = http_authz {
+        let mut stop = shutdown.subscribe();
+        servers.push(tokio::spawn(async move {
+            let result = axum::serve(listener, http_authz::router(svc))
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "HTTP authorization server failed.");
             }
         }));
     }
@@ -319,6 +360,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     Ok(Running {
         grpc_addr,
         http_addr,
+        http_authz_addr,
         ready,
         keys,
         jwt,

@@ -96,6 +96,34 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     /// Seconds in-flight checks get to finish after SIGTERM. Default 10.
     pub shutdown_grace_secs: u64,
+    /// The HTTP authorization mode (nginx `auth_request`, Traefik `ForwardAuth`, Caddy
+    /// `forward_auth`, Envoy's `http_service`); off unless set.
+    pub http_authz: Option<HttpAuthzConfig>,
+}
+
+/// The same decisions over plain HTTP: 2xx with the identity headers means allow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAuthzConfig {
+    /// Listen address. Only the proxy may reach it: it trusts the proxy's forwarded headers.
+    pub addr: SocketAddr,
+    /// Where the original method and path come from. `forwarded` (default): the proxy's
+    /// `X-Forwarded-Method`/`X-Forwarded-Uri` (Traefik, Caddy) or `X-Original-Method`/
+    /// `X-Original-URI` (nginx), which the proxy must set itself. `direct`: the request line
+    /// itself (Envoy's `http_service`), after `path_prefix`.
+    #[serde(default)]
+    pub source: HttpAuthzSource,
+    /// With `source: direct`, the prefix the proxy puts before the original path. Default none.
+    #[serde(default)]
+    pub path_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpAuthzSource {
+    #[default]
+    Forwarded,
+    Direct,
 }
 
 impl Default for ServerConfig {
@@ -104,6 +132,7 @@ impl Default for ServerConfig {
             grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("valid default"),
             http_addr: DEFAULT_HTTP_ADDR.parse().expect("valid default"),
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            http_authz: None,
         }
     }
 }
@@ -633,6 +662,26 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errs = Vec::new();
         let mut err = |path: String, msg: String| errs.push(FieldError { path, message: msg });
+
+        if let Some(h) = &self.server.http_authz {
+            if !h.path_prefix.is_empty()
+                && (!h.path_prefix.starts_with('/') || h.path_prefix.ends_with('/'))
+            {
+                err(
+                    "server.http_authz.path_prefix".into(),
+                    "must start with `/` and not end with one".into(),
+                );
+            }
+            // Port 0 (any free port) is the one address that may repeat.
+            if h.addr.port() != 0
+                && (h.addr == self.server.grpc_addr || h.addr == self.server.http_addr)
+            {
+                err(
+                    "server.http_authz.addr".into(),
+                    "must differ from the other listen addresses".into(),
+                );
+            }
+        }
 
         let mut names = HashSet::new();
         for (i, p) in self.jwt.providers.iter().enumerate() {

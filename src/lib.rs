@@ -9,6 +9,7 @@
 
 // The request path, in order.
 pub mod grpc;
+pub mod http_authz;
 pub mod request;
 pub mod route;
 pub mod credentials;

@@ -115,6 +115,33 @@ impl RequestContext {
     }
 }
 
+impl RequestContext {
+    /// The same reading for a request that arrives as plain HTTP (the HTTP authorization mode):
+    /// `headers` in arrival order, repeated names as separate entries.
+    pub fn from_http<'h>(
+        method: &str,
+        path: &str,
+        host: &str,
+        headers: impl IntoIterator<Item = (&'h str, std::borrow::Cow<'h, str>)>,
+        limits: &LimitsConfig,
+    ) -> Self {
+        let mut ctx = RequestContext {
+            method: method.to_owned(),
+            path: strip_query(path).to_owned(),
+            host: host.to_owned(),
+            ..Default::default()
+        };
+        let mut reader = Reader {
+            ctx: &mut ctx,
+            limits,
+        };
+        for (name, value) in headers {
+            reader.header(name, &value);
+        }
+        ctx
+    }
+}
+
 struct Reader<'a> {
     ctx: &'a mut RequestContext,
     limits: &'a LimitsConfig,

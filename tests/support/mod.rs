@@ -244,6 +244,8 @@ pub struct EnvOptions {
     pub keys: Option<TestKeys>,
     /// Replaces the default `log:` line (allows logged at info).
     pub log_yaml: Option<String>,
+    /// `server.http_authz` (the HTTP authorization mode), as a YAML flow mapping.
+    pub http_authz_yaml: Option<String>,
     pub store: Option<Arc<dyn KeyStore>>,
 }
 
@@ -262,7 +264,7 @@ impl TestEnv {
         let key_file = dir.path().join("keys.yaml");
         std::fs::write(&key_file, keys.file()).unwrap();
         let yaml = format!(
-            r#"server: {{ grpc_addr: "127.0.0.1:0", http_addr: "127.0.0.1:0", shutdown_grace_secs: 2 }}
+            r#"server: {{ grpc_addr: "127.0.0.1:0", http_addr: "127.0.0.1:0", shutdown_grace_secs: 2{} }}
 jwt:
   unknown_kid_refetch_interval_ms: 300
   providers:
@@ -271,6 +273,10 @@ jwt:
 {}
 {}
 {}"#,
+            opts.http_authz_yaml
+                .as_ref()
+                .map(|h| format!(", http_authz: {h}"))
+                .unwrap_or_default(),
             dashboard_keys.url(),
             app_keys.url(),
             opts.key_store_yaml.clone().unwrap_or_else(|| format!(
