@@ -266,6 +266,10 @@ pub struct RedisConfig {
     /// Name of an environment variable holding the password.
     #[serde(default)]
     pub password_env: Option<String>,
+    /// PEM file of the CA that signs the servers' certificates (`rediss://` with a private CA).
+    /// Default: the public web roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
     /// Prefix of every key and channel name. Default `gybc`.
     #[serde(default = "default_redis_prefix")]
     pub key_prefix: String,
@@ -807,6 +811,12 @@ impl Config {
                             }
                         }
                     }
+                }
+                if r.tls_ca_file.is_some() && !r.urls.iter().all(|u| u.starts_with("rediss://")) {
+                    err(
+                        "redis.tls_ca_file".into(),
+                        "is for rediss:// URLs only".into(),
+                    );
                 }
                 if r.password_file.is_some() && r.password_env.is_some() {
                     err(

@@ -129,8 +129,20 @@ impl Redis {
         let timeout = Duration::from_millis(cfg.timeout_ms);
         let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
         let first = connection_info(&cfg.urls[0], cfg)?;
-        let pubsub_client =
-            redis::Client::open(first.clone()).map_err(|e| RedisSetupError(e.to_string()))?;
+        let certs = match &cfg.tls_ca_file {
+            Some(path) => Some(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(path).map_err(|e| {
+                    RedisSetupError(format!("tls_ca_file {}: {e}", path.display()))
+                })?),
+            }),
+            None => None,
+        };
+        let client = |info: redis::ConnectionInfo| match &certs {
+            Some(c) => redis::Client::build_with_tls(info, c.clone()),
+            None => redis::Client::open(info),
+        };
+        let pubsub_client = client(first.clone()).map_err(|e| RedisSetupError(e.to_string()))?;
         let conn = if cfg.cluster {
             let infos = cfg
                 .urls
@@ -146,6 +158,9 @@ impl Redis {
             if let Some(pw) = &cfg.password {
                 builder = builder.password(pw.expose());
             }
+            if let Some(c) = &certs {
+                builder = builder.certs(c.clone());
+            }
             let client = builder
                 .build()
                 .map_err(|e| RedisSetupError(e.to_string()))?;
@@ -158,7 +173,7 @@ impl Redis {
             });
             RedisConn::Cluster(cell)
         } else {
-            let client = redis::Client::open(first).map_err(|e| RedisSetupError(e.to_string()))?;
+            let client = client(first).map_err(|e| RedisSetupError(e.to_string()))?;
             let config = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(timeout))
                 .set_connection_timeout(Some(connect_timeout))

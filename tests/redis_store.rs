@@ -518,3 +518,50 @@ async fn the_documented_redis_cli_commands_work() {
     );
     env.stop().await;
 }
+
+#[tokio::test]
+async fn tls_with_a_private_ca_and_a_password_from_a_file() {
+    let redis = RedisServer::start_tls();
+    let keys = TestKeys::generate();
+    // Seed over TLS with the crate's own client, trusting the test CA.
+    let certs = ::redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(std::fs::read(support::redis::tls_fixture("ca.crt")).unwrap()),
+    };
+    let client = ::redis::Client::build_with_tls(redis.tls_url().as_str(), certs).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let names = Names::new("gybc");
+    for r in keys.records() {
+        let _: () = c.set(names.key(&r.hash), encode_record(&r)).await.unwrap();
+    }
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret-pw")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("password");
+    std::fs::write(&pw, "s3cret-pw\n").unwrap();
+
+    let env = TestEnv::start_with(EnvOptions {
+        keys: Some(keys.clone()),
+        key_store_yaml: Some("key_store: { type: redis }".into()),
+        extra_yaml: format!(
+            "redis: {{ urls: [\"{}\"], tls_ca_file: \"{}\", password_file: \"{}\" }}\nrate_limit: {{ backend: redis, failure_mode: fail_closed }}\n",
+            redis.tls_url(),
+            support::redis::tls_fixture("ca.crt"),
+            pw.display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let a = allowed(&env.check(API_PATH, &[("x-api-key", &keys.secret)]).await);
+    assert_eq!(a.upstream["x-api-key-id"], "key_secret");
+    assert_eq!(
+        a.to_client["x-ratelimit-remaining"], "4",
+        "counted in Redis over TLS (fail_closed: no local fallback)"
+    );
+    env.stop().await;
+}

@@ -45,6 +45,16 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     extra: Vec<String>,
     child: Option<Child>,
+    /// TLS only (`--port 0 --tls-port <port>`), with the certificates of tests/fixtures/redis-tls.
+    tls: bool,
+}
+
+/// tests/fixtures/redis-tls: a test CA and a server certificate for 127.0.0.1.
+pub fn tls_fixture(file: &str) -> String {
+    format!(
+        "{}/tests/fixtures/redis-tls/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 impl RedisServer {
@@ -58,12 +68,90 @@ impl RedisServer {
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
+            tls: false,
         };
         s.spawn();
         s
     }
 
+    /// A TLS-only server: clients must use `rediss://` and trust the fixture CA.
+    pub fn start_tls() -> Self {
+        let mut s = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            extra: Vec::new(),
+            child: None,
+            tls: true,
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+
     fn spawn(&mut self) {
+        if self.tls {
+            let port = self.port.to_string();
+            let (cert, key, ca) = (
+                tls_fixture("server.crt"),
+                tls_fixture("server.key"),
+                tls_fixture("ca.crt"),
+            );
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .args([
+                    "--tls-cert-file",
+                    &cert,
+                    "--tls-key-file",
+                    &key,
+                    "--tls-ca-cert-file",
+                    &ca,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .args(["--dir", self.dir.path().to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{INSTALL_HINT} ({e})"));
+            self.child = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let out = Command::new("redis-cli")
+                    .args([
+                        "--tls",
+                        "--cacert",
+                        &ca,
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &port,
+                        "PING",
+                    ])
+                    .output();
+                if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG")) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "TLS redis-server did not answer PING"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let child = Command::new("redis-server")
             .args([
                 "--port",
