@@ -6,10 +6,7 @@ mod support;
 
 use std::sync::Arc;
 
-use futures_util::future::BoxFuture;
-use gybc_authz::apikey::KeyHash;
 use gybc_authz::clock::Clock;
-use gybc_authz::store::{KeyRecord, KeyStore, StoreError};
 use support::*;
 
 /// `X-RateLimit-Reset` after the first request of a fresh key: one interval (window / limit) ahead.
@@ -584,22 +581,10 @@ async fn row_20_over_the_keys_rate_limit_is_429_rate_limited() {
     env.stop().await;
 }
 
-/// A key store that cannot be reached.
-struct Unreachable;
-
-impl KeyStore for Unreachable {
-    fn lookup<'a>(
-        &'a self,
-        _: &'a KeyHash,
-    ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
-        Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
-    }
-}
-
 #[tokio::test]
 async fn row_21_key_store_unreachable_and_key_not_cached_is_503_unavailable() {
     let env = TestEnv::start_with(EnvOptions {
-        store: Some(Arc::new(Unreachable)),
+        store: Some(Arc::new(UnreachableStore)),
         ..Default::default()
     })
     .await;

@@ -6,7 +6,7 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::redis::RedisServer;
@@ -66,14 +66,6 @@ async fn daemon_over(key_store_yaml: String, extra_yaml: String) -> TestEnv {
         ..Default::default()
     })
     .await
-}
-
-async fn wait_until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f().await {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The command sequence every store must support.

@@ -5,9 +5,6 @@ mod support;
 
 use std::sync::Arc;
 
-use futures_util::future::BoxFuture;
-use gybc_authz::apikey::KeyHash;
-use gybc_authz::store::{KeyRecord, KeyStore, StoreError};
 use support::*;
 
 const DECISIONS: &str = "gybc_authz_decisions_total";
@@ -210,21 +207,10 @@ async fn key_fetch_failures_and_unknown_kid_fetches_are_counted() {
     env.stop().await;
 }
 
-struct Unreachable;
-
-impl KeyStore for Unreachable {
-    fn lookup<'a>(
-        &'a self,
-        _: &'a KeyHash,
-    ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
-        Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
-    }
-}
-
 #[tokio::test]
 async fn key_store_errors_are_counted() {
     let env = TestEnv::start_with(EnvOptions {
-        store: Some(Arc::new(Unreachable)),
+        store: Some(Arc::new(UnreachableStore)),
         ..Default::default()
     })
     .await;

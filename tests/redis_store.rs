@@ -179,14 +179,6 @@ async fn a_revoked_key_is_denied_by_every_replica_within_one_second() {
     b.stop().await;
 }
 
-async fn wait_until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f().await {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn redis_killed_mid_test_fail_open() {
     let mut redis = RedisServer::start();

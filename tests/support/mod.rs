@@ -551,3 +551,36 @@ impl Metrics {
             .collect()
     }
 }
+
+// === shared test doubles and waits ===
+
+/// A key store that cannot be reached (for the 503 `unavailable` paths).
+pub struct UnreachableStore;
+
+impl gybc_authz::store::KeyStore for UnreachableStore {
+    fn lookup<'a>(
+        &'a self,
+        _: &'a KeyHash,
+    ) -> futures_util::future::BoxFuture<
+        'a,
+        Result<Option<Arc<gybc_authz::store::KeyRecord>>, gybc_authz::store::StoreError>,
+    > {
+        Box::pin(async {
+            Err(gybc_authz::store::StoreError::Unavailable(
+                "connection refused".into(),
+            ))
+        })
+    }
+}
+
+/// Polls `f` until it holds, failing the test after `within`.
+pub async fn wait_until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !f().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
