@@ -52,6 +52,13 @@ pub const DEFAULT_RATE_LIMIT_MAX_KEYS: u64 = 100_000;
 /// Size caps on credential headers: a larger value is rejected without being parsed.
 pub const DEFAULT_MAX_AUTHORIZATION_BYTES: usize = 8_192;
 pub const DEFAULT_MAX_API_KEY_BYTES: usize = 256;
+/// Request headers read per check (pseudo-headers included). Envoy itself caps a request at 100
+/// headers by default, so only a misconfigured or bypassed proxy comes near this; above it the
+/// request is refused rather than half-read.
+pub const DEFAULT_MAX_HEADERS: usize = 256;
+/// The lowest `limits.max_headers` accepted: Envoy's pseudo-headers and its own `x-*` headers
+/// plus the credential headers must fit.
+pub const MIN_MAX_HEADERS: usize = 16;
 /// `Retry-After` on 503 `unavailable`.
 pub const DEFAULT_UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
 /// Realm in `WWW-Authenticate: Bearer realm="…"`.
@@ -107,15 +114,35 @@ pub struct ServerConfig {
 pub struct HttpAuthzConfig {
     /// Listen address. Only the proxy may reach it: it trusts the proxy's forwarded headers.
     pub addr: SocketAddr,
-    /// Where the original method and path come from. `forwarded` (default): the proxy's
-    /// `X-Forwarded-Method`/`X-Forwarded-Uri` (Traefik, Caddy) or `X-Original-Method`/
-    /// `X-Original-URI` (nginx), which the proxy must set itself. `direct`: the request line
-    /// itself (Envoy's `http_service`), after `path_prefix`.
+    /// Where the original method and path come from. `forwarded` (default): the headers named
+    /// by `method_header` and `uri_header`, which the proxy must set itself. `direct`: the
+    /// request line itself (Envoy's `http_service`), after `path_prefix`.
     #[serde(default)]
     pub source: HttpAuthzSource,
     /// With `source: direct`, the prefix the proxy puts before the original path. Default none.
     #[serde(default)]
     pub path_prefix: String,
+    /// With `source: forwarded`, the one header that carries the original method. Default
+    /// `x-forwarded-method` (Traefik, Caddy; the shipped nginx config sets it too). Only this
+    /// header is read: a proxy overwrites the header it sets, but passes a client's copy of any
+    /// other one on, so trying a second name would let the client choose.
+    #[serde(default = "default_method_header")]
+    pub method_header: String,
+    /// With `source: forwarded`, the one header that carries the original path and query.
+    /// Default `x-forwarded-uri`. The path decides tenantless routes, so the proxy must set it.
+    #[serde(default = "default_uri_header")]
+    pub uri_header: String,
+}
+
+pub const DEFAULT_HTTP_AUTHZ_METHOD_HEADER: &str = "x-forwarded-method";
+pub const DEFAULT_HTTP_AUTHZ_URI_HEADER: &str = "x-forwarded-uri";
+
+fn default_method_header() -> String {
+    DEFAULT_HTTP_AUTHZ_METHOD_HEADER.to_owned()
+}
+
+fn default_uri_header() -> String {
+    DEFAULT_HTTP_AUTHZ_URI_HEADER.to_owned()
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -468,6 +495,11 @@ pub struct LimitsConfig {
     pub max_authorization_bytes: usize,
     /// Largest `X-API-Key` value looked at, bytes. Default 256.
     pub max_api_key_bytes: usize,
+    /// Most request headers read for one check, pseudo-headers and repeated lines included.
+    /// Default 256, at least 16. A request with more is refused with 400 `malformed_credentials`
+    /// without reading the rest, so a header flood costs a bounded amount of work and a
+    /// credential can never hide past the cap.
+    pub max_headers: usize,
 }
 
 impl Default for LimitsConfig {
@@ -475,6 +507,7 @@ impl Default for LimitsConfig {
         Self {
             max_authorization_bytes: DEFAULT_MAX_AUTHORIZATION_BYTES,
             max_api_key_bytes: DEFAULT_MAX_API_KEY_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
         }
     }
 }
@@ -675,6 +708,17 @@ impl Config {
                     "server.http_authz.path_prefix".into(),
                     "must start with `/` and not end with one".into(),
                 );
+            }
+            for (field, name) in [
+                ("method_header", &h.method_header),
+                ("uri_header", &h.uri_header),
+            ] {
+                if !is_header_name(name) {
+                    err(
+                        format!("server.http_authz.{field}"),
+                        "must be a lower-case header name (a-z, 0-9, -, _)".into(),
+                    );
+                }
             }
             // Port 0 (any free port) is the one address that may repeat.
             if h.addr.port() != 0
@@ -888,11 +932,7 @@ impl Config {
             ("impersonated_by", &self.headers.impersonated_by),
         ] {
             let path = format!("headers.{field}");
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-            {
+            if !is_header_name(name) {
                 err(
                     path,
                     "must be a lower-case header name (a-z, 0-9, -, _)".into(),
@@ -925,6 +965,12 @@ impl Config {
                 "must be at least 16".into(),
             );
         }
+        if self.limits.max_headers < MIN_MAX_HEADERS {
+            err(
+                "limits.max_headers".into(),
+                format!("must be at least {MIN_MAX_HEADERS}"),
+            );
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             err(
                 "log.level".into(),
@@ -950,6 +996,14 @@ impl Config {
 
 /// A tenantless path must be in normal form; then an exact match also proves the request's path
 /// is normal (no dot segments, doubled or encoded slashes can sneak past the comparison).
+/// A lower-case HTTP header name, as both transports compare them.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
 fn check_normal_path(p: &str) -> Result<(), &'static str> {
     if !p.starts_with('/') {
         return Err("must start with `/`");

@@ -31,6 +31,14 @@ pub enum Credentials<'a> {
 
 /// Reads the credentials, applying every rule that needs no lookup.
 pub fn extract(req: &RequestContext) -> Result<Credentials<'_>, Denial> {
+    // Headers past `limits.max_headers` were never read: a credential among them would be judged
+    // on part of the request, so none is judged at all.
+    if req.too_many_headers {
+        return Err(Denial::because(
+            Reason::MalformedCredentials,
+            "too_many_headers",
+        ));
+    }
     if matches!(req.authorization, HeaderField::Duplicated)
         || matches!(req.api_key, HeaderField::Duplicated)
     {
@@ -238,5 +246,14 @@ mod tests {
         let mut r = req(None, None, None);
         r.api_key = HeaderField::TooLarge;
         assert_eq!(reason(extract(&r)), Reason::InvalidApiKey);
+        // Too many headers: refused whatever credential was read before the cap.
+        let sk = ApiKey::generate(KeyKind::Secret);
+        let mut r = req(None, Some(&sk), None);
+        r.too_many_headers = true;
+        let d = extract(&r).unwrap_err();
+        assert_eq!(
+            (d.reason, d.detail),
+            (Reason::MalformedCredentials, Some("too_many_headers"))
+        );
     }
 }

@@ -191,7 +191,9 @@ impl Reason {
             Reason::AmbiguousCredentials => {
                 "Send either a secret API key or a bearer token, not both."
             }
-            Reason::MalformedCredentials => "A credential header was sent more than once.",
+            Reason::MalformedCredentials => {
+                "A credential header was sent more than once, or the request has too many headers."
+            }
             Reason::InvalidApiKey => "The API key is invalid, revoked or expired.",
             Reason::RateLimited => {
                 "Rate limit exceeded; retry after the time given in Retry-After."

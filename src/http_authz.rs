@@ -55,19 +55,13 @@ async fn handle(State(s): State<Arc<HttpAuthz>>, req: Request) -> Response {
 impl HttpAuthz {
     fn read(&self, req: &Request) -> RequestContext {
         let h = req.headers();
-        let header = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| h.get(*n))
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let (method, path) = match self.config.source {
+            // One configured header each, never a fallback list: the proxy overwrites the one it
+            // sets and passes a client's copy of any other on.
             HttpAuthzSource::Forwarded => (
-                header(&["x-forwarded-method", "x-original-method"])
-                    .unwrap_or_else(|| req.method().to_string()),
-                header(&["x-forwarded-uri", "x-original-uri"])
-                    .unwrap_or_else(|| req.uri().path().to_owned()),
+                header(&self.config.method_header).unwrap_or_else(|| req.method().to_string()),
+                header(&self.config.uri_header).unwrap_or_else(|| req.uri().path().to_owned()),
             ),
             HttpAuthzSource::Direct => {
                 let p = req.uri().path();
@@ -84,7 +78,10 @@ impl HttpAuthz {
                 )
             }
         };
-        let host = header(&["x-forwarded-host", "host"]).unwrap_or_default();
+        // The host is only logged, never decided on.
+        let host = header("x-forwarded-host")
+            .or_else(|| header("host"))
+            .unwrap_or_default();
         let headers = h
             .iter()
             .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes())))

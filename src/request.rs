@@ -61,6 +61,8 @@ pub struct RequestContext {
     pub route: RouteSettings,
     /// Set when those settings are wrong: the request is refused, never judged by defaults.
     pub route_error: Option<RouteError>,
+    /// More headers than `limits.max_headers`: reading stopped there and the request is refused.
+    pub too_many_headers: bool,
 }
 
 /// A CheckRequest without HTTP attributes: Envoy misconfigured, not a client's doing.
@@ -89,14 +91,14 @@ impl RequestContext {
                 Err(e) => ctx.route_error = Some(e),
             }
         }
-        let mut reader = Reader {
-            ctx: &mut ctx,
-            limits,
-        };
+        let mut reader = Reader::new(&mut ctx, limits);
         match &http.header_map {
             // `encode_raw_headers: true`: every header line arrives apart, bytes as sent.
             Some(map) if !map.headers.is_empty() => {
                 for h in &map.headers {
+                    if !reader.count() {
+                        break;
+                    }
                     let value = if h.raw_value.is_empty() {
                         std::borrow::Cow::Borrowed(h.value.as_str())
                     } else {
@@ -107,6 +109,9 @@ impl RequestContext {
             }
             _ => {
                 for (k, v) in &http.headers {
+                    if !reader.count() {
+                        break;
+                    }
                     reader.header(k, v);
                 }
             }
@@ -131,11 +136,11 @@ impl RequestContext {
             host: host.to_owned(),
             ..Default::default()
         };
-        let mut reader = Reader {
-            ctx: &mut ctx,
-            limits,
-        };
+        let mut reader = Reader::new(&mut ctx, limits);
         for (name, value) in headers {
+            if !reader.count() {
+                break;
+            }
             reader.header(name, &value);
         }
         ctx
@@ -145,9 +150,30 @@ impl RequestContext {
 struct Reader<'a> {
     ctx: &'a mut RequestContext,
     limits: &'a LimitsConfig,
+    /// Headers seen so far, against `limits.max_headers`.
+    seen: usize,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    fn new(ctx: &'a mut RequestContext, limits: &'a LimitsConfig) -> Self {
+        Self {
+            ctx,
+            limits,
+            seen: 0,
+        }
+    }
+
+    /// Counts one more header; false (and the request marked) once it is one too many. Reading
+    /// stops there: the rest is never looked at, whatever it carries.
+    fn count(&mut self) -> bool {
+        self.seen += 1;
+        if self.seen > self.limits.max_headers {
+            self.ctx.too_many_headers = true;
+            return false;
+        }
+        true
+    }
+
     fn header(&mut self, name: &str, value: &str) {
         let (slot, cap, comma_means_duplicate) = if name.eq_ignore_ascii_case(AUTHORIZATION) {
             (
@@ -314,6 +340,62 @@ mod tests {
         ));
         assert_eq!(ctx.authorization, HeaderField::TooLarge);
         assert_eq!(ctx.api_key, HeaderField::TooLarge);
+    }
+
+    #[test]
+    fn headers_past_the_cap_are_not_read() {
+        let limits = LimitsConfig {
+            max_headers: 16,
+            ..Default::default()
+        };
+        let filler: Vec<(String, String)> =
+            (0..16).map(|i| (format!("x-f{i}"), "v".into())).collect();
+        let mut at_cap: Vec<(&str, &str)> = filler
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        at_cap.pop();
+        at_cap.push(("x-api-key", "sk_x"));
+        let ctx = RequestContext::from_check(&check("/", &at_cap), &limits).unwrap();
+        assert!(!ctx.too_many_headers, "16 headers are within a cap of 16");
+        assert_eq!(ctx.api_key, HeaderField::Present("sk_x".into()));
+
+        at_cap.push(("x-one-more", "v"));
+        let ctx = RequestContext::from_check(&check("/", &at_cap), &limits).unwrap();
+        assert!(ctx.too_many_headers);
+
+        // Raw header maps count every line, and the HTTP mode reads the same way.
+        let mut req = check("/", &[]);
+        let http = req
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap();
+        http.header_map = Some(HeaderMap {
+            headers: (0..17)
+                .map(|_| HeaderValue {
+                    key: "x-same".into(),
+                    raw_value: b"v".to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+        });
+        assert!(
+            RequestContext::from_check(&req, &limits)
+                .unwrap()
+                .too_many_headers
+        );
+        let lines = (0..17).map(|_| ("x-same", std::borrow::Cow::Borrowed("v")));
+        let ctx = RequestContext::from_http("GET", "/", "h", lines, &limits);
+        assert!(ctx.too_many_headers);
+        let lines = (0..16).map(|_| ("x-same", std::borrow::Cow::Borrowed("v")));
+        let ctx = RequestContext::from_http("GET", "/", "h", lines, &limits);
+        assert!(!ctx.too_many_headers);
     }
 
     #[test]

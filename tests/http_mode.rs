@@ -14,9 +14,14 @@ use axum::routing::any;
 use support::*;
 
 async fn http_env(source: &str) -> TestEnv {
+    http_env_with(source, "").await
+}
+
+/// `extra`: more `server.http_authz` fields, as `, name: value` YAML flow pairs.
+async fn http_env_with(source: &str, extra: &str) -> TestEnv {
     TestEnv::start_with(EnvOptions {
         http_authz_yaml: Some(format!(
-            "{{ addr: \"127.0.0.1:0\", source: {source}, path_prefix: \"/authz\" }}"
+            "{{ addr: \"127.0.0.1:0\", source: {source}, path_prefix: \"/authz\"{extra} }}"
         )),
         ..Default::default()
     })
@@ -139,22 +144,38 @@ async fn direct_requests_get_the_same_decisions() {
 async fn forwarded_requests_take_method_and_path_from_the_proxy_headers() {
     let env = http_env("forwarded").await;
     let no_tenant = format!("Bearer {}", env.user_token("u2", None));
-    for (h, v) in [
-        ("x-original-uri", format!("{ORG_CREATE}?a=1")),
-        ("x-forwarded-uri", ORG_CREATE.to_owned()),
-    ] {
-        let a = ask(&env, "/auth", &[("authorization", &no_tenant), (h, &v)]).await;
-        assert_eq!(a.status, 200, "{h}");
+    for v in [format!("{ORG_CREATE}?a=1"), ORG_CREATE.to_owned()] {
+        let a = ask(
+            &env,
+            "/auth",
+            &[("authorization", &no_tenant), ("x-forwarded-uri", &v)],
+        )
+        .await;
+        assert_eq!(a.status, 200, "x-forwarded-uri: {v}");
     }
     assert_eq!(
         ask(
             &env,
             "/auth",
-            &[("authorization", &no_tenant), ("x-original-uri", API_PATH)]
+            &[("authorization", &no_tenant), ("x-forwarded-uri", API_PATH)]
         )
         .await
         .status,
         403
+    );
+    // Only the configured header is read: another name is not a fallback (finding F1).
+    let a = ask(
+        &env,
+        "/auth",
+        &[
+            ("authorization", &no_tenant),
+            ("x-original-uri", ORG_CREATE),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.headers["x-authz-reason"].as_str()),
+        (403, "tenant_required")
     );
     let d = ask(&env, "/auth", &[("x-api-key", &env.keys.limited)]).await;
     assert_eq!(d.status, 200);
@@ -168,6 +189,31 @@ async fn forwarded_requests_take_method_and_path_from_the_proxy_headers() {
         ),
         (429, "30", "429")
     );
+    env.stop().await;
+
+    // nginx configs that send X-Original-URI name it, and then only it is read.
+    let env = http_env_with(
+        "forwarded",
+        ", method_header: x-original-method, uri_header: x-original-uri",
+    )
+    .await;
+    let no_tenant = format!("Bearer {}", env.user_token("u2", None));
+    let with = |h: &'static str, v: &'static str| {
+        [("authorization", no_tenant.clone()), (h, v.to_owned())]
+    };
+    for (h, v, status) in [
+        ("x-original-uri", ORG_CREATE, 200),
+        ("x-original-uri", API_PATH, 403),
+        ("x-forwarded-uri", ORG_CREATE, 403),
+    ] {
+        let headers = with(h, v);
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(
+            ask(&env, "/auth", &headers).await.status,
+            status,
+            "{h}: {v}"
+        );
+    }
     env.stop().await;
 }
 
@@ -410,5 +456,31 @@ async fn nginx_auth_request_carries_the_decisions() {
     assert_eq!((c.status, reason(&c).as_str()), (429, "rate_limited"));
     assert_eq!(c.headers["retry-after"], "30");
     assert_eq!(c.headers["x-ratelimit-remaining"], "0");
+    env.stop().await;
+}
+
+/// Finding F1 (docs/security.md): a client's own `X-Forwarded-Uri` or `X-Original-URI` must not
+/// decide the path behind nginx, or a user without a tenant passes the tenantless-path rule on any
+/// path.
+#[tokio::test]
+async fn a_client_cannot_choose_the_path_behind_nginx() {
+    let env = http_env("forwarded").await;
+    let (up, _task) = echo_upstream().await;
+    let nginx = start_nginx(env.daemon.as_ref().unwrap().http_authz_addr.unwrap(), up);
+    let no_tenant = format!("Bearer {}", env.user_token("u2", None));
+    for spoof in ["x-forwarded-uri", "x-original-uri"] {
+        let c = via_nginx(
+            &nginx,
+            API_PATH,
+            &[("authorization", &no_tenant), (spoof, ORG_CREATE)],
+        )
+        .await;
+        assert_eq!(
+            c.status, 403,
+            "{spoof} chose the path: the upstream saw {}",
+            c.body
+        );
+        assert_eq!(reason(&c), "tenant_required");
+    }
     env.stop().await;
 }

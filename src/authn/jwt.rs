@@ -209,7 +209,7 @@ impl JwtVerifier {
         let hit = self.cache.get(&key).await;
         self.observer.token_lookup(hit.is_some());
         if let Some(hit) = hit {
-            if hit.exp + self.leeway <= now {
+            if hit.exp.saturating_add(self.leeway) <= now {
                 self.cache.invalidate(&key).await;
                 return Err(TokenError::Expired);
             }
@@ -237,10 +237,10 @@ impl JwtVerifier {
             })?;
         let c = data.claims;
 
-        if c.exp + self.leeway <= now {
+        if c.exp.saturating_add(self.leeway) <= now {
             return Err(TokenError::Expired);
         }
-        let future = |t: Option<u64>| t.is_some_and(|t| t > now + self.leeway);
+        let future = |t: Option<u64>| t.is_some_and(|t| t > now.saturating_add(self.leeway));
         if future(c.iat) || future(c.nbf) || future(c.auth_time) {
             return Err(TokenError::NotYetValid);
         }

@@ -212,3 +212,44 @@ fn redis_password_comes_from_a_file_or_the_environment_and_is_never_printed() {
     .unwrap_err();
     assert_eq!(paths(err), vec!["redis.password_file"]);
 }
+
+#[test]
+fn header_count_cap_has_a_floor() {
+    let c = Config::from_yaml("", &env(&[])).unwrap();
+    assert_eq!(c.limits.max_headers, DEFAULT_MAX_HEADERS);
+    let c = Config::from_yaml("limits: { max_headers: 16 }\n", &env(&[])).unwrap();
+    assert_eq!(c.limits.max_headers, 16);
+    let err = Config::from_yaml("limits: { max_headers: 15 }\n", &env(&[])).unwrap_err();
+    assert_eq!(paths(err), vec!["limits.max_headers"]);
+    let c = Config::from_yaml("", &env(&[("GYBC_AUTHZ__LIMITS__MAX_HEADERS", "64")])).unwrap();
+    assert_eq!(c.limits.max_headers, 64);
+}
+
+#[test]
+fn http_mode_reads_one_named_header_for_method_and_path() {
+    let c = Config::from_yaml(
+        "server: { http_authz: { addr: \"127.0.0.1:9191\" } }\n",
+        &env(&[]),
+    )
+    .unwrap();
+    let h = c.server.http_authz.unwrap();
+    assert_eq!(
+        (h.method_header.as_str(), h.uri_header.as_str()),
+        (
+            DEFAULT_HTTP_AUTHZ_METHOD_HEADER,
+            DEFAULT_HTTP_AUTHZ_URI_HEADER
+        )
+    );
+    let err = Config::from_yaml(
+        "server: { http_authz: { addr: \"127.0.0.1:9191\", method_header: \"\", uri_header: X-Original-URI } }\n",
+        &env(&[]),
+    )
+    .unwrap_err();
+    assert_eq!(
+        paths(err),
+        vec![
+            "server.http_authz.method_header",
+            "server.http_authz.uri_header"
+        ]
+    );
+}
