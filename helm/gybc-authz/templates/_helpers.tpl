@@ -109,6 +109,9 @@ by every template that depends on these values, so `helm template` fails as `hel
 {{- if and $a.redis.urls (hasKey $redisCfg "urls") }}
 {{- fail "Redis URLs are set twice: use gybcAuthz.redis.urls, not gybcAuthz.config.redis.urls" }}
 {{- end }}
+{{- if and $a.redis.urlKey (or $a.redis.urls (hasKey $redisCfg "urls")) }}
+{{- fail "Redis URLs are set twice: gybcAuthz.redis.urlKey takes them from the Secret, so leave gybcAuthz.redis.urls and gybcAuthz.config.redis.urls empty" }}
+{{- end }}
 {{- if and $a.redis.existingSecret $a.redis.passwordKey (or (hasKey $redisCfg "password_env") (hasKey $redisCfg "password_file")) }}
 {{- fail "The Redis password is set twice: gybcAuthz.redis.existingSecret/passwordKey, and gybcAuthz.config.redis.password_env or password_file. Keep one" }}
 {{- end }}
