@@ -41,8 +41,32 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
+step "cargo deny check (deny.toml: licenses, bans, sources; advisories when reachable)"
+# deny.toml explains each rule. cargo-deny comes from crates.io when missing (about 7 min on 2
+# cores, once per machine). Its advisory database is on GitHub, which these machines cannot reach:
+# advisories are checked only when `cargo deny fetch db` works, and the log says when they are not.
+command -v cargo-deny >/dev/null || cargo install --locked cargo-deny
+cargo deny --version
+cargo deny check licenses bans sources
+if timeout 60 cargo deny fetch db >/dev/null 2>&1; then
+  cargo deny check advisories
+else
+  echo "advisories: not checked (the RustSec advisory database on GitHub cannot be fetched here)"
+fi
+
 step "cargo test"
 cargo test --all-targets --locked
+
+step "bench smoke (./scripts/bench.sh --smoke)"
+# BENCHMARKS.md's one command, for about a second per part (no-op floor, scenarios a-h, Envoy +
+# wrk, footprint) on the debug builds cargo test just made, so it never rots. It checks that every
+# part ran and produced numbers, never how fast. Installs wrk if missing.
+./scripts/bench.sh --smoke
+
+step "fuzz smoke (./scripts/fuzz.sh 20)"
+# Every cargo-fuzz target for 20 s from the committed seeds (docs/security.md, Fuzzing): no crash,
+# and the targets keep building. Installs cargo-fuzz if missing; builds in fuzz/target.
+./scripts/fuzz.sh 20
 
 step "chart tests (pytest tests/chart)"
 # Helm lint and render of helm/gybc-authz for its defaults and every ci/ scenario, Kubernetes
