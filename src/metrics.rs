@@ -59,7 +59,7 @@ impl Metrics {
         );
         let cache_requests = counter(
             "cache_requests_total",
-            "In-process cache lookups by cache (keys, negative_keys, jwt) and result (hit, stale, miss).",
+            "In-process cache lookups by cache (keys, negative_keys, jwt, rejected_jwt) and result (hit, stale, miss).",
             &["cache", "result"],
         );
         let backend_errors = counter(
@@ -163,6 +163,7 @@ impl Metrics {
             ("negative_keys", "hit"),
             ("jwt", "hit"),
             ("jwt", "miss"),
+            ("rejected_jwt", "hit"),
         ] {
             m.cache_requests.with_label_values(&[cache, result]);
         }

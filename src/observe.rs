@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use crate::authn::jwt::TokenLookup;
 use crate::config::{DecisionLevel, LogConfig};
 use crate::decision::Decision;
 use crate::metrics::Metrics;
@@ -112,9 +113,13 @@ impl Observer {
     }
 
     /// A token verification answered by the cache (or not).
-    pub fn token_lookup(&self, hit: bool) {
-        self.metrics
-            .cache_request("jwt", if hit { "hit" } else { "miss" });
+    pub fn token_lookup(&self, lookup: TokenLookup) {
+        let (cache, result) = match lookup {
+            TokenLookup::Hit => ("jwt", "hit"),
+            TokenLookup::RejectedHit => ("rejected_jwt", "hit"),
+            TokenLookup::Miss => ("jwt", "miss"),
+        };
+        self.metrics.cache_request(cache, result);
     }
 
     /// A dependency failed a request; `kind` is a bounded code.

@@ -16,25 +16,61 @@ use crate::decision::{Decision, Denial, Grant, Reason};
 use crate::ratelimit::RateStatus;
 use crate::request::{X_API_KEY, X_ON_BEHALF_OF};
 
-/// Everything the builder needs from config, prepared once.
+/// Everything the builder needs from config, prepared once. A denial's body and challenge depend
+/// only on its reason and the config, so they are rendered here rather than per request: a flood
+/// of denials (random keys, bad tokens) then costs a copy, not a JSON serialisation.
 #[derive(Debug, Clone)]
 pub struct Responder {
     names: HeaderNames,
     forward_api_key: bool,
     ietf_headers: bool,
-    realm: String,
-    unavailable_retry_after: u64,
+    unavailable_retry_after: String,
+    /// Per `Reason::ALL` index.
+    denials: Vec<PreparedDenial>,
+}
+
+#[derive(Debug, Clone)]
+struct PreparedDenial {
+    body: String,
+    www_authenticate: Option<String>,
 }
 
 impl Responder {
     pub fn new(cfg: &Config) -> Self {
+        let realm = &cfg.response.realm;
+        let denials = Reason::ALL
+            .iter()
+            .map(|&reason| PreparedDenial {
+                body: serde_json::json!({
+                    "code": reason.code().as_str(),
+                    "message": reason.message(),
+                    "reason": reason.as_str(),
+                })
+                .to_string(),
+                www_authenticate: reason.bearer_challenge().map(|error| match error {
+                    None => format!("Bearer realm=\"{realm}\""),
+                    Some(code) => format!(
+                        "Bearer realm=\"{realm}\", error=\"{code}\", error_description=\"{}\"",
+                        reason.message()
+                    ),
+                }),
+            })
+            .collect();
         Self {
             names: cfg.headers.clone(),
             forward_api_key: cfg.policy.forward_api_key,
             ietf_headers: cfg.rate_limit.ietf_headers,
-            realm: cfg.response.realm.clone(),
-            unavailable_retry_after: cfg.response.unavailable_retry_after_secs,
+            unavailable_retry_after: cfg.response.unavailable_retry_after_secs.to_string(),
+            denials,
         }
+    }
+
+    fn prepared(&self, reason: Reason) -> &PreparedDenial {
+        let i = Reason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("Reason::ALL lists every reason");
+        &self.denials[i]
     }
 
     pub fn build(&self, decision: &Decision) -> CheckResponse {
@@ -95,33 +131,18 @@ impl Responder {
 
     fn deny(&self, denial: &Denial) -> CheckResponse {
         let reason = denial.reason;
+        let prepared = self.prepared(reason);
         let mut headers = vec![overwrite("content-type", "application/json")];
-        if let Some(error) = reason.bearer_challenge() {
-            let challenge = match error {
-                None => format!("Bearer realm=\"{}\"", self.realm),
-                Some(code) => format!(
-                    "Bearer realm=\"{}\", error=\"{code}\", error_description=\"{}\"",
-                    self.realm,
-                    reason.message()
-                ),
-            };
-            headers.push(overwrite("www-authenticate", &challenge));
+        if let Some(challenge) = &prepared.www_authenticate {
+            headers.push(overwrite("www-authenticate", challenge));
         }
         if let Some(rate) = &denial.rate {
             headers.extend(self.rate_headers(rate));
         }
         if reason == Reason::Unavailable {
-            headers.push(overwrite(
-                "retry-after",
-                &self.unavailable_retry_after.to_string(),
-            ));
+            headers.push(overwrite("retry-after", &self.unavailable_retry_after));
         }
-        let body = serde_json::json!({
-            "code": reason.code().as_str(),
-            "message": reason.message(),
-            "reason": reason.as_str(),
-        })
-        .to_string();
+        let body = prepared.body.clone();
         CheckResponse {
             status: Some(Status {
                 code: reason.code().grpc(),

@@ -311,9 +311,17 @@ async fn a_check_costs_at_most_one_verification_and_a_verified_token_none() {
     let (miss2, hit2) = jwt_lookups(&env).await;
     assert_eq!((miss2 - miss1, hit2 - hit1), (1.0, 2.0));
 
-    // A forged signature under a known kid is never cached as good: each check pays its one
-    // verification (and only one), and no key fetch.
-    let forged = signing_key("impostor").sign_as(
+    // A forged signature under a known kid is never cached as good. Repeated, it costs one
+    // verification and is then refused from the rejected-token cache; five different forgeries
+    // cost one verification each (and only one). No key fetch either way.
+    let rejected_hits = async |env: &TestEnv| {
+        scrape(env)
+            .await
+            .get(CACHE, &[("cache", "rejected_jwt"), ("result", "hit")])
+    };
+    let rejected0 = rejected_hits(&env).await;
+    let impostor = signing_key("impostor");
+    let forged = impostor.sign_as(
         Some("dashboard-1"),
         &env.claims("admin", Some(OTHER_TENANT)),
     );
@@ -326,7 +334,23 @@ async fn a_check_costs_at_most_one_verification_and_a_verified_token_none() {
         );
     }
     let (miss3, hit3) = jwt_lookups(&env).await;
-    assert_eq!((miss3 - miss2, hit3 - hit2), (5.0, 0.0));
+    assert_eq!((miss3 - miss2, hit3 - hit2), (1.0, 0.0));
+    assert_eq!(rejected_hits(&env).await - rejected0, 4.0);
+    for i in 0..5 {
+        let forged = impostor.sign_as(
+            Some("dashboard-1"),
+            &env.claims(&format!("admin{i}"), Some(OTHER_TENANT)),
+        );
+        assert_denied(
+            &env.check(API_PATH, &[("authorization", &bearer(&forged))])
+                .await,
+            401,
+            "invalid_token",
+        );
+    }
+    let (miss3, hit3) = (miss3 + 5.0, hit3);
+    assert_eq!(jwt_lookups(&env).await, (miss3, hit3));
+    assert_eq!(rejected_hits(&env).await - rejected0, 4.0);
     assert_eq!(env.dashboard_keys.fetches(), fetches);
 
     // Requests refused before authentication cost no verification at all.

@@ -85,6 +85,22 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// Failures that the same token meets again on every try, found only after the RSA
+    /// verification (the cheap header checks are not worth remembering). A token refused for one
+    /// of these is remembered briefly, so repeating it costs a cache lookup, not an RSA
+    /// verification. An unknown `kid` is not among them: a key rotation can make it known.
+    fn is_lasting(self) -> bool {
+        matches!(
+            self,
+            TokenError::Signature
+                | TokenError::Expired
+                | TokenError::Issuer
+                | TokenError::Audience
+                | TokenError::Subject
+                | TokenError::Claims
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             TokenError::Malformed => "malformed",
@@ -126,6 +142,23 @@ struct FirebaseClaim {
 
 type CacheKey = (usize, [u8; 32]);
 
+/// How long a refused token is remembered, and how many are. Short and small: it only has to
+/// absorb a repeated bad token (a flood, or a client retrying), and a `Signature` failure could in
+/// principle turn good if a provider republished different key material under the same `kid`.
+pub const REJECTED_TOKEN_TTL: Duration = Duration::from_secs(60);
+pub const REJECTED_TOKEN_MAX_ENTRIES: u64 = 10_000;
+
+/// How `JwtVerifier::verify` was answered, for the cache metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenLookup {
+    /// A verified token, from the cache.
+    Hit,
+    /// A token refused recently, refused again from the cache.
+    RejectedHit,
+    /// Verified (or refused) afresh.
+    Miss,
+}
+
 struct UntilExp;
 
 impl Expiry<CacheKey, Arc<VerifiedToken>> for UntilExp {
@@ -151,6 +184,7 @@ pub struct JwtVerifier {
     clock: Arc<dyn Clock>,
     leeway: u64,
     cache: Cache<CacheKey, Arc<VerifiedToken>>,
+    rejected: Cache<CacheKey, TokenError>,
     observer: Arc<Observer>,
 }
 
@@ -178,6 +212,10 @@ impl JwtVerifier {
                 .max_capacity(cache_entries)
                 .expire_after(UntilExp)
                 .build(),
+            rejected: Cache::builder()
+                .max_capacity(REJECTED_TOKEN_MAX_ENTRIES)
+                .time_to_live(REJECTED_TOKEN_TTL)
+                .build(),
             observer: Arc::default(),
         }
     }
@@ -201,21 +239,47 @@ impl JwtVerifier {
         self.by_name.get(name).copied()
     }
 
-    /// Verifies `token` for provider `p`. At most one RSA verification; none for a cached token.
+    /// Verifies `token` for provider `p`. At most one RSA verification; none for a token verified
+    /// (or refused for a lasting reason) recently.
     pub async fn verify(&self, p: usize, token: &str) -> Result<Arc<VerifiedToken>, TokenError> {
         let provider = self.providers.get(p).ok_or(TokenError::UnknownKid)?;
         let now = self.clock.now_secs();
         let key: CacheKey = (p, Sha256::digest(token.as_bytes()).into());
-        let hit = self.cache.get(&key).await;
-        self.observer.token_lookup(hit.is_some());
-        if let Some(hit) = hit {
+        if let Some(hit) = self.cache.get(&key).await {
+            self.observer.token_lookup(TokenLookup::Hit);
             if hit.exp.saturating_add(self.leeway) <= now {
                 self.cache.invalidate(&key).await;
                 return Err(TokenError::Expired);
             }
             return Ok(hit);
         }
+        if let Some(e) = self.rejected.get(&key).await {
+            self.observer.token_lookup(TokenLookup::RejectedHit);
+            return Err(e);
+        }
+        self.observer.token_lookup(TokenLookup::Miss);
+        match self.verify_uncached(provider, token, now).await {
+            Ok(verified) => {
+                let verified = Arc::new(verified);
+                self.cache.insert(key, verified.clone()).await;
+                Ok(verified)
+            }
+            Err(e) => {
+                if e.is_lasting() {
+                    self.rejected.insert(key, e).await;
+                }
+                Err(e)
+            }
+        }
+    }
 
+    /// Every check of the contract, with one RSA verification.
+    async fn verify_uncached(
+        &self,
+        provider: &Provider,
+        token: &str,
+        now: u64,
+    ) -> Result<VerifiedToken, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if header.alg != Algorithm::RS256 {
             return Err(TokenError::Algorithm);
@@ -256,14 +320,12 @@ impl JwtVerifier {
             Some(serde_json::Value::String(s)) if !s.contains(char::is_control) => Some(s.clone()),
             Some(_) => return Err(TokenError::Claims),
         };
-        let verified = Arc::new(VerifiedToken {
+        Ok(VerifiedToken {
             sub: c.sub,
             tenant,
             firebase_tenant: c.firebase.and_then(|f| f.tenant),
             exp: c.exp,
-        });
-        self.cache.insert(key, verified.clone()).await;
-        Ok(verified)
+        })
     }
 
     pub fn cached_tokens(&self) -> u64 {
