@@ -7,67 +7,11 @@ use std::time::{Duration, Instant};
 
 use ::redis::AsyncCommands;
 use gybc_authz::apikey::KeyHash;
-use gybc_authz::proto::v1::KeyEventType;
 use gybc_authz::redis_conn::Names;
 use gybc_authz::store::KeyRecord;
-use gybc_authz::store::redis::{encode_event, encode_record};
-use support::redis::{RedisCluster, RedisServer};
+use gybc_authz::store::redis::encode_record;
+use support::redis::{RedisCluster, RedisServer, redis_yaml, revoke, seed, seed_cluster};
 use support::*;
-
-fn redis_yaml(urls: &[String], cluster: bool, failure_mode: &str) -> EnvOptions {
-    let urls = urls
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    EnvOptions {
-        key_store_yaml: Some("key_store: { type: redis }".into()),
-        extra_yaml: format!(
-            "redis: {{ urls: [{urls}], cluster: {cluster}, timeout_ms: 200, connect_timeout_ms: 300 }}\nrate_limit: {{ backend: redis, failure_mode: {failure_mode} }}\n"
-        ),
-        ..Default::default()
-    }
-}
-
-async fn seed(url: &str, records: &[KeyRecord]) {
-    let mut c = ::redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let names = Names::new("gybc");
-    for r in records {
-        let _: () = c.set(names.key(&r.hash), encode_record(r)).await.unwrap();
-    }
-}
-
-async fn seed_cluster(urls: &[String], records: &[KeyRecord]) {
-    let client = ::redis::cluster::ClusterClient::new(urls.to_vec()).unwrap();
-    let mut c = client.get_async_connection().await.unwrap();
-    let names = Names::new("gybc");
-    for r in records {
-        let _: () = c.set(names.key(&r.hash), encode_record(r)).await.unwrap();
-    }
-}
-
-/// What the key service does to revoke: write the revoked record, then publish the event.
-async fn revoke(url: &str, record: &KeyRecord) {
-    let mut revoked = record.clone();
-    revoked.status = gybc_authz::store::KeyStatus::Revoked;
-    seed(url, &[revoked]).await;
-    let mut c = ::redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: i64 = c
-        .publish(
-            Names::new("gybc").events_channel(),
-            encode_event(&record.hash, KeyEventType::Revoked),
-        )
-        .await
-        .unwrap();
-}
 
 fn record<'a>(records: &'a [KeyRecord], id: &str) -> &'a KeyRecord {
     records.iter().find(|r| r.id == id).unwrap()
