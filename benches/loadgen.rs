@@ -77,6 +77,12 @@ enum Cmd {
     Noop {
         #[arg(long, default_value = "127.0.0.1:0")]
         addr: SocketAddr,
+        /// Answer with the header set gybc-authz answers a cached `sk_` key with (4 identity
+        /// headers set, 4 removed, 3 rate-limit headers for the client) instead of one header,
+        /// so Envoy's cost of applying the contract's headers can be told apart from the
+        /// daemon's own.
+        #[arg(long)]
+        gybc_headers: bool,
     },
 }
 
@@ -157,7 +163,7 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let result = match cli.command {
-        Cmd::Noop { addr } => rt.block_on(serve_noop(addr)),
+        Cmd::Noop { addr, gybc_headers } => rt.block_on(serve_noop(addr, gybc_headers)),
         Cmd::Run(a) => rt.block_on(cmd_run(a)),
         Cmd::Suite(a) => suite(&rt, a),
     };
@@ -169,7 +175,66 @@ fn main() {
 
 // === the floor: a no-op ext_authz server ===
 
-struct Noop;
+/// The floor: always allows. `gybc_headers` picks the answer's size (see `Cmd::Noop`).
+struct Noop {
+    answer: CheckResponse,
+}
+
+fn overwrite(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+impl Noop {
+    fn new(gybc_headers: bool) -> Self {
+        let ok = if gybc_headers {
+            OkHttpResponse {
+                headers: vec![
+                    overwrite("x-tenant-id", "tenant-bench"),
+                    overwrite("x-auth-method", "api_key"),
+                    overwrite("x-api-key-id", "key_bench"),
+                    overwrite("x-scopes", "threads:read"),
+                ],
+                headers_to_remove: [
+                    "x-user-id",
+                    "x-impersonated-by",
+                    "x-api-key",
+                    "x-on-behalf-of",
+                ]
+                .map(String::from)
+                .to_vec(),
+                response_headers_to_add: vec![
+                    overwrite("x-ratelimit-limit", "1000000000"),
+                    overwrite("x-ratelimit-remaining", "999999999"),
+                    overwrite("x-ratelimit-reset", "1800000000"),
+                ],
+                ..Default::default()
+            }
+        } else {
+            OkHttpResponse {
+                headers: vec![overwrite("x-noop", "1")],
+                ..Default::default()
+            }
+        };
+        Self {
+            answer: CheckResponse {
+                status: Some(RpcStatus {
+                    code: 0,
+                    ..Default::default()
+                }),
+                http_response: Some(HttpResponse::OkResponse(ok)),
+                ..Default::default()
+            },
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl Authorization for Noop {
@@ -177,36 +242,19 @@ impl Authorization for Noop {
         &self,
         _: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        Ok(tonic::Response::new(CheckResponse {
-            status: Some(RpcStatus {
-                code: 0,
-                ..Default::default()
-            }),
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers: vec![HeaderValueOption {
-                    header: Some(HeaderValue {
-                        key: "x-noop".into(),
-                        value: "1".into(),
-                        ..Default::default()
-                    }),
-                    append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })),
-            ..Default::default()
-        }))
+        // A clone, as a real server builds its answer per request.
+        Ok(tonic::Response::new(self.answer.clone()))
     }
 }
 
-async fn serve_noop(addr: SocketAddr) -> Res<()> {
+async fn serve_noop(addr: SocketAddr, gybc_headers: bool) -> Res<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("LISTENING {}", listener.local_addr()?);
     std::io::stdout().flush()?;
     // Same transport settings as the daemon (src/app.rs): TCP_NODELAY, default tonic server.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .add_service(AuthorizationServer::new(Noop))
+        .add_service(AuthorizationServer::new(Noop::new(gybc_headers)))
         .serve_with_incoming(incoming)
         .await?;
     Ok(())
@@ -981,10 +1029,10 @@ fn start_daemon_wrapped(wrapper: &[String], bin: &Path, config: &Path, log: &Pat
 
 /// The floor server: this same binary, `noop` subcommand, in its own process.
 fn start_noop() -> Res<(Proc, SocketAddr)> {
-    start_noop_wrapped(&[])
+    start_noop_wrapped(&[], false)
 }
 
-fn start_noop_wrapped(wrapper: &[String]) -> Res<(Proc, SocketAddr)> {
+fn start_noop_wrapped(wrapper: &[String], gybc_headers: bool) -> Res<(Proc, SocketAddr)> {
     let exe = std::env::current_exe()?;
     let mut cmd = match wrapper.split_first() {
         Some((first, rest)) => {
@@ -994,11 +1042,11 @@ fn start_noop_wrapped(wrapper: &[String]) -> Res<(Proc, SocketAddr)> {
         }
         None => Command::new(&exe),
     };
-    let mut child = cmd
-        .args(["noop", "--addr", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()?;
+    cmd.args(["noop", "--addr", "127.0.0.1:0"]);
+    if gybc_headers {
+        cmd.arg("--gybc-headers");
+    }
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).spawn()?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().ok_or("no stdout")?).read_line(&mut line)?;
     let addr = line
@@ -1847,7 +1895,7 @@ fn instructions(rt: &tokio::runtime::Runtime, ctx: &Ctx, report: &mut Report) ->
             format!("--callgrind-out-file={}", out.display()),
         ];
         let (proc, addr) = match config {
-            None => start_noop_wrapped(&wrapper)?,
+            None => start_noop_wrapped(&wrapper, false)?,
             Some(cfg) => {
                 let log = ctx.dir.join(format!("daemon-callgrind-{name}.log"));
                 let d = start_daemon_wrapped(&wrapper, &ctx.daemon_bin, cfg, &log)?;
@@ -1917,7 +1965,7 @@ fn envoy_suite(ctx: &Ctx, report: &mut Report) -> Res<()> {
     let bearer = format!("authorization: Bearer {}", ctx.fx.tokens[0]);
     enum Authz {
         None,
-        Noop,
+        Noop { gybc_headers: bool },
         Daemon,
     }
     let variants: Vec<(&str, &str, Authz, Option<bool>, &str)> = vec![
@@ -1931,7 +1979,16 @@ fn envoy_suite(ctx: &Ctx, report: &mut Report) -> Res<()> {
         (
             "envoy+noop",
             "Envoy + no-op ext_authz",
-            Authz::Noop,
+            Authz::Noop {
+                gybc_headers: false,
+            },
+            None,
+            &sk,
+        ),
+        (
+            "envoy+noop-gybc-headers",
+            "Envoy + no-op answering gybc-authz's (a) header set",
+            Authz::Noop { gybc_headers: true },
             None,
             &sk,
         ),
@@ -1970,8 +2027,8 @@ fn envoy_suite(ctx: &Ctx, report: &mut Report) -> Res<()> {
         let filter = match (authz, jwt) {
             (_, Some(cache)) => EnvoyFilter::JwtAuthn { cache },
             (Authz::None, None) => EnvoyFilter::None,
-            (Authz::Noop, None) => {
-                let (p, addr) = start_noop()?;
+            (Authz::Noop { gybc_headers }, None) => {
+                let (p, addr) = start_noop_wrapped(&[], gybc_headers)?;
                 authz_pid = Some(p.pid());
                 _keep = Some(p);
                 EnvoyFilter::ExtAuthz(addr)
@@ -2325,7 +2382,7 @@ fn check_smoke(r: &Report, complete: bool) -> Res<()> {
     if complete && (f.idle_rss_mb <= 0.0 || f.ready_ms.is_empty() || f.cached_keys_rss_mb <= 0.0) {
         problems.push("footprint missing".into());
     }
-    if complete && (r.scenarios.len() < 15 || r.envoy.len() < 6) {
+    if complete && (r.scenarios.len() < 15 || r.envoy.len() < 7) {
         problems.push(format!(
             "only {} scenarios and {} Envoy variants ran",
             r.scenarios.len(),
