@@ -253,6 +253,29 @@ mod tests {
         }
     }
 
+    /// A CheckRequest whose headers come as a raw header map (`encode_raw_headers: true`), one
+    /// entry per line as sent.
+    fn check_raw(lines: &[(&str, &str)]) -> CheckRequest {
+        let mut req = check("/", &[]);
+        let http = req
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .expect("check() builds HTTP attributes");
+        http.header_map = Some(HeaderMap {
+            headers: lines
+                .iter()
+                .map(|(k, v)| HeaderValue {
+                    key: (*k).into(),
+                    raw_value: v.as_bytes().to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+        });
+        req
+    }
+
     fn read(req: &CheckRequest) -> RequestContext {
         RequestContext::from_check(req, &LimitsConfig::default()).unwrap()
     }
@@ -292,36 +315,11 @@ mod tests {
 
     #[test]
     fn raw_header_map_duplicates_are_detected() {
-        let mut req = check("/", &[]);
-        let http = req
-            .attributes
-            .as_mut()
-            .unwrap()
-            .request
-            .as_mut()
-            .unwrap()
-            .http
-            .as_mut()
-            .unwrap();
-        http.header_map = Some(HeaderMap {
-            headers: vec![
-                HeaderValue {
-                    key: "x-api-key".into(),
-                    raw_value: b"sk_a".to_vec(),
-                    ..Default::default()
-                },
-                HeaderValue {
-                    key: "X-API-KEY".into(),
-                    raw_value: b"sk_b".to_vec(),
-                    ..Default::default()
-                },
-                HeaderValue {
-                    key: "authorization".into(),
-                    raw_value: b"Bearer t".to_vec(),
-                    ..Default::default()
-                },
-            ],
-        });
+        let req = check_raw(&[
+            ("x-api-key", "sk_a"),
+            ("X-API-KEY", "sk_b"),
+            ("authorization", "Bearer t"),
+        ]);
         let ctx = read(&req);
         assert_eq!(ctx.api_key, HeaderField::Duplicated);
         assert_eq!(ctx.authorization, HeaderField::Present("Bearer t".into()));
@@ -365,26 +363,7 @@ mod tests {
         assert!(ctx.too_many_headers);
 
         // Raw header maps count every line, and the HTTP mode reads the same way.
-        let mut req = check("/", &[]);
-        let http = req
-            .attributes
-            .as_mut()
-            .unwrap()
-            .request
-            .as_mut()
-            .unwrap()
-            .http
-            .as_mut()
-            .unwrap();
-        http.header_map = Some(HeaderMap {
-            headers: (0..17)
-                .map(|_| HeaderValue {
-                    key: "x-same".into(),
-                    raw_value: b"v".to_vec(),
-                    ..Default::default()
-                })
-                .collect(),
-        });
+        let req = check_raw(&[("x-same", "v"); 17]);
         assert!(
             RequestContext::from_check(&req, &limits)
                 .unwrap()
