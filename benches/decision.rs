@@ -11,19 +11,19 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
-use gybc_authz::apikey::{ApiKey, KeyHash, KeyKind};
-use gybc_authz::authn::{JwtVerifier, Provider};
-use gybc_authz::authorize::Authorizer;
-use gybc_authz::client::check_request;
-use gybc_authz::clock::{Clock, SystemClock};
-use gybc_authz::config::{Config, KeySourceConfig};
+use gybc_authz::cli::check::check_request;
 use gybc_authz::dev::{SigningKey, firebase_claims};
-use gybc_authz::jwks::{self, Jwks, JwksTiming};
-use gybc_authz::observe::Observer;
-use gybc_authz::ratelimit::LocalLimiter;
-use gybc_authz::request::RequestContext;
-use gybc_authz::response::Responder;
-use gybc_authz::store::{CachedStore, FileStore, KeyRecord, KeyStatus, KeyStore};
+use gybc_authz::transport::grpc;
+use gybc_authz_engine::answer::Answers;
+use gybc_authz_engine::authn::apikey::{ApiKey, KeyHash, KeyKind};
+use gybc_authz_engine::authn::jwks::{self, Jwks, JwksTiming};
+use gybc_authz_engine::authn::{JwtVerifier, Provider};
+use gybc_authz_engine::authorize::Authorizer;
+use gybc_authz_engine::clock::{Clock, SystemClock};
+use gybc_authz_engine::config::{Config, KeySourceConfig};
+use gybc_authz_engine::observe::Observer;
+use gybc_authz_engine::ratelimit::LocalLimiter;
+use gybc_authz_engine::store::{CachedStore, FileStore, KeyRecord, KeyStatus, KeyStore};
 use tokio::runtime::Runtime;
 
 const PROJECT: &str = "gybc-bench";
@@ -56,7 +56,7 @@ fn record(id: &str, key: &str, kind: KeyKind) -> KeyRecord {
 struct Fixture {
     cfg: Config,
     authorizer: Authorizer,
-    responder: Responder,
+    answers: Answers,
     observer: Arc<Observer>,
     jwks: Arc<Jwks>,
     signing: SigningKey,
@@ -98,7 +98,7 @@ impl Fixture {
             observer: observer.clone(),
         };
         Self {
-            responder: Responder::new(&cfg),
+            answers: Answers::new(&cfg),
             cfg,
             authorizer,
             observer,
@@ -122,9 +122,9 @@ impl Fixture {
     /// What `AuthzService::check` does between decoding and encoding.
     async fn check(&self, req: &CheckRequest) -> usize {
         let started = Instant::now();
-        let ctx = RequestContext::from_check(req, &self.cfg.limits).expect("HTTP check");
+        let ctx = grpc::read(req, &self.cfg.limits).expect("HTTP check");
         let decision = self.authorizer.decide(&ctx).await;
-        let response = self.responder.build(&decision);
+        let response = grpc::write(self.answers.answer(&decision));
         self.observer.decision(&ctx, &decision, started.elapsed());
         black_box(response).http_response.is_some() as usize
     }
@@ -199,18 +199,16 @@ fn decision_path(c: &mut Criterion) {
     let mut g = c.benchmark_group("parts");
     let req = &cases[0].1;
     g.bench_function("read_request", |b| {
-        b.iter(|| {
-            RequestContext::from_check(black_box(req), &fx.cfg.limits).map(|c| c.method.len())
-        })
+        b.iter(|| grpc::read(black_box(req), &fx.cfg.limits).map(|c| c.method.len()))
     });
-    let ctx = RequestContext::from_check(req, &fx.cfg.limits).expect("HTTP check");
+    let ctx = grpc::read(req, &fx.cfg.limits).expect("HTTP check");
     let decision = rt.block_on(fx.authorizer.decide(&ctx));
     g.bench_function("decide_sk_cached", |b| {
         b.to_async(&rt)
             .iter(|| fx.authorizer.decide(black_box(&ctx)))
     });
     g.bench_function("build_allow_response", |b| {
-        b.iter(|| fx.responder.build(black_box(&decision)))
+        b.iter(|| grpc::write(fx.answers.answer(black_box(&decision))))
     });
     g.bench_function("observe_decision", |b| {
         b.iter(|| {

@@ -36,8 +36,8 @@ use envoy_types::pb::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, CheckResponse, OkHttpResponse,
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use gybc_authz::apikey::{ApiKey, KeyHash};
 use gybc_authz::dev::{SigningKey, firebase_claims};
+use gybc_authz_engine::authn::apikey::{ApiKey, KeyHash};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -419,9 +419,9 @@ fn make_fixtures(dir: &Path, unique: usize) -> Res<(Fixtures, Arc<SigningKey>)> 
     }
     let mut seed = now ^ 0x5EED;
     let fx = Fixtures {
-        secret_key: ApiKey::generate(gybc_authz::apikey::KeyKind::Secret),
-        publishable_key: ApiKey::generate(gybc_authz::apikey::KeyKind::Publishable),
-        limited_key: ApiKey::generate(gybc_authz::apikey::KeyKind::Secret),
+        secret_key: ApiKey::generate(gybc_authz_engine::authn::apikey::KeyKind::Secret),
+        publishable_key: ApiKey::generate(gybc_authz_engine::authn::apikey::KeyKind::Publishable),
+        limited_key: ApiKey::generate(gybc_authz_engine::authn::apikey::KeyKind::Secret),
         tokens,
         unique_tokens,
         bad_token: String::from_utf8(bad)?,

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::metrics::Metrics;
+use gybc_authz_engine::metrics::Metrics;
 
 /// Readiness latch: set once everything has loaded, cleared for good when draining starts.
 #[derive(Debug, Default)]

@@ -11,11 +11,11 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
-use crate::apikey::{ApiKey, KeyKind};
-use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, KeySourceConfig, ProviderConfig};
-use crate::policy::impersonation::IMPERSONATE_SCOPE;
-use crate::store::{FileStore, KeyRecord, KeyStatus};
+use gybc_authz_engine::authn::apikey::{ApiKey, KeyKind};
+use gybc_authz_engine::clock::{Clock, SystemClock};
+use gybc_authz_engine::config::{Config, KeySourceConfig, ProviderConfig};
+use gybc_authz_engine::policy::impersonation::IMPERSONATE_SCOPE;
+use gybc_authz_engine::store::{FileStore, KeyRecord, KeyStatus};
 
 pub const DEV_PROVIDER: &str = "dev";
 pub const DEV_PROJECT: &str = "gybc-dev";
@@ -151,7 +151,7 @@ pub fn setup(cfg: &mut Config) -> Result<DevSetup, DevError> {
     let publishable_key = ApiKey::generate(KeyKind::Publishable);
     let record = |id: &str, key: &str, kind: KeyKind, scopes: Vec<String>| KeyRecord {
         id: id.into(),
-        hash: crate::apikey::KeyHash::of(key),
+        hash: gybc_authz_engine::authn::apikey::KeyHash::of(key),
         kind,
         tenant: DEV_TENANT.into(),
         scopes,

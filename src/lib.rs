@@ -1,38 +1,15 @@
-//! gybc-authz: Envoy's ext_authz service for the GYBC API platform.
+//! The gybc-authz daemon: the decision engine (`gybc_authz_engine`) served as a sidecar.
 //!
-//! A Check flows through the modules in this order:
-//! `grpc` (adapter) → `request` (read the CheckRequest) → `credentials` (which credential, the
-//! rules that need no lookup) → `authorize` (authenticate through `authn` + `store`, apply
-//! `policy`, count in `ratelimit`) → `decision` (allow or deny) → `response` (the wire answer) →
-//! `observe` (the decision's log line). `app` wires it all together from `config`.
+//! `app` builds the engine from the config and opens its doors: `transport::grpc` (Envoy's
+//! ext_authz Check) and `transport::http_authz` (the HTTP authorization mode), both thin
+//! adapters that read their wire format into the engine's `RequestContext` and write its
+//! `Answer` back; `admin` serves health, readiness and metrics. `cli` holds the commands that
+//! are not `serve`, and `dev` the throwaway credentials of dev mode.
 #![forbid(unsafe_code)]
 
-// The request path, in order.
-pub mod grpc;
-pub mod http_authz;
-pub mod request;
-pub mod route;
-pub mod credentials;
-pub mod authorize;
-pub mod apikey;
-pub mod authn;
-pub mod jwks;
-pub mod store;
-pub mod redis_conn;
-pub mod policy;
-pub mod ratelimit;
-pub mod decision;
-pub mod response;
-pub mod observe;
-pub mod metrics;
-
-// Around it.
-pub mod config;
-pub mod proto;
 pub mod app;
+pub mod transport;
 pub mod admin;
-pub mod clock;
-pub mod client;
-pub mod keyadmin;
+pub mod cli;
 pub mod dev;
 pub mod telemetry;

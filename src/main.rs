@@ -3,12 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-mod cli_keys;
-
 use clap::{Parser, Subcommand};
 use gybc_authz::app::{self, Options};
-use gybc_authz::config::{Config, ProcessEnv};
-use gybc_authz::{client, dev, telemetry};
+use gybc_authz::{cli, dev, telemetry};
+use gybc_authz_engine::config::{Config, ProcessEnv};
 
 /// Exit code for a configuration that does not load (EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -36,13 +34,13 @@ enum Command {
         dev: bool,
     },
     /// Manage API keys in the configured store: create, list, show, revoke, rotate.
-    Keys(cli_keys::KeysArgs),
+    Keys(cli::keys::KeysArgs),
     /// Load and validate a config file; print every problem with its field path.
     CheckConfig { file: PathBuf },
     /// Send one Check as Envoy would and print the decision as JSON (exit 0 allow, 1 deny).
     Check {
         /// gRPC address of the daemon.
-        #[arg(long, default_value = gybc_authz::config::DEFAULT_GRPC_ADDR)]
+        #[arg(long, default_value = gybc_authz_engine::config::DEFAULT_GRPC_ADDR)]
         addr: String,
         #[arg(long, default_value = "POST")]
         method: String,
@@ -71,7 +69,7 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Serve { config, dev } => serve(config, dev).await,
-            Command::Keys(args) => cli_keys::run(args).await,
+            Command::Keys(args) => cli::keys::run(args).await,
             Command::CheckConfig { file } => match Config::load(&file, &ProcessEnv) {
                 Ok(_) => {
                     println!("{}: ok", file.display());
@@ -168,9 +166,9 @@ async fn check(addr: &str, method: &str, path: &str, host: &str, headers: &[Stri
         };
         parsed.push((k.trim().to_owned(), v.trim().to_owned()));
     }
-    match client::run(addr, client::check_request(method, path, host, &parsed)).await {
+    match cli::check::run(addr, cli::check::check_request(method, path, host, &parsed)).await {
         Ok(resp) => {
-            let out = client::describe(&resp);
+            let out = cli::check::describe(&resp);
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
             if out["allowed"] == true {
                 ExitCode::SUCCESS

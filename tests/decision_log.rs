@@ -174,7 +174,7 @@ async fn no_credential_is_ever_logged() {
     }
     for s in &secrets[..8] {
         // Nor the full SHA-256 of a key: it is what the stores are keyed by.
-        let hash = gybc_authz::apikey::KeyHash::of(s).to_hex();
+        let hash = gybc_authz_engine::authn::apikey::KeyHash::of(s).to_hex();
         assert!(!text.contains(&hash), "a key hash appears in the log");
     }
     for line in text.lines() {

@@ -6,7 +6,7 @@ mod support;
 
 use std::sync::Arc;
 
-use gybc_authz::clock::Clock;
+use gybc_authz_engine::clock::Clock;
 use support::*;
 
 /// `X-RateLimit-Reset` after the first request of a fresh key: one interval (window / limit) ahead.
@@ -455,7 +455,7 @@ async fn row_16_the_same_credential_header_twice_is_400_malformed_credentials() 
         "malformed_credentials",
     );
     // With `encode_raw_headers`, duplicates arrive as separate entries.
-    let mut req = gybc_authz::client::check_request("POST", API_PATH, "h", &[]);
+    let mut req = gybc_authz::cli::check::check_request("POST", API_PATH, "h", &[]);
     let http = req
         .attributes
         .as_mut()

@@ -101,7 +101,7 @@ async fn dev_mode_credentials_get_allowed() {
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
-        gybc_authz::client::check_request(
+        gybc_authz::cli::check::check_request(
             "POST",
             "/api/v1/llm/gateway/list-threads",
             "localhost",
@@ -129,7 +129,7 @@ async fn dev_mode_credentials_get_allowed() {
     ];
     for (req, method, user) in cases {
         let resp = client.check(req).await.unwrap().into_inner();
-        let described = gybc_authz::client::describe(&resp);
+        let described = gybc_authz::cli::check::describe(&resp);
         assert_eq!(described["allowed"], true, "{described}");
         let up = &described["upstream_headers"];
         assert_eq!(up["x-auth-method"], method);

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use gybc_authz::apikey::{ApiKey, KeyHash, KeyKind};
 use gybc_authz::app::{self, Running};
-use gybc_authz::clock::Clock;
-use gybc_authz::config::Config;
-use gybc_authz::store::{KeyRecord, KeyStore, StoreError};
+use gybc_authz_engine::authn::apikey::{ApiKey, KeyHash, KeyKind};
+use gybc_authz_engine::clock::Clock;
+use gybc_authz_engine::config::Config;
+use gybc_authz_engine::store::{KeyRecord, KeyStore, StoreError};
 use support::envoy::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Output};
 
-use gybc_authz::route::{KNOWN, RouteSettings};
+use gybc_authz_engine::route::{KNOWN, RouteSettings};
 use serde_yaml_ng::Value;
 use support::envoy::*;
 use support::*;

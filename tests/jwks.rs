@@ -5,8 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use gybc_authz::clock::{Clock, SystemClock};
 use gybc_authz::dev::{SigningKey, firebase_claims};
+use gybc_authz_engine::clock::{Clock, SystemClock};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use support::*;
 
@@ -93,7 +93,7 @@ async fn keys_are_refreshed_in_the_background_per_max_age_and_failures_keep_the_
     // The endpoint says max-age=1; the floor is lowered to 1 s so the test runs in seconds.
     let server = KeyServer::start(SigningKey::jwks(&[&signing_key("dashboard-1")])).await;
     server.set_max_age(Some(1));
-    let cfg = gybc_authz::config::Config::from_yaml(
+    let cfg = gybc_authz_engine::config::Config::from_yaml(
         &format!(
             "server: {{ grpc_addr: \"127.0.0.1:0\", http_addr: \"127.0.0.1:0\" }}\njwt:\n  keys_min_refresh_secs: 1\n  keys_refresh_secs: 1\n  providers:\n    - {{ name: d, project_id: {PROJECT}, keys: {{ type: url, url: \"{}\" }} }}\n",
             server.url()

@@ -91,7 +91,9 @@ async fn exercise(cfg: &Path, env: &TestEnv) {
     ));
     let key = created["key"].as_str().unwrap().to_owned();
     let id = created["record"]["id"].as_str().unwrap().to_owned();
-    assert!(key.starts_with("sk_") && gybc_authz::apikey::ApiKey::parse(&key).is_ok());
+    assert!(
+        key.starts_with("sk_") && gybc_authz_engine::authn::apikey::ApiKey::parse(&key).is_ok()
+    );
     assert_eq!(created["record"]["rate_limit"], "3/60s");
 
     // Text mode prints just the key on stdout, the rest on stderr.
@@ -132,7 +134,7 @@ async fn exercise(cfg: &Path, env: &TestEnv) {
     let listed_json = json_ok(&keys(cfg, &["list", "--output", "json"]));
     let shown = keys(cfg, &["show", &id]);
     let shown_json = json_ok(&keys(cfg, &["show", &id, "--output", "json"]));
-    let full_hash = gybc_authz::apikey::KeyHash::of(&key).to_hex();
+    let full_hash = gybc_authz_engine::authn::apikey::KeyHash::of(&key).to_hex();
     for out in [
         &listed.stdout,
         &shown.stdout,
@@ -390,7 +392,7 @@ fn concurrent_creates_on_one_file_lose_nothing() {
     assert_eq!(ids, made, "every concurrently created key is in the file");
     // The file is whole and loads in the daemon's own parser.
     assert_eq!(
-        gybc_authz::store::FileStore::open(&dir.path().join("keys.yaml"))
+        gybc_authz_engine::store::FileStore::open(&dir.path().join("keys.yaml"))
             .unwrap()
             .len(),
         16

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use gybc_authz::client::check_request;
+use gybc_authz::cli::check::check_request;
 use gybc_authz::dev::firebase_claims;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};

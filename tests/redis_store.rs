@@ -6,10 +6,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use ::redis::AsyncCommands;
-use gybc_authz::apikey::KeyHash;
-use gybc_authz::redis_conn::Names;
-use gybc_authz::store::KeyRecord;
-use gybc_authz::store::redis::encode_record;
+use gybc_authz_engine::authn::apikey::KeyHash;
+use gybc_authz_engine::redis_conn::Names;
+use gybc_authz_engine::store::KeyRecord;
+use gybc_authz_engine::store::redis::encode_record;
 use support::redis::{RedisCluster, RedisServer, redis_yaml, revoke, seed, seed_cluster};
 use support::*;
 

@@ -10,7 +10,7 @@ fn with_route(headers: &[(&str, &str)], route: &[(&str, &str)]) -> CheckRequest 
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let mut req = gybc_authz::client::check_request("POST", API_PATH, "api.example.com", &h);
+    let mut req = gybc_authz::cli::check::check_request("POST", API_PATH, "api.example.com", &h);
     req.attributes.as_mut().unwrap().context_extensions = route
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

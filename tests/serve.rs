@@ -44,7 +44,7 @@ async fn grpc_health(addr: std::net::SocketAddr) -> (i32, i32) {
 async fn readiness_waits_for_every_providers_keys_and_drops_on_shutdown() {
     let keys = KeyServer::start(SigningKey::jwks(&[&signing_key("dashboard-1")])).await;
     keys.set_failing(true);
-    let cfg = gybc_authz::config::Config::from_yaml(
+    let cfg = gybc_authz_engine::config::Config::from_yaml(
         &format!(
             "server: {{ grpc_addr: \"127.0.0.1:0\", http_addr: \"127.0.0.1:0\" }}\njwt:\n  providers:\n    - {{ name: d, project_id: {PROJECT}, keys: {{ type: url, url: \"{}\" }} }}\n",
             keys.url()
@@ -106,7 +106,9 @@ async fn readiness_waits_for_every_providers_keys_and_drops_on_shutdown() {
 #[tokio::test]
 async fn key_file_changes_apply_without_restart() {
     let env = TestEnv::start().await;
-    let added = gybc_authz::apikey::ApiKey::generate(gybc_authz::apikey::KeyKind::Secret);
+    let added = gybc_authz_engine::authn::apikey::ApiKey::generate(
+        gybc_authz_engine::authn::apikey::KeyKind::Secret,
+    );
     assert_denied(
         &env.check(API_PATH, &[("x-api-key", &added)]).await,
         401,
@@ -124,7 +126,7 @@ async fn key_file_changes_apply_without_restart() {
         "scopes: [threads:read], rate_limit: 5/60s, name: backend, status: revoked",
     ) + &format!(
         "  - {{ id: key_added, hash: \"sha256:{}\", kind: secret, tenant: {OTHER_TENANT} }}\n",
-        gybc_authz::apikey::KeyHash::of(&added).to_hex()
+        gybc_authz_engine::authn::apikey::KeyHash::of(&added).to_hex()
     );
     let tmp = env.dir.path().join("keys.yaml.tmp");
     std::fs::write(&tmp, new).unwrap();

@@ -3,7 +3,7 @@
 //! checksum before any lookup.
 #![no_main]
 
-use gybc_authz::apikey::{ApiKey, KeyHash, KeyKind};
+use gybc_authz_engine::authn::apikey::{ApiKey, KeyHash, KeyKind};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use gybc_authz::config::{Config, ENV_PREFIX, MAX_LEEWAY_SECS, MIN_MAX_HEADERS};
+use gybc_authz_engine::config::{Config, ENV_PREFIX, MAX_LEEWAY_SECS, MIN_MAX_HEADERS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {

@@ -1,5 +1,5 @@
 //! Request reading and credential extraction: a CheckRequest built from arbitrary bytes through
-//! `RequestContext::from_check` and `credentials::extract`. Checks the invariants a decision relies
+//! the gRPC door's `read` and `credentials::extract`. Checks the invariants a decision relies
 //! on, and that the HTTP mode reads the same header lines the same way.
 //!
 //! Input: `PB` + a protobuf CheckRequest, as Envoy sends it; or text, so seeds read like requests:
@@ -14,9 +14,10 @@ use std::collections::HashMap;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-use gybc_authz::config::LimitsConfig;
-use gybc_authz::credentials::{self, Credentials};
-use gybc_authz::request::{HeaderField, RequestContext};
+use gybc_authz::transport::grpc;
+use gybc_authz_engine::config::LimitsConfig;
+use gybc_authz_engine::credentials::{self, Credentials};
+use gybc_authz_engine::request::{HeaderField, RequestContext};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
@@ -160,7 +161,7 @@ fuzz_target!(|data: &[u8]| {
             return;
         };
         let limits = LimitsConfig::default();
-        if let Ok(ctx) = RequestContext::from_check(&req, &limits) {
+        if let Ok(ctx) = grpc::read(&req, &limits) {
             judge(&ctx, &limits);
         }
         return;
@@ -184,12 +185,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let req = check(&path, &headers, raw, ext);
-    let ctx = RequestContext::from_check(&req, &limits).expect("HTTP attributes are set");
+    let ctx = grpc::read(&req, &limits).expect("HTTP attributes are set");
     assert!(!ctx.path.contains(['?', '#']));
     judge(&ctx, &limits);
     if raw {
         // The HTTP mode reads the same lines into the same context.
-        let http = RequestContext::from_http(
+        let http = RequestContext::read(
             "POST",
             &path,
             "api.example.com",

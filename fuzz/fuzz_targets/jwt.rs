@@ -13,10 +13,10 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use gybc_authz::authn::{JwtVerifier, Provider, TokenError};
-use gybc_authz::clock::ManualClock;
+use gybc_authz_engine::authn::{JwtVerifier, Provider, TokenError};
+use gybc_authz_engine::clock::ManualClock;
 use gybc_authz::dev::{SigningKey, firebase_claims};
-use gybc_authz::jwks::{Fetched, Jwks, JwksError, JwksTiming, KeySource};
+use gybc_authz_engine::authn::jwks::{Fetched, Jwks, JwksError, JwksTiming, KeySource};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

@@ -5,9 +5,9 @@
 //! Input: `R` + the 32-byte key hash + a protobuf `KeyRecord`; anything else is key-file text.
 #![no_main]
 
-use gybc_authz::apikey::KeyHash;
-use gybc_authz::store::redis::{decode_record, encode_record};
-use gybc_authz::store::{KeyFile, KeyRecord, parse_entries};
+use gybc_authz_engine::authn::apikey::KeyHash;
+use gybc_authz_engine::store::redis::{decode_record, encode_record};
+use gybc_authz_engine::store::{KeyFile, KeyRecord, parse_entries};
 use libfuzzer_sys::fuzz_target;
 
 /// proto3 has no "absent" string: an empty optional string reads back as absent.

@@ -21,13 +21,13 @@ use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
-use gybc_authz::apikey::{ApiKey, KeyHash, KeyKind};
 use gybc_authz::app::{self, Options, Running};
-use gybc_authz::client::check_request;
-use gybc_authz::clock::{Clock, ManualClock};
-use gybc_authz::config::Config;
+use gybc_authz::cli::check::check_request;
 use gybc_authz::dev::{SigningKey, firebase_claims};
-use gybc_authz::store::KeyStore;
+use gybc_authz_engine::authn::apikey::{ApiKey, KeyHash, KeyKind};
+use gybc_authz_engine::clock::{Clock, ManualClock};
+use gybc_authz_engine::config::Config;
+use gybc_authz_engine::store::KeyStore;
 use serde_json::Value;
 use tonic::transport::Channel;
 
@@ -192,9 +192,10 @@ impl TestKeys {
     }
 
     /// The records of the key file, as a key service would store them.
-    pub fn records(&self) -> Vec<gybc_authz::store::KeyRecord> {
-        let file: gybc_authz::store::KeyFile = serde_yaml_ng::from_str(&self.file()).unwrap();
-        gybc_authz::store::parse_entries(&file.keys).unwrap()
+    pub fn records(&self) -> Vec<gybc_authz_engine::store::KeyRecord> {
+        let file: gybc_authz_engine::store::KeyFile =
+            serde_yaml_ng::from_str(&self.file()).unwrap();
+        gybc_authz_engine::store::parse_entries(&file.keys).unwrap()
     }
 
     fn file(&self) -> String {
@@ -557,16 +558,19 @@ impl Metrics {
 /// A key store that cannot be reached (for the 503 `unavailable` paths).
 pub struct UnreachableStore;
 
-impl gybc_authz::store::KeyStore for UnreachableStore {
+impl gybc_authz_engine::store::KeyStore for UnreachableStore {
     fn lookup<'a>(
         &'a self,
         _: &'a KeyHash,
     ) -> futures_util::future::BoxFuture<
         'a,
-        Result<Option<Arc<gybc_authz::store::KeyRecord>>, gybc_authz::store::StoreError>,
+        Result<
+            Option<Arc<gybc_authz_engine::store::KeyRecord>>,
+            gybc_authz_engine::store::StoreError,
+        >,
     > {
         Box::pin(async {
-            Err(gybc_authz::store::StoreError::Unavailable(
+            Err(gybc_authz_engine::store::StoreError::Unavailable(
                 "connection refused".into(),
             ))
         })

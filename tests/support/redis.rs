@@ -7,10 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ::redis::AsyncCommands;
-use gybc_authz::proto::v1::KeyEventType;
-use gybc_authz::redis_conn::Names;
-use gybc_authz::store::KeyRecord;
-use gybc_authz::store::redis::{encode_event, encode_record};
+use gybc_authz_engine::proto::v1::KeyEventType;
+use gybc_authz_engine::redis_conn::Names;
+use gybc_authz_engine::store::KeyRecord;
+use gybc_authz_engine::store::redis::{encode_event, encode_record};
 
 use super::EnvOptions;
 
@@ -337,7 +337,7 @@ pub async fn seed_cluster(urls: &[String], records: &[KeyRecord]) {
 /// What the key service does to revoke: write the revoked record, then publish the event.
 pub async fn revoke(url: &str, record: &KeyRecord) {
     let mut revoked = record.clone();
-    revoked.status = gybc_authz::store::KeyStatus::Revoked;
+    revoked.status = gybc_authz_engine::store::KeyStatus::Revoked;
     seed(url, &[revoked]).await;
     let mut c = ::redis::Client::open(url)
         .unwrap()

@@ -12,8 +12,8 @@ use moka::future::Cache;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::authn::jwks::Jwks;
 use crate::clock::Clock;
-use crate::jwks::Jwks;
 use crate::observe::Observer;
 
 /// Longest `sub` accepted (Firebase's own limit).

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use gybc_authz::apikey::KeyKind;
-use gybc_authz::config::{Config, ProcessEnv};
-use gybc_authz::keyadmin::{AdminError, AdminStore, Created, NewKey};
-use gybc_authz::ratelimit::RateLimit;
-use gybc_authz::store::{KeyRecord, KeyStatus};
+use gybc_authz_engine::authn::apikey::KeyKind;
+use gybc_authz_engine::config::{Config, ProcessEnv};
+use gybc_authz_engine::ratelimit::RateLimit;
+use gybc_authz_engine::store::admin::{AdminError, AdminStore, Created, NewKey};
+use gybc_authz_engine::store::{KeyRecord, KeyStatus};
 use serde_json::json;
 
 #[derive(Args)]
@@ -91,7 +91,7 @@ enum KeysCommand {
 
 fn parse_rate_limit(s: &str) -> Result<RateLimit, String> {
     s.parse()
-        .map_err(|e: gybc_authz::ratelimit::RateLimitParseError| e.to_string())
+        .map_err(|e: gybc_authz_engine::ratelimit::RateLimitParseError| e.to_string())
 }
 
 fn parse_time(s: &str) -> Result<u64, String> {

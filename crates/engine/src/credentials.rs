@@ -2,7 +2,7 @@
 //! duplicated headers, a secret key together with a token, a malformed `X-On-Behalf-Of`,
 //! `Authorization` that is not `Bearer`, an API key of the wrong shape.
 
-use crate::apikey::{ApiKey, KeyKind};
+use crate::authn::apikey::{ApiKey, KeyKind};
 use crate::decision::{Denial, Reason};
 use crate::policy::impersonation;
 use crate::request::{HeaderField, RequestContext};

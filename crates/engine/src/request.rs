@@ -1,8 +1,6 @@
-//! `RequestContext`: the only code that reads a CheckRequest. Everything after it sees plain data:
-//! method, path without query, and the few headers that carry credentials, each already bounded
-//! in size and checked for duplicates.
-
-use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
+//! `RequestContext`: the neutral request every door reads its wire format into. Everything after
+//! it sees plain data: method, path without query, and the few headers that carry credentials,
+//! each already bounded in size and checked for duplicates.
 
 use crate::config::LimitsConfig;
 use crate::route::{RouteError, RouteSettings};
@@ -65,74 +63,21 @@ pub struct RequestContext {
     pub too_many_headers: bool,
 }
 
-/// A CheckRequest without HTTP attributes: Envoy misconfigured, not a client's doing.
-#[derive(Debug, thiserror::Error)]
-#[error("CheckRequest has no attributes.request.http")]
-pub struct NoHttpAttributes;
-
 impl RequestContext {
-    pub fn from_check(req: &CheckRequest, limits: &LimitsConfig) -> Result<Self, NoHttpAttributes> {
-        let http = req
-            .attributes
-            .as_ref()
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref())
-            .ok_or(NoHttpAttributes)?;
-
-        let mut ctx = RequestContext {
-            method: http.method.clone(),
-            path: strip_query(&http.path).to_owned(),
-            host: http.host.clone(),
-            ..Default::default()
-        };
-        if let Some(attrs) = &req.attributes {
-            match RouteSettings::parse(&attrs.context_extensions) {
-                Ok(route) => ctx.route = route,
-                Err(e) => ctx.route_error = Some(e),
-            }
-        }
-        let mut reader = Reader::new(&mut ctx, limits);
-        match &http.header_map {
-            // `encode_raw_headers: true`: every header line arrives apart, bytes as sent.
-            Some(map) if !map.headers.is_empty() => {
-                for h in &map.headers {
-                    if !reader.count() {
-                        break;
-                    }
-                    let value = if h.raw_value.is_empty() {
-                        std::borrow::Cow::Borrowed(h.value.as_str())
-                    } else {
-                        String::from_utf8_lossy(&h.raw_value)
-                    };
-                    reader.header(&h.key, &value);
-                }
-            }
-            _ => {
-                for (k, v) in &http.headers {
-                    if !reader.count() {
-                        break;
-                    }
-                    reader.header(k, v);
-                }
-            }
-        }
-        Ok(ctx)
-    }
-}
-
-impl RequestContext {
-    /// The same reading for a request that arrives as plain HTTP (the HTTP authorization mode):
-    /// `headers` in arrival order, repeated names as separate entries.
-    pub fn from_http<'h>(
+    /// Reads a request as any door sees it: method, request target (the query is dropped here),
+    /// host, and every header line in arrival order, repeated names as separate entries (a door
+    /// whose transport joins repeats with `,` passes the joined line; it reads as duplicated).
+    /// Reading stops at `limits.max_headers`.
+    pub fn read<'h, V: AsRef<str>>(
         method: &str,
-        path: &str,
+        target: &str,
         host: &str,
-        headers: impl IntoIterator<Item = (&'h str, std::borrow::Cow<'h, str>)>,
+        headers: impl IntoIterator<Item = (&'h str, V)>,
         limits: &LimitsConfig,
     ) -> Self {
         let mut ctx = RequestContext {
             method: method.to_owned(),
-            path: strip_query(path).to_owned(),
+            path: strip_query(target).to_owned(),
             host: host.to_owned(),
             ..Default::default()
         };
@@ -141,9 +86,18 @@ impl RequestContext {
             if !reader.count() {
                 break;
             }
-            reader.header(name, &value);
+            reader.header(name, value.as_ref());
         }
         ctx
+    }
+
+    /// The route's settings as its door found them; an error refuses the request.
+    pub fn with_route(mut self, route: Result<RouteSettings, RouteError>) -> Self {
+        match route {
+            Ok(r) => self.route = r,
+            Err(e) => self.route_error = Some(e),
+        }
+        self
     }
 }
 
@@ -228,99 +182,59 @@ fn strip_query(path: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
-    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 
-    fn check(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
-        CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(Request {
-                    http: Some(HttpRequest {
-                        method: "POST".into(),
-                        path: path.into(),
-                        host: "api.example".into(),
-                        headers: headers
-                            .iter()
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .collect(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        }
+    fn read_with(path: &str, headers: &[(&str, &str)], limits: &LimitsConfig) -> RequestContext {
+        RequestContext::read("POST", path, "api.example", headers.iter().copied(), limits)
     }
 
-    /// A CheckRequest whose headers come as a raw header map (`encode_raw_headers: true`), one
-    /// entry per line as sent.
-    fn check_raw(lines: &[(&str, &str)]) -> CheckRequest {
-        let mut req = check("/", &[]);
-        let http = req
-            .attributes
-            .as_mut()
-            .and_then(|a| a.request.as_mut())
-            .and_then(|r| r.http.as_mut())
-            .expect("check() builds HTTP attributes");
-        http.header_map = Some(HeaderMap {
-            headers: lines
-                .iter()
-                .map(|(k, v)| HeaderValue {
-                    key: (*k).into(),
-                    raw_value: v.as_bytes().to_vec(),
-                    ..Default::default()
-                })
-                .collect(),
-        });
-        req
-    }
-
-    fn read(req: &CheckRequest) -> RequestContext {
-        RequestContext::from_check(req, &LimitsConfig::default()).unwrap()
+    fn read(path: &str, headers: &[(&str, &str)]) -> RequestContext {
+        read_with(path, headers, &LimitsConfig::default())
     }
 
     #[test]
     fn reads_path_without_query_and_headers_case_insensitively() {
-        let ctx = read(&check(
+        let ctx = read(
             "/api/v1/orgs/create?x=1",
             &[
                 ("Authorization", "Bearer abc"),
                 ("X-Api-Key", "sk_x"),
                 ("ORIGIN", "https://a"),
             ],
-        ));
+        );
         assert_eq!(ctx.path, "/api/v1/orgs/create");
         assert_eq!(ctx.method, "POST");
         assert_eq!(ctx.authorization, HeaderField::Present("Bearer abc".into()));
         assert_eq!(ctx.api_key, HeaderField::Present("sk_x".into()));
         assert_eq!(ctx.origin.as_deref(), Some("https://a"));
         assert!(ctx.on_behalf_of.is_absent());
+        assert_eq!(read("/a#frag", &[]).path, "/a");
     }
 
     #[test]
     fn joined_duplicates_are_detected() {
-        let ctx = read(&check(
+        let ctx = read(
             "/",
             &[
                 ("authorization", "Bearer a,Bearer b"),
                 ("x-api-key", "sk_a, sk_b"),
             ],
-        ));
+        );
         assert_eq!(ctx.authorization, HeaderField::Duplicated);
         assert_eq!(ctx.api_key, HeaderField::Duplicated);
-        let ctx = read(&check("/", &[("x-on-behalf-of", "u1,u2")]));
+        let ctx = read("/", &[("x-on-behalf-of", "u1,u2")]);
         assert_eq!(ctx.on_behalf_of, HeaderField::Present("u1,u2".into()));
     }
 
     #[test]
-    fn raw_header_map_duplicates_are_detected() {
-        let req = check_raw(&[
-            ("x-api-key", "sk_a"),
-            ("X-API-KEY", "sk_b"),
-            ("authorization", "Bearer t"),
-        ]);
-        let ctx = read(&req);
+    fn repeated_lines_are_detected() {
+        let ctx = read(
+            "/",
+            &[
+                ("x-api-key", "sk_a"),
+                ("X-API-KEY", "sk_b"),
+                ("authorization", "Bearer t"),
+            ],
+        );
         assert_eq!(ctx.api_key, HeaderField::Duplicated);
         assert_eq!(ctx.authorization, HeaderField::Present("Bearer t".into()));
     }
@@ -329,13 +243,13 @@ mod tests {
     fn oversized_values_are_not_copied() {
         let big = "a".repeat(1 << 20);
         let token = format!("Bearer {big}");
-        let ctx = read(&check(
+        let ctx = read(
             "/",
             &[
                 ("authorization", token.as_str()),
                 ("x-api-key", big.as_str()),
             ],
-        ));
+        );
         assert_eq!(ctx.authorization, HeaderField::TooLarge);
         assert_eq!(ctx.api_key, HeaderField::TooLarge);
     }
@@ -354,33 +268,29 @@ mod tests {
             .collect();
         at_cap.pop();
         at_cap.push(("x-api-key", "sk_x"));
-        let ctx = RequestContext::from_check(&check("/", &at_cap), &limits).unwrap();
+        let ctx = read_with("/", &at_cap, &limits);
         assert!(!ctx.too_many_headers, "16 headers are within a cap of 16");
         assert_eq!(ctx.api_key, HeaderField::Present("sk_x".into()));
 
         at_cap.push(("x-one-more", "v"));
-        let ctx = RequestContext::from_check(&check("/", &at_cap), &limits).unwrap();
-        assert!(ctx.too_many_headers);
-
-        // Raw header maps count every line, and the HTTP mode reads the same way.
-        let req = check_raw(&[("x-same", "v"); 17]);
-        assert!(
-            RequestContext::from_check(&req, &limits)
-                .unwrap()
-                .too_many_headers
-        );
-        let lines = (0..17).map(|_| ("x-same", std::borrow::Cow::Borrowed("v")));
-        let ctx = RequestContext::from_http("GET", "/", "h", lines, &limits);
-        assert!(ctx.too_many_headers);
-        let lines = (0..16).map(|_| ("x-same", std::borrow::Cow::Borrowed("v")));
-        let ctx = RequestContext::from_http("GET", "/", "h", lines, &limits);
-        assert!(!ctx.too_many_headers);
+        assert!(read_with("/", &at_cap, &limits).too_many_headers);
+        // Every line counts, repeated names too.
+        assert!(read_with("/", &[("x-same", "v"); 17], &limits).too_many_headers);
+        assert!(!read_with("/", &[("x-same", "v"); 16], &limits).too_many_headers);
     }
 
     #[test]
-    fn missing_http_attributes_is_an_error() {
-        assert!(
-            RequestContext::from_check(&CheckRequest::default(), &LimitsConfig::default()).is_err()
-        );
+    fn a_bad_route_setting_is_kept_for_the_decision() {
+        let bad = RouteError {
+            key: "gybc.publik".into(),
+            why: "unknown setting",
+        };
+        let ctx = read("/", &[]).with_route(Err(bad.clone()));
+        assert_eq!(ctx.route_error, Some(bad));
+        let ctx = read("/", &[]).with_route(Ok(RouteSettings {
+            public: true,
+            ..Default::default()
+        }));
+        assert!(ctx.route.public && ctx.route_error.is_none());
     }
 }

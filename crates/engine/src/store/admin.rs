@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::apikey::{ApiKey, KeyHash, KeyKind, random_base62};
+use crate::authn::apikey::{ApiKey, KeyHash, KeyKind, random_base62};
 use crate::config::{Config, KeyStoreConfig};
 use crate::proto::v1::KeyEventType;
 use crate::ratelimit::RateLimit;

@@ -1,8 +1,7 @@
 //! The HTTP authorization mode: the decision engine behind a plain HTTP endpoint, for proxies
 //! that ask one (nginx `auth_request`, Traefik `ForwardAuth`, Caddy `forward_auth`, Envoy's
 //! `http_service`). Only the transport differs: the request is read into the same
-//! `RequestContext`, decided by the same `Authorizer`, and answered from the same CheckResponse
-//! the gRPC service sends, translated to HTTP.
+//! `RequestContext`, decided by the same engine, and its `Answer` written as HTTP.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -13,16 +12,10 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
-use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
-use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
-use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-
-use crate::authorize::Authorizer;
-use crate::config::{HttpAuthzConfig, HttpAuthzSource, LimitsConfig};
-use crate::decision::Decision;
-use crate::observe::Observer;
-use crate::request::RequestContext;
-use crate::response::Responder;
+use gybc_authz_engine::Engine;
+use gybc_authz_engine::answer::{Answer, Header};
+use gybc_authz_engine::config::{HttpAuthzConfig, HttpAuthzSource};
+use gybc_authz_engine::request::RequestContext;
 
 /// The denial's fields as headers too: nginx's `auth_request` never passes the body on and only
 /// passes 401 and 403 through, so its config rebuilds the answer from these.
@@ -32,10 +25,7 @@ pub const X_AUTHZ_CODE: &str = "x-authz-code";
 pub const X_AUTHZ_MESSAGE: &str = "x-authz-message";
 
 pub struct HttpAuthz {
-    pub authorizer: Arc<Authorizer>,
-    pub responder: Arc<Responder>,
-    pub limits: LimitsConfig,
-    pub observer: Arc<Observer>,
+    pub engine: Arc<Engine>,
     pub config: HttpAuthzConfig,
 }
 
@@ -46,9 +36,9 @@ pub fn router(service: Arc<HttpAuthz>) -> Router {
 async fn handle(State(s): State<Arc<HttpAuthz>>, req: Request) -> Response {
     let started = Instant::now();
     let ctx = s.read(&req);
-    let decision = s.authorizer.decide(&ctx).await;
-    let response = to_http(&s.responder.build(&decision), &decision);
-    s.observer.decision(&ctx, &decision, started.elapsed());
+    let decision = s.engine.decide(&ctx).await;
+    let response = write(s.engine.answer(&decision));
+    s.engine.observe(&ctx, &decision, started.elapsed());
     response
 }
 
@@ -86,54 +76,58 @@ impl HttpAuthz {
             .iter()
             .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes())))
             .collect::<Vec<(&str, Cow<'_, str>)>>();
-        RequestContext::from_http(&method, &path, &host, headers, &self.limits)
+        RequestContext::read(&method, &path, &host, headers, self.engine.limits())
     }
 }
 
-/// The CheckResponse as an HTTP answer. Allow: 200 with the identity headers; the ones the daemon
-/// does not set are sent empty, so a proxy that copies them overwrites a client's copy (nginx's
-/// `proxy_set_header` with an empty value removes it). Deny: the status, headers and JSON body.
-fn to_http(resp: &CheckResponse, decision: &Decision) -> Response {
-    let mut out = Response::builder();
-    let add = |b: axum::http::response::Builder, h: &HeaderValueOption| {
-        let Some(hv) = &h.header else { return b };
+/// The answer as HTTP. Allow: 200 with the identity headers; the ones the answer does not set are
+/// sent empty, so a proxy that copies them overwrites a client's copy (nginx's `proxy_set_header`
+/// with an empty value removes it). Deny: the status, headers and JSON body, and the denial's
+/// fields as `x-authz-*` headers.
+fn write(answer: Answer<'_>) -> Response {
+    fn add(b: axum::http::response::Builder, h: &Header<'_>) -> axum::http::response::Builder {
         match (
-            HeaderName::try_from(hv.key.as_str()),
-            HeaderValue::try_from(hv.value.as_str()),
+            HeaderName::try_from(h.name),
+            HeaderValue::try_from(h.value.as_ref()),
         ) {
             (Ok(n), Ok(v)) => b.header(n, v),
             _ => b,
         }
-    };
-    match &resp.http_response {
-        Some(HttpResponse::OkResponse(ok)) => {
+    }
+    let mut out = Response::builder();
+    match answer {
+        Answer::Allow {
+            upstream,
+            remove_upstream,
+            downstream,
+        } => {
             out = out.status(StatusCode::OK);
-            for h in ok.headers.iter().chain(&ok.response_headers_to_add) {
+            for h in upstream.iter().chain(&downstream) {
                 out = add(out, h);
             }
-            for name in &ok.headers_to_remove {
-                out = out.header(name.as_str(), "");
+            for name in remove_upstream {
+                out = out.header(name, "");
             }
             out = out.header(X_AUTHZ_STATUS, "200");
             out.body(Body::empty())
         }
-        Some(HttpResponse::DeniedResponse(d)) => {
-            let status = d.status.as_ref().map_or(403, |s| s.code as u16);
+        Answer::Deny {
+            reason,
+            status,
+            headers,
+            body,
+        } => {
             out = out.status(StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN));
-            for h in &d.headers {
+            for h in &headers {
                 out = add(out, h);
             }
-            if let Decision::Deny(denial) = decision {
-                let r = denial.reason;
-                out = out
-                    .header(X_AUTHZ_STATUS, status.to_string())
-                    .header(X_AUTHZ_REASON, r.as_str())
-                    .header(X_AUTHZ_CODE, r.code().as_str())
-                    .header(X_AUTHZ_MESSAGE, r.message());
-            }
-            out.body(Body::from(d.body.clone()))
+            out = out
+                .header(X_AUTHZ_STATUS, status.to_string())
+                .header(X_AUTHZ_REASON, reason.as_str())
+                .header(X_AUTHZ_CODE, reason.code().as_str())
+                .header(X_AUTHZ_MESSAGE, reason.message());
+            out.body(Body::from(body.to_owned()))
         }
-        _ => out.status(StatusCode::FORBIDDEN).body(Body::empty()),
     }
     .unwrap_or_else(|_| {
         let mut r = Response::new(Body::empty());

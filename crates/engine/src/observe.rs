@@ -181,6 +181,12 @@ impl Observer {
         tracing::error!(key = %e.key, why = e.why, "Invalid per-route setting in Envoy's context_extensions; requests on this route are refused.");
     }
 
+    /// A check panicked and its door answered 503 instead; the door's runtime printed the panic.
+    pub fn panicked(&self) {
+        self.metrics.panics.inc();
+        tracing::error!("A check panicked; it was answered 503 unavailable.");
+    }
+
     /// Result of a Redis health check; logs only changes.
     pub fn redis_health(&self, up: bool) {
         self.metrics.redis_connected.set(up as i64);

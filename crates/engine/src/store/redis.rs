@@ -10,7 +10,7 @@ use futures_util::future::BoxFuture;
 use prost::Message;
 
 use super::{CachedStore, KeyRecord, KeyStatus, KeyStore, StoreError};
-use crate::apikey::{KeyHash, KeyKind};
+use crate::authn::apikey::{KeyHash, KeyKind};
 use crate::proto::v1 as pb;
 use crate::ratelimit::RateLimit;
 use crate::redis_conn::Redis;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{KeyRecord, KeyStatus, KeyStore, StoreError};
-use crate::apikey::{KeyHash, KeyKind};
+use crate::authn::apikey::{KeyHash, KeyKind};
 use crate::config::{ErrorList, FieldError};
 use crate::ratelimit::RateLimit;
 
@@ -351,7 +351,7 @@ fn parse_time(s: Option<&str>) -> Result<Option<u64>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apikey::ApiKey;
+    use crate::authn::apikey::ApiKey;
 
     fn entry_yaml(id: &str, key: &str, extra: &str) -> String {
         format!(

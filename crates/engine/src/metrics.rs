@@ -34,6 +34,7 @@ pub struct Metrics {
     pub redis_connected: IntGauge,
     unknown_kid_fetches: IntCounterVec,
     route_config_errors: IntCounterVec,
+    pub panics: IntCounter,
 }
 
 impl Default for Metrics {
@@ -87,6 +88,14 @@ impl Metrics {
             "Checks refused because a route's gybc.* context_extensions are invalid, by setting key (from the Envoy config, at most 64 characters).",
             &["key"],
         );
+        let panics = IntCounter::new(
+            "panics_total",
+            "Checks that panicked inside the engine and were answered 503 unavailable.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(panics.clone()))
+            .expect("unique metric");
         let jwks_keys = IntGaugeVec::new(
             Opts::new("jwks_keys", "Signing keys held, by provider."),
             &["provider"],
@@ -154,6 +163,7 @@ impl Metrics {
             redis_connected,
             unknown_kid_fetches,
             route_config_errors,
+            panics,
         };
         // Every decision series exists from the start (above), so rates and ratios work at once.
         for (cache, result) in [

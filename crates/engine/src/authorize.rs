@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::apikey::ApiKey;
+use crate::authn::apikey::ApiKey;
 use crate::authn::{JwtVerifier, VerifiedToken};
 use crate::clock::Clock;
 use crate::credentials::{self, Credentials};

@@ -10,7 +10,7 @@ use moka::Expiry;
 use moka::future::Cache;
 
 use super::{KeyRecord, KeyStore, StoreError};
-use crate::apikey::KeyHash;
+use crate::authn::apikey::KeyHash;
 use crate::config::KeyCacheConfig;
 use crate::observe::{Backend, Observer};
 
@@ -163,7 +163,7 @@ impl CachedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apikey::KeyKind;
+    use crate::authn::apikey::KeyKind;
     use futures_util::future::BoxFuture;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

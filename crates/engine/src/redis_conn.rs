@@ -10,7 +10,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Value};
 
-use crate::apikey::KeyHash;
+use crate::authn::apikey::KeyHash;
 use crate::config::RedisConfig;
 
 /// Names of everything the daemon reads or writes in Redis.

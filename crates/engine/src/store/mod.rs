@@ -1,6 +1,7 @@
 //! API key records and where they come from: the `KeyStore` trait (an I/O seam), the file store,
 //! and the cache that sits in front of any store.
 
+pub mod admin;
 mod cached;
 mod file;
 pub mod redis;
@@ -13,7 +14,7 @@ pub use cached::{CacheOutcome, CachedStore};
 pub use file::{FileStore, KeyFile, KeyFileEntry, KeyFileError, parse_entries};
 pub use redis::RedisStore;
 
-use crate::apikey::{KeyHash, KeyKind};
+use crate::authn::apikey::{KeyHash, KeyKind};
 use crate::ratelimit::RateLimit;
 
 /// Everything known about one API key. Never holds the key itself, only its hash.

@@ -1,0 +1,218 @@
+//! The one place that turns a decision into an answer, as plain data every door writes out in
+//! its own format. An allow sets every identity header it has (replacing any client copy) and
+//! removes the client's copies of the rest; a denial carries a status, a JSON body and, for
+//! key-authenticated requests, the rate-limit headers.
+
+use std::borrow::Cow;
+
+use crate::config::{Config, HeaderNames};
+use crate::decision::{Decision, Denial, Grant, Reason};
+use crate::ratelimit::RateStatus;
+use crate::request::{X_API_KEY, X_ON_BEHALF_OF};
+
+/// One header of an answer. Names are lowercase; every header an answer sets replaces any copy
+/// the client sent (doors must overwrite, never append).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header<'a> {
+    pub name: &'a str,
+    pub value: Cow<'a, str>,
+}
+
+/// What a door does with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer<'a> {
+    /// Let it through to the service.
+    Allow {
+        /// Set on the request upstream, replacing every client copy.
+        upstream: Vec<Header<'a>>,
+        /// Removed from the request upstream: identity headers this answer does not set, and the
+        /// credentials that stop here.
+        remove_upstream: Vec<&'a str>,
+        /// Added to the response the client gets (the rate-limit headers).
+        downstream: Vec<Header<'a>>,
+    },
+    /// Answer the client directly; the service never sees the request.
+    Deny {
+        reason: Reason,
+        status: u16,
+        headers: Vec<Header<'a>>,
+        body: &'a str,
+    },
+}
+
+/// Everything the builder needs from config, prepared once. A denial's body and challenge depend
+/// only on its reason and the config, so they are rendered here rather than per request: a flood
+/// of denials (random keys, bad tokens) then costs a copy, not a JSON serialisation.
+#[derive(Debug, Clone)]
+pub struct Answers {
+    names: HeaderNames,
+    forward_api_key: bool,
+    ietf_headers: bool,
+    unavailable_retry_after: String,
+    /// Per `Reason::ALL` index.
+    denials: Vec<PreparedDenial>,
+}
+
+#[derive(Debug, Clone)]
+struct PreparedDenial {
+    body: String,
+    www_authenticate: Option<String>,
+}
+
+impl Answers {
+    pub fn new(cfg: &Config) -> Self {
+        let realm = &cfg.response.realm;
+        let denials = Reason::ALL
+            .iter()
+            .map(|&reason| PreparedDenial {
+                body: serde_json::json!({
+                    "code": reason.code().as_str(),
+                    "message": reason.message(),
+                    "reason": reason.as_str(),
+                })
+                .to_string(),
+                www_authenticate: reason.bearer_challenge().map(|error| match error {
+                    None => format!("Bearer realm=\"{realm}\""),
+                    Some(code) => format!(
+                        "Bearer realm=\"{realm}\", error=\"{code}\", error_description=\"{}\"",
+                        reason.message()
+                    ),
+                }),
+            })
+            .collect();
+        Self {
+            names: cfg.headers.clone(),
+            forward_api_key: cfg.policy.forward_api_key,
+            ietf_headers: cfg.rate_limit.ietf_headers,
+            unavailable_retry_after: cfg.response.unavailable_retry_after_secs.to_string(),
+            denials,
+        }
+    }
+
+    fn prepared(&self, reason: Reason) -> &PreparedDenial {
+        let i = Reason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("Reason::ALL lists every reason");
+        &self.denials[i]
+    }
+
+    pub fn answer<'a>(&'a self, decision: &'a Decision) -> Answer<'a> {
+        match decision {
+            Decision::Allow(grant) => self.allow(grant),
+            Decision::Deny(denial) => self.deny(denial),
+        }
+    }
+
+    fn allow<'a>(&'a self, grant: &'a Grant) -> Answer<'a> {
+        let id = grant.identity.as_ref();
+        let scopes = id
+            .filter(|i| !i.scopes.is_empty())
+            .map(|i| Cow::Owned(i.scopes.join(" ")));
+        let values: [(&str, Option<Cow<'a, str>>); 6] = [
+            (
+                &self.names.tenant_id,
+                id.and_then(|i| i.tenant.as_deref()).map(Cow::Borrowed),
+            ),
+            (
+                &self.names.user_id,
+                id.and_then(|i| i.user.as_deref()).map(Cow::Borrowed),
+            ),
+            (
+                &self.names.auth_method,
+                id.map(|i| Cow::Borrowed(i.method.as_str())),
+            ),
+            (
+                &self.names.api_key_id,
+                id.and_then(|i| i.key_id.as_deref()).map(Cow::Borrowed),
+            ),
+            (&self.names.scopes, scopes),
+            (
+                &self.names.impersonated_by,
+                id.and_then(|i| i.impersonated_by.as_deref())
+                    .map(Cow::Borrowed),
+            ),
+        ];
+        let mut upstream = Vec::with_capacity(6);
+        // Only headers the answer does not set are listed for removal: a set header already
+        // replaces the client's copy, and a door may apply removals after additions.
+        let mut remove_upstream = Vec::with_capacity(8);
+        for (name, value) in values {
+            match value {
+                Some(value) => upstream.push(Header { name, value }),
+                None => remove_upstream.push(name),
+            }
+        }
+        if !self.forward_api_key {
+            remove_upstream.push(X_API_KEY);
+        }
+        remove_upstream.push(X_ON_BEHALF_OF);
+        let mut downstream = Vec::new();
+        if let Some(rate) = &grant.rate {
+            self.rate_headers(rate, &mut downstream);
+        }
+        Answer::Allow {
+            upstream,
+            remove_upstream,
+            downstream,
+        }
+    }
+
+    fn deny<'a>(&'a self, denial: &'a Denial) -> Answer<'a> {
+        let reason = denial.reason;
+        let prepared = self.prepared(reason);
+        let mut headers = vec![header("content-type", "application/json")];
+        if let Some(challenge) = &prepared.www_authenticate {
+            headers.push(header("www-authenticate", challenge));
+        }
+        if let Some(rate) = &denial.rate {
+            self.rate_headers(rate, &mut headers);
+        }
+        if reason == Reason::Unavailable {
+            headers.push(header("retry-after", &self.unavailable_retry_after));
+        }
+        Answer::Deny {
+            reason,
+            status: reason.http_status(),
+            headers,
+            body: &prepared.body,
+        }
+    }
+
+    fn rate_headers<'a>(&self, r: &RateStatus, out: &mut Vec<Header<'a>>) {
+        let number = |name: &'a str, n: u64| Header {
+            name,
+            value: Cow::Owned(n.to_string()),
+        };
+        out.push(number("x-ratelimit-limit", r.limit.into()));
+        out.push(number("x-ratelimit-remaining", r.remaining.into()));
+        out.push(number("x-ratelimit-reset", r.reset_at));
+        if let Some(after) = r.retry_after {
+            out.push(number("retry-after", after));
+        }
+        if self.ietf_headers {
+            // draft-ietf-httpapi-ratelimit-headers: the reset is relative there, in seconds.
+            out.push(Header {
+                name: "ratelimit",
+                value: Cow::Owned(format!(
+                    "limit={}, remaining={}, reset={}",
+                    r.limit, r.remaining, r.reset_after
+                )),
+            });
+            out.push(Header {
+                name: "ratelimit-policy",
+                value: Cow::Owned(format!("{};w={}", r.limit, r.window_secs)),
+            });
+        }
+    }
+}
+
+fn header<'a>(name: &'a str, value: &'a str) -> Header<'a> {
+    Header {
+        name,
+        value: Cow::Borrowed(value),
+    }
+}
+
+#[cfg(test)]
+mod tests;

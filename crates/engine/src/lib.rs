@@ -1,0 +1,34 @@
+//! The gybc-authz decision engine: who is calling, and may they. It knows no transport.
+//!
+//! A request flows through the modules in this order: a door (the daemon's gRPC or HTTP port, or
+//! the Envoy module) reads its wire format into a `request::RequestContext` → `credentials`
+//! (which credential, the rules that need no lookup) → `authorize` (authenticate through `authn`
+//! and `store`, apply `policy`, count in `ratelimit`) → `decision` (allow or deny) → `answer` (the
+//! answer as data: headers to set and remove, status, body) → `observe` (the decision's log line
+//! and metrics). The door writes the answer back in its own format. `engine` builds it all from
+//! a validated `config`.
+#![forbid(unsafe_code)]
+
+// The request path, in order.
+pub mod request;
+pub mod route;
+pub mod credentials;
+pub mod authorize;
+pub mod authn;
+pub mod store;
+pub mod redis_conn;
+pub mod policy;
+pub mod ratelimit;
+pub mod decision;
+pub mod answer;
+pub mod observe;
+pub mod metrics;
+
+// Around it.
+pub mod engine;
+pub mod config;
+pub mod proto;
+pub mod clock;
+
+pub use answer::Answer;
+pub use engine::{Engine, EngineOptions, StartError, Started};
