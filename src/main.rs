@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gybc_authz::app::{self, Options};
-use gybc_authz::{cli, dev, telemetry};
+use gybc_authz::{cli, dev};
+use gybc_authz_engine::telemetry;
 use gybc_authz_engine::config::{Config, ProcessEnv};
 
 /// Exit code for a configuration that does not load (EX_USAGE).

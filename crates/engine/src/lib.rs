@@ -29,6 +29,7 @@ pub mod engine;
 pub mod config;
 pub mod proto;
 pub mod clock;
+pub mod telemetry;
 
 pub use answer::Answer;
 pub use engine::{Engine, EngineOptions, StartError, Started};

@@ -1,8 +1,9 @@
 //! Process-wide logging: JSON (or text) lines on stderr, filtered by `log.level` or `RUST_LOG`.
+//! Shared by every host process (the daemon, Envoy with the module) so decision lines read alike.
 
 use tracing_subscriber::EnvFilter;
 
-use gybc_authz_engine::config::{LogConfig, LogFormat};
+use crate::config::{LogConfig, LogFormat};
 
 pub fn init(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(&cfg.level));
