@@ -11,8 +11,8 @@ use gybc_authz_engine::authn::JwtVerifier;
 use gybc_authz_engine::clock::{Clock, SystemClock};
 use gybc_authz_engine::config::Config;
 use gybc_authz_engine::metrics::Metrics;
-use gybc_authz_engine::store::{CachedStore, KeyStore};
-use gybc_authz_engine::{Engine, EngineOptions};
+use gybc_authz_engine::store::Keys;
+use gybc_authz_engine::{Engine, EngineOptions, KeySource};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -27,7 +27,7 @@ use crate::transport::http_authz::{self, HttpAuthz};
 pub struct Options {
     pub clock: Arc<dyn Clock>,
     /// Replaces `key_store` from the config (dev mode's in-memory keys, tests' failing stores).
-    pub store: Option<Arc<dyn KeyStore>>,
+    pub store: Option<KeySource>,
     /// Served at `/dev/jwks.json` (dev mode).
     pub dev_jwks: Option<Arc<str>>,
 }
@@ -60,14 +60,20 @@ pub struct Running {
     /// The HTTP authorization mode's address, when enabled.
     pub http_authz_addr: Option<SocketAddr>,
     pub ready: Arc<Readiness>,
-    pub keys: Arc<CachedStore>,
+    /// How keys are looked up (the store directly, or the cache in front of Redis).
+    pub keys: Keys,
     pub jwt: Arc<JwtVerifier>,
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     grace: Duration,
+    /// Kept for the last flush of decision spans on shutdown.
+    engine: Arc<Engine>,
 }
+
+/// On shutdown, how long queued decision spans get to reach the collector.
+const TRACE_FLUSH_WITHIN: Duration = Duration::from_secs(2);
 
 pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     let started = Engine::start(
@@ -225,6 +231,7 @@ pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
         servers,
         background,
         grace: Duration::from_secs(cfg.server.shutdown_grace_secs),
+        engine,
     })
 }
 
@@ -237,6 +244,7 @@ impl Running {
         if tokio::time::timeout(self.grace, servers).await.is_err() {
             tracing::warn!("Drain took longer than the grace period; stopping anyway.");
         }
+        self.engine.flush_traces(TRACE_FLUSH_WITHIN).await;
         for task in self.background {
             task.abort();
         }

@@ -12,4 +12,3 @@ pub mod transport;
 pub mod admin;
 pub mod cli;
 pub mod dev;
-

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gybc_authz::app::{self, Options};
 use gybc_authz::{cli, dev};
-use gybc_authz_engine::telemetry;
+use gybc_authz_engine::KeySource;
 use gybc_authz_engine::config::{Config, ProcessEnv};
+use gybc_authz_engine::telemetry;
 
 /// Exit code for a configuration that does not load (EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -111,7 +112,7 @@ async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
     if dev_mode {
         match dev::setup(&mut cfg) {
             Ok(setup) => {
-                opts.store = Some(setup.store);
+                opts.store = Some(KeySource::Memory(setup.store));
                 opts.dev_jwks = Some(setup.jwks_json);
                 credentials = Some(setup.credentials);
             }

@@ -1,5 +1,7 @@
 //! The decision log at its most verbose (every target at TRACE, allows and denials logged) never
 //! contains a credential: no key, no token, no `Authorization` value, for every decision-table case.
+//! Under a flood of denials it stays within `log.deny_lines_per_sec` per reason, and what it leaves
+//! out is counted and reported.
 
 mod support;
 
@@ -181,4 +183,91 @@ async fn no_credential_is_ever_logged() {
         serde_json::from_str::<serde_json::Value>(line)
             .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
     }
+}
+
+#[tokio::test]
+async fn a_flood_of_denials_is_logged_within_budget_and_what_is_left_out_is_counted() {
+    // This test's own subscriber, for this thread only: the daemon runs on this test's
+    // single-threaded runtime, and the other test keeps the global one.
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(move || sink.clone())
+            .finish(),
+    );
+    let env = TestEnv::start_with(EnvOptions {
+        log_yaml: Some(
+            "log: { allow_level: info, deny_level: info, deny_lines_per_sec: 5 }".into(),
+        ),
+        ..Default::default()
+    })
+    .await;
+    let jwt = format!("Bearer {}", env.user_token("user_abc", Some(TENANT)));
+
+    // The test clock stands still: all of this falls in one second of the budget.
+    for _ in 0..12 {
+        assert_denied(&env.check(API_PATH, &[]).await, 401, "missing_credentials");
+    }
+    for _ in 0..3 {
+        assert_denied(
+            &env.check(API_PATH, &[("x-api-key", &env.keys.unknown)])
+                .await,
+            401,
+            "invalid_api_key",
+        );
+    }
+    for _ in 0..8 {
+        allowed(&env.check(API_PATH, &[("authorization", &jwt)]).await);
+    }
+    env.clock.advance(std::time::Duration::from_secs(1));
+    assert_denied(&env.check(API_PATH, &[]).await, 401, "missing_credentials");
+    let m = scrape(&env).await;
+    env.stop().await;
+
+    let lines: Vec<serde_json::Value> = String::from_utf8(captured.0.lock().unwrap().clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["fields"]["message"] == "Decision.")
+        .collect();
+    let of = |reason: &str| -> Vec<&serde_json::Value> {
+        lines
+            .iter()
+            .filter(|v| v["fields"]["reason"] == reason)
+            .map(|v| &v["fields"])
+            .collect()
+    };
+    let missing = of("missing_credentials");
+    assert_eq!(missing.len(), 6, "5 in the first second, 1 in the next");
+    assert!(missing[..5].iter().all(|f| f.get("suppressed").is_none()));
+    assert_eq!(
+        missing[5]["suppressed"], 7,
+        "the next line reports what was left out"
+    );
+    assert_eq!(
+        of("invalid_api_key").len(),
+        3,
+        "another reason, its own budget"
+    );
+    assert_eq!(of("ok").len(), 8, "allows are not limited");
+
+    let suppressed = |reason| {
+        m.get(
+            "gybc_authz_decision_log_suppressed_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(suppressed("missing_credentials"), 7.0);
+    assert_eq!(suppressed("invalid_api_key"), 0.0);
+    assert_eq!(
+        m.get(
+            "gybc_authz_decisions_total",
+            &[("method", "none"), ("reason", "missing_credentials")]
+        ),
+        13.0,
+        "every decision is counted, logged or not"
+    );
 }

@@ -9,6 +9,7 @@ use support::*;
 
 const DECISIONS: &str = "gybc_authz_decisions_total";
 const CACHE: &str = "gybc_authz_cache_requests_total";
+const LOOKUPS: &str = "gybc_authz_key_lookups_total";
 
 fn decisions(m: &Metrics, method: &str, outcome: &str, reason: &str) -> f64 {
     m.get(
@@ -31,7 +32,7 @@ async fn counters_and_histogram_move_by_exactly_the_requests_made() {
         &env.check(API_PATH, &[("authorization", "Bearer a.b.c")])
             .await,
     );
-    // key_limited (2/60 s): miss then hit, then 429 (another hit).
+    // key_limited (2/60 s): two allows, then 429; three lookups in the key file.
     allowed(
         &env.check(API_PATH, &[("x-api-key", &env.keys.limited)])
             .await,
@@ -46,7 +47,7 @@ async fn counters_and_histogram_move_by_exactly_the_requests_made() {
         429,
         "rate_limited",
     );
-    // An unknown key twice: a miss, then a negative hit.
+    // An unknown key twice: two lookups that find nothing.
     assert_denied(
         &env.check(API_PATH, &[("x-api-key", &env.keys.unknown)])
             .await,
@@ -59,7 +60,7 @@ async fn counters_and_histogram_move_by_exactly_the_requests_made() {
         401,
         "invalid_api_key",
     );
-    // A malformed key never reaches the cache.
+    // A malformed key is never looked up.
     assert_denied(
         &env.check(API_PATH, &[("x-api-key", "sk_nope")]).await,
         401,
@@ -103,18 +104,32 @@ async fn counters_and_histogram_move_by_exactly_the_requests_made() {
         delta(&|m| m.get(CACHE, &[("cache", "jwt"), ("result", "hit")])),
         1.0
     );
-    assert_eq!(
-        delta(&|m| m.get(CACHE, &[("cache", "keys"), ("result", "miss")])),
-        2.0
-    );
-    assert_eq!(
-        delta(&|m| m.get(CACHE, &[("cache", "keys"), ("result", "hit")])),
-        2.0
-    );
-    assert_eq!(
-        delta(&|m| m.get(CACHE, &[("cache", "negative_keys"), ("result", "hit")])),
-        1.0
-    );
+    let lookups =
+        |result: &str| delta(&|m| m.get(LOOKUPS, &[("store", "file"), ("result", result)]));
+    assert_eq!(lookups("found"), 3.0);
+    assert_eq!(lookups("not_found"), 2.0);
+    assert_eq!(lookups("error"), 0.0);
+    // The key file is its own index: no key cache in front of it, so no key cache series at all
+    // (a dashboard shows "no data" for it rather than a cache that never moves).
+    let has_series = |name: &str, label: &str| {
+        after
+            .0
+            .lines()
+            .any(|l| l.starts_with(name) && l.contains(label))
+    };
+    for cache in ["keys", "negative_keys"] {
+        assert!(
+            !has_series(CACHE, &format!("cache=\"{cache}\"")),
+            "a file store has no {cache} cache series"
+        );
+    }
+    assert!(has_series(CACHE, "cache=\"jwt\""));
+    for store in ["redis", "memory", "none"] {
+        assert!(
+            !has_series(LOOKUPS, &format!("store=\"{store}\"")),
+            "only the configured store has lookup series"
+        );
+    }
     // Latency buckets run from 10 µs to 1 s.
     assert!(
         after
@@ -310,8 +325,17 @@ async fn dashboard_and_alerts_only_query_metrics_that_exist() {
         "GybcAuthzBackendErrors",
         "GybcAuthzJwksRefreshFailing",
         "GybcAuthzLatencyHigh",
+        "GybcAuthzRedisBreakerOpen",
+        "GybcAuthzKeyLookupsFailing",
     ] {
         assert!(rules.contains(alert), "{alert} missing");
     }
+    // Key lookups are shown for every store; the key cache's hit ratio only exists for Redis.
+    assert!(
+        exprs
+            .iter()
+            .any(|e| e.contains("gybc_authz_key_lookups_total")),
+        "the dashboard shows key lookups"
+    );
     env.stop().await;
 }

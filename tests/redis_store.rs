@@ -73,6 +73,54 @@ async fn two_replicas_share_one_limit_and_agree_on_headers() {
     b.stop().await;
 }
 
+/// Redis lookups go through the key cache, and both say so: every lookup in `key_lookups_total`
+/// under `store="redis"`, and how the cache answered in `cache_requests_total` (series a file
+/// store does not have).
+#[tokio::test]
+async fn redis_lookups_are_counted_with_the_cache_that_answered_them() {
+    let redis = RedisServer::start();
+    let keys = TestKeys::generate();
+    seed(&redis.url(), &keys.records()).await;
+    let env = replica(&[redis.url()], false, &keys, "fail_open").await;
+    let before = scrape(&env).await;
+    for _ in 0..2 {
+        allowed(&env.check(API_PATH, &[("x-api-key", &keys.secret)]).await);
+        assert_denied(
+            &env.check(API_PATH, &[("x-api-key", &keys.unknown)]).await,
+            401,
+            "invalid_api_key",
+        );
+    }
+    let after = scrape(&env).await;
+    let delta =
+        |name: &str, labels: &[(&str, &str)]| after.get(name, labels) - before.get(name, labels);
+    let lookups = "gybc_authz_key_lookups_total";
+    assert_eq!(
+        delta(lookups, &[("store", "redis"), ("result", "found")]),
+        2.0
+    );
+    assert_eq!(
+        delta(lookups, &[("store", "redis"), ("result", "not_found")]),
+        2.0
+    );
+    assert_eq!(
+        delta(lookups, &[("store", "redis"), ("result", "error")]),
+        0.0
+    );
+    let cache = "gybc_authz_cache_requests_total";
+    assert_eq!(delta(cache, &[("cache", "keys"), ("result", "miss")]), 2.0);
+    assert_eq!(delta(cache, &[("cache", "keys"), ("result", "hit")]), 1.0);
+    assert_eq!(
+        delta(cache, &[("cache", "negative_keys"), ("result", "hit")]),
+        1.0
+    );
+    assert!(
+        env.daemon.as_ref().unwrap().keys.cached_entries().is_some(),
+        "Redis has the key cache in front"
+    );
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_revoked_key_is_denied_by_every_replica_within_one_second() {
     let redis = RedisServer::start();
@@ -152,16 +200,16 @@ async fn redis_killed_mid_test_fail_open() {
         7.0,
         "every fallback is counted"
     );
-    assert_eq!(
+    // The first failures in a row open the breaker; the rest are answered without asking Redis.
+    let errors = |kind: &str| {
         m.get(
             "gybc_authz_backend_errors_total",
-            &[("backend", "rate_limit"), ("kind", "error")]
-        ) + m.get(
-            "gybc_authz_backend_errors_total",
-            &[("backend", "rate_limit"), ("kind", "timeout")]
-        ),
-        7.0
-    );
+            &[("backend", "rate_limit"), ("kind", kind)],
+        )
+    };
+    assert_eq!(errors("error") + errors("timeout"), 3.0);
+    assert_eq!(errors("breaker_open"), 4.0);
+    assert_eq!(m.get("gybc_authz_redis_breaker_open", &[]), 1.0);
     wait_until(
         "redis_connected gauge drops",
         Duration::from_secs(5),

@@ -19,6 +19,8 @@ use gybc_authz_engine::answer::{Answer, Header};
 use gybc_authz_engine::config::LimitsConfig;
 use gybc_authz_engine::request::RequestContext;
 use gybc_authz_engine::route::RouteSettings;
+use gybc_authz_engine::trace_context::{self, TraceHeaders, TraceParent};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 pub struct AuthzService {
@@ -32,8 +34,11 @@ impl Authorization for AuthzService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
-        let ctx = read(request.get_ref(), self.engine.limits())
+        let mut ctx = read(request.get_ref(), self.engine.limits())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(parent) = envoy_span(request.metadata()) {
+            ctx = ctx.with_trace_parent(parent);
+        }
         let decision = self.engine.decide(&ctx).await;
         let response = write(self.engine.answer(&decision));
         self.engine.observe(&ctx, &decision, started.elapsed());
@@ -76,6 +81,27 @@ pub fn read(req: &CheckRequest, limits: &LimitsConfig) -> Result<RequestContext,
     Ok(ctx.with_route(RouteSettings::parse(&attrs.context_extensions)))
 }
 
+/// Envoy's own span for this Check, when Envoy traces: its gRPC client passes the span in the
+/// call's metadata. It is a closer parent than the one in the request's headers, which names
+/// the span before Envoy's.
+fn envoy_span(metadata: &MetadataMap) -> Option<TraceParent> {
+    let mut trace = TraceHeaders::default();
+    for name in [
+        trace_context::TRACEPARENT,
+        trace_context::TRACESTATE,
+        trace_context::B3,
+        trace_context::X_B3_TRACE_ID,
+        trace_context::X_B3_SPAN_ID,
+        trace_context::X_B3_SAMPLED,
+        trace_context::X_B3_FLAGS,
+    ] {
+        for value in metadata.get_all(name) {
+            trace.header(name, value.to_str().unwrap_or_default());
+        }
+    }
+    trace.finish()
+}
+
 /// The answer in ext_authz's terms. A denial needs a non-zero status code, or Envoy lets it
 /// through.
 pub fn write(answer: Answer<'_>) -> CheckResponse {
@@ -90,9 +116,9 @@ pub fn write(answer: Answer<'_>) -> CheckResponse {
                 ..Default::default()
             }),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers: upstream.iter().map(overwrite).collect(),
+                headers: upstream.into_iter().map(overwrite).collect(),
                 headers_to_remove: remove_upstream.iter().map(|h| (*h).to_owned()).collect(),
-                response_headers_to_add: downstream.iter().map(overwrite).collect(),
+                response_headers_to_add: downstream.into_iter().map(overwrite).collect(),
                 ..Default::default()
             })),
             ..Default::default()
@@ -112,7 +138,7 @@ pub fn write(answer: Answer<'_>) -> CheckResponse {
                 status: Some(HttpStatus {
                     code: i32::from(status),
                 }),
-                headers: headers.iter().map(overwrite).collect(),
+                headers: headers.into_iter().map(overwrite).collect(),
                 body: body.to_owned(),
             })),
             ..Default::default()
@@ -120,11 +146,13 @@ pub fn write(answer: Answer<'_>) -> CheckResponse {
     }
 }
 
-fn overwrite(h: &Header<'_>) -> HeaderValueOption {
+/// Takes the header by value: a value the answer built (a rate-limit number) moves into the
+/// message instead of being copied.
+fn overwrite(h: Header<'_>) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: h.name.to_owned(),
-            value: h.value.clone().into_owned(),
+            value: h.value.into_owned(),
             ..Default::default()
         }),
         // Envoy's newer source honours append_action; unset would append beside a spoofed copy.
@@ -170,6 +198,24 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn envoys_span_in_the_call_metadata_is_the_parent() {
+        let mut metadata = MetadataMap::new();
+        assert_eq!(envoy_span(&metadata), None);
+        metadata.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        let parent = envoy_span(&metadata).unwrap();
+        assert_eq!(
+            parent.span_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
+        assert_eq!(parent.sampled, Some(true));
     }
 
     #[test]
@@ -221,7 +267,7 @@ mod tests {
                 tenant: Some("t1".into()),
                 user: Some("u1".into()),
                 key_id: None,
-                scopes: vec![],
+                scopes: None,
                 impersonated_by: None,
             }),
             rate: None,

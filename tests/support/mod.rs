@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod envoy;
+pub mod otlp;
 pub mod redis;
 
 use std::collections::BTreeMap;
@@ -233,6 +234,8 @@ pub struct TestEnv {
     pub daemon: Option<Running>,
     pub client: AuthorizationClient<Channel>,
     pub key_file: PathBuf,
+    /// The daemon's config as written, for a second host of the same engine (Envoy's module).
+    pub config_yaml: String,
 }
 
 /// Extra YAML for the test config (appended), and a store override.
@@ -295,7 +298,8 @@ jwt:
             cfg,
             Options {
                 clock: clock.clone(),
-                store: opts.store,
+                // A test's store stands in for a remote one: behind the key cache, as Redis is.
+                store: opts.store.map(gybc_authz_engine::KeySource::Remote),
                 dev_jwks: None,
             },
         )
@@ -317,6 +321,7 @@ jwt:
             daemon: Some(daemon),
             client,
             key_file,
+            config_yaml: yaml,
         }
     }
 
@@ -564,10 +569,7 @@ impl gybc_authz_engine::store::KeyStore for UnreachableStore {
         _: &'a KeyHash,
     ) -> futures_util::future::BoxFuture<
         'a,
-        Result<
-            Option<Arc<gybc_authz_engine::store::KeyRecord>>,
-            gybc_authz_engine::store::StoreError,
-        >,
+        Result<Option<Arc<gybc_authz_engine::store::Key>>, gybc_authz_engine::store::StoreError>,
     > {
         Box::pin(async {
             Err(gybc_authz_engine::store::StoreError::Unavailable(

@@ -97,6 +97,22 @@ impl Answers {
         &self.denials[i]
     }
 
+    /// Every request header an allow may set or remove upstream. A door whose header removals
+    /// cost something (Envoy's) can skip removing one the request does not carry.
+    pub fn upstream_names(&self) -> [&str; 8] {
+        let n = &self.names;
+        [
+            &n.tenant_id,
+            &n.user_id,
+            &n.auth_method,
+            &n.api_key_id,
+            &n.scopes,
+            &n.impersonated_by,
+            X_API_KEY,
+            X_ON_BEHALF_OF,
+        ]
+    }
+
     pub fn answer<'a>(&'a self, decision: &'a Decision) -> Answer<'a> {
         match decision {
             Decision::Allow(grant) => self.allow(grant),
@@ -106,9 +122,11 @@ impl Answers {
 
     fn allow<'a>(&'a self, grant: &'a Grant) -> Answer<'a> {
         let id = grant.identity.as_ref();
+        // Joined when the key was loaded: every allow of the key borrows the same value.
         let scopes = id
-            .filter(|i| !i.scopes.is_empty())
-            .map(|i| Cow::Owned(i.scopes.join(" ")));
+            .and_then(|i| i.scopes.as_deref())
+            .filter(|s| !s.is_empty())
+            .map(|s| Cow::Borrowed(&*s.joined));
         let values: [(&str, Option<Cow<'a, str>>); 6] = [
             (
                 &self.names.tenant_id,
@@ -147,7 +165,7 @@ impl Answers {
             remove_upstream.push(X_API_KEY);
         }
         remove_upstream.push(X_ON_BEHALF_OF);
-        let mut downstream = Vec::new();
+        let mut downstream = Vec::with_capacity(if self.ietf_headers { 6 } else { 4 });
         if let Some(rate) = &grant.rate {
             self.rate_headers(rate, &mut downstream);
         }
@@ -182,7 +200,7 @@ impl Answers {
     fn rate_headers<'a>(&self, r: &RateStatus, out: &mut Vec<Header<'a>>) {
         let number = |name: &'a str, n: u64| Header {
             name,
-            value: Cow::Owned(n.to_string()),
+            value: Cow::Owned(itoa::Buffer::new().format(n).to_owned()),
         };
         out.push(number("x-ratelimit-limit", r.limit.into()));
         out.push(number("x-ratelimit-remaining", r.remaining.into()));
@@ -192,16 +210,27 @@ impl Answers {
         }
         if self.ietf_headers {
             // draft-ietf-httpapi-ratelimit-headers: the reset is relative there, in seconds.
+            let mut n = itoa::Buffer::new();
+            let mut value = String::with_capacity(64);
+            for (part, number) in [
+                ("limit=", u64::from(r.limit)),
+                (", remaining=", r.remaining.into()),
+                (", reset=", r.reset_after),
+            ] {
+                value.push_str(part);
+                value.push_str(n.format(number));
+            }
             out.push(Header {
                 name: "ratelimit",
-                value: Cow::Owned(format!(
-                    "limit={}, remaining={}, reset={}",
-                    r.limit, r.remaining, r.reset_after
-                )),
+                value: Cow::Owned(value),
             });
+            let mut value = String::with_capacity(24);
+            value.push_str(n.format(r.limit));
+            value.push_str(";w=");
+            value.push_str(n.format(r.window_secs));
             out.push(Header {
                 name: "ratelimit-policy",
-                value: Cow::Owned(format!("{};w={}", r.limit, r.window_secs)),
+                value: Cow::Owned(value),
             });
         }
     }

@@ -9,15 +9,16 @@ use crate::authn::{JwtVerifier, VerifiedToken};
 use crate::clock::Clock;
 use crate::credentials::{self, Credentials};
 use crate::decision::{AuthMethod, Decision, Denial, Grant, Identity, Reason};
-use crate::observe::{Backend, Observer};
+use crate::observe::Observer;
+use crate::otel::{ChildSpan, KEY_STORE_LOOKUP_SPAN};
 use crate::policy::{impersonation, origin, tenant};
 use crate::ratelimit::{RateLimit, RateLimitError, RateLimiter};
 use crate::request::RequestContext;
-use crate::store::{CachedStore, KeyRecord};
+use crate::store::{CacheOutcome, Key, Keys};
 
 pub struct Authorizer {
     pub jwt: Arc<JwtVerifier>,
-    pub keys: Arc<CachedStore>,
+    pub keys: Keys,
     pub limiter: Arc<dyn RateLimiter>,
     pub clock: Arc<dyn Clock>,
     pub default_rate_limit: RateLimit,
@@ -81,7 +82,7 @@ impl Authorizer {
             .await
             .map_err(|d| d.by(jwt, None, None))?;
         let refused = |d: Denial| d.by(jwt, verified.tenant.as_deref(), None);
-        route_allows(req, jwt, &[]).map_err(refused)?;
+        route_allows(req, jwt, None).map_err(refused)?;
         impersonation::authorize(jwt, &[], on_behalf_of).map_err(refused)?;
         let tenant = if req.route.tenantless && verified.tenant.is_none() {
             None
@@ -96,10 +97,10 @@ impl Authorizer {
         Ok(Grant {
             identity: Some(Identity {
                 method: jwt,
-                tenant,
+                tenant: tenant.map(Arc::from),
                 user: Some(verified.sub.clone()),
                 key_id: None,
-                scopes: Vec::new(),
+                scopes: None,
                 impersonated_by: None,
             }),
             rate: None,
@@ -119,16 +120,16 @@ impl Authorizer {
             .await
             .map_err(|d| d.by(method, None, None))?;
         let refused = |d: Denial| refused_key(d, method, &record);
-        route_allows(req, method, &record.scopes).map_err(refused)?;
-        let user =
-            impersonation::authorize(method, &record.scopes, on_behalf_of).map_err(refused)?;
+        route_allows(req, method, Some(&record.scopes().names)).map_err(refused)?;
+        let user = impersonation::authorize(method, &record.scopes().names, on_behalf_of)
+            .map_err(refused)?;
         let identity = Identity {
             method,
-            tenant: Some(record.tenant.clone()),
+            tenant: Some(record.tenant().clone()),
             user: user.map(str::to_owned),
-            key_id: Some(record.id.clone()),
-            scopes: record.scopes.clone(),
-            impersonated_by: user.map(|_| record.id.clone()),
+            key_id: Some(record.id().clone()),
+            scopes: Some(record.scopes().clone()),
+            impersonated_by: user.map(|_| record.id().clone()),
         };
         self.rate_limited(&record, identity).await
     }
@@ -151,9 +152,10 @@ impl Authorizer {
             .ok_or(Denial::new(Reason::UserTokenRequired))
             .and_then(|t| t)
             .map_err(refused)?;
-        let provider = match &record.jwt_provider {
+        let extras = record.publishable();
+        let provider = match extras.and_then(|p| p.jwt_provider.as_deref()) {
             Some(name) => self.jwt.provider_index(name).ok_or_else(|| {
-                tracing::warn!(key_id = %record.id, provider = %name, "Publishable key names an unknown JWT provider.");
+                tracing::warn!(key_id = %record.id(), provider = %name, "Publishable key names an unknown JWT provider.");
                 refused(Denial::because(Reason::InvalidApiKey, "unknown_provider"))
             })?,
             None => self
@@ -162,23 +164,24 @@ impl Authorizer {
                 .ok_or_else(|| refused(Denial::because(Reason::InvalidToken, "no_provider")))?,
         };
         let verified = self.verify(provider, token).await.map_err(refused)?;
-        route_allows(req, method, &record.scopes).map_err(refused)?;
-        if !origin::allowed(&record.allowed_origins, req.origin.as_deref()) {
+        route_allows(req, method, Some(&record.scopes().names)).map_err(refused)?;
+        let origins = extras.map_or(&[][..], |p| &p.allowed_origins);
+        if !origin::allowed(origins, req.origin.as_deref()) {
             return Err(refused(Denial::new(Reason::OriginNotAllowed)));
         }
         tenant::for_publishable(
-            &record.tenant,
-            record.identity_platform_tenant.as_deref(),
+            record.tenant(),
+            extras.and_then(|p| p.identity_platform_tenant.as_deref()),
             &verified,
         )
         .map_err(refused)?;
-        impersonation::authorize(method, &record.scopes, on_behalf_of).map_err(refused)?;
+        impersonation::authorize(method, &record.scopes().names, on_behalf_of).map_err(refused)?;
         let identity = Identity {
             method,
-            tenant: Some(record.tenant.clone()),
+            tenant: Some(record.tenant().clone()),
             user: Some(verified.sub.clone()),
-            key_id: Some(record.id.clone()),
-            scopes: record.scopes.clone(),
+            key_id: Some(record.id().clone()),
+            scopes: Some(record.scopes().clone()),
             impersonated_by: None,
         };
         self.rate_limited(&record, identity).await
@@ -192,19 +195,28 @@ impl Authorizer {
     }
 
     /// The key's record, if it exists, matches the key's kind, and is usable now.
-    async fn key_record(&self, key: &ApiKey<'_>) -> Result<Arc<KeyRecord>, Denial> {
+    async fn key_record(&self, key: &ApiKey<'_>) -> Result<Arc<Key>, Denial> {
+        // Only a cache miss reaches a remote store; an in-memory hit is not worth a span.
+        let mut span = ChildSpan::start(KEY_STORE_LOOKUP_SPAN);
         let record = match self.keys.lookup_traced(&key.hash()).await {
-            Ok((found, outcome)) => {
-                self.observer.key_lookup(outcome, found.is_some());
+            Ok((found, cache)) => {
+                if cache == Some(CacheOutcome::Miss) {
+                    span.set("gybc_authz.key_found", found.is_some());
+                } else {
+                    span.discard();
+                }
+                self.observer
+                    .key_lookup(self.keys.kind(), cache, found.is_some());
                 found.ok_or(Denial::because(Reason::InvalidApiKey, "unknown"))?
             }
             Err(e) => {
-                self.observer
-                    .backend_error(Backend::KeyStore, "unavailable", &e);
+                span.fail("unavailable");
+                self.observer.key_lookup_failed(self.keys.kind());
+                self.observer.key_store_error("unavailable", &e);
                 return Err(Denial::because(Reason::Unavailable, "key_store"));
             }
         };
-        if record.kind != key.kind() {
+        if record.kind() != key.kind() {
             return Err(Denial::because(Reason::InvalidApiKey, "kind"));
         }
         if !record.is_usable(self.clock.now_secs()) {
@@ -214,9 +226,9 @@ impl Authorizer {
     }
 
     /// Counts the request against the key's limit; the status rides on the allow or the 429.
-    async fn rate_limited(&self, record: &KeyRecord, identity: Identity) -> Result<Grant, Denial> {
-        let limit = record.rate_limit.unwrap_or(self.default_rate_limit);
-        match self.limiter.check(&record.id, limit).await {
+    async fn rate_limited(&self, record: &Key, identity: Identity) -> Result<Grant, Denial> {
+        let limit = record.rate_limit().unwrap_or(self.default_rate_limit);
+        match self.limiter.check(record.id(), limit).await {
             Ok(status) if status.allowed => Ok(Grant {
                 identity: Some(identity),
                 rate: Some(status),
@@ -236,17 +248,23 @@ impl Authorizer {
 }
 
 /// The route's own rules, once the caller's method (and a key's scopes) are known.
-fn route_allows(req: &RequestContext, method: AuthMethod, scopes: &[String]) -> Result<(), Denial> {
+fn route_allows(
+    req: &RequestContext,
+    method: AuthMethod,
+    key_scopes: Option<&[String]>,
+) -> Result<(), Denial> {
     if !req.route.allows_method(method) {
         return Err(Denial::new(Reason::MethodNotAllowed));
     }
-    if method != AuthMethod::Jwt && req.route.missing_scope(scopes).is_some() {
+    if let Some(scopes) = key_scopes
+        && req.route.missing_scope(scopes).is_some()
+    {
         return Err(Denial::new(Reason::InsufficientScope));
     }
     Ok(())
 }
 
 /// A denial of a caller whose key is known.
-fn refused_key(d: Denial, method: AuthMethod, record: &KeyRecord) -> Denial {
-    d.by(method, Some(&record.tenant), Some(&record.id))
+fn refused_key(d: Denial, method: AuthMethod, record: &Key) -> Denial {
+    d.by(method, Some(record.tenant()), Some(record.id()))
 }

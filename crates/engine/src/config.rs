@@ -78,7 +78,7 @@ pub struct Config {
     pub key_store: KeyStoreConfig,
     /// The shared Redis (key store, revocations, rate limits), when either uses it.
     pub redis: Option<RedisConfig>,
-    /// In-process cache in front of the key store.
+    /// In-process cache in front of the Redis key store (an in-memory store is not cached again).
     pub key_cache: KeyCacheConfig,
     /// Rate limiting of API-key traffic.
     pub rate_limit: RateLimitConfig,
@@ -92,6 +92,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// OpenTelemetry spans of decisions, sent to an OTLP collector. Off unless set.
+    pub tracing_export: Option<TracingExportConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -306,9 +308,53 @@ pub struct RedisConfig {
     /// Connect timeout, ms. Default 1000.
     #[serde(default = "default_redis_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// When to stop waiting on a Redis that keeps timing out or failing, and how it is tested
+    /// again.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
     /// The password, read from `password_file` or `password_env` while loading.
     #[serde(skip)]
     pub password: Option<Secret>,
+}
+
+/// Redis timeouts or errors in a row that open the circuit breaker.
+pub const DEFAULT_BREAKER_FAILURES: u32 = 3;
+/// First wait before probing an open breaker's Redis, ms.
+pub const DEFAULT_BREAKER_PROBE_INTERVAL_MS: u64 = 200;
+/// Longest wait between probes, ms: below a second, so the fleet limit is back within a second
+/// of Redis answering again.
+pub const DEFAULT_BREAKER_MAX_PROBE_INTERVAL_MS: u64 = 500;
+/// Upper bound on `redis.breaker.failures`: a breaker that waits for more is no breaker.
+pub const MAX_BREAKER_FAILURES: u32 = 100;
+/// Lower bound on the probe intervals, ms, so an open breaker cannot become a busy loop.
+pub const MIN_BREAKER_PROBE_INTERVAL_MS: u64 = 10;
+
+/// The circuit breaker on the Redis connection. After `failures` timeouts or errors in a row the
+/// replica stops sending commands: the rate limiter answers by `rate_limit.failure_mode` at once
+/// and an uncached key gets 503 `unavailable` at once, instead of each waiting `timeout_ms`.
+/// Cached keys keep working. One PING per probe interval tests Redis; the first answer closes it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Timeouts or errors in a row that open the breaker. Default 3, at most 100.
+    pub failures: u32,
+    /// Wait before the first probe, ms; doubled after each unanswered probe. Default 200, at
+    /// least 10.
+    pub probe_interval_ms: u64,
+    /// Longest wait between probes, ms. Default 500, at least `probe_interval_ms`. Redis is
+    /// noticed back within about this long, so keep it under 1000 for the fleet limit to be
+    /// exact again within a second.
+    pub max_probe_interval_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: DEFAULT_BREAKER_FAILURES,
+            probe_interval_ms: DEFAULT_BREAKER_PROBE_INTERVAL_MS,
+            max_probe_interval_ms: DEFAULT_BREAKER_MAX_PROBE_INTERVAL_MS,
+        }
+    }
 }
 
 fn default_redis_prefix() -> String {
@@ -523,7 +569,15 @@ pub struct LogConfig {
     pub allow_level: DecisionLevel,
     /// Level of the per-decision line for denials. Default `info`.
     pub deny_level: DecisionLevel,
+    /// Most denial lines written per second for each reason. Default 100, at least 1. A flood
+    /// of denials (a bot replaying a bad key) then cannot flood the log; the lines left out
+    /// are counted in `gybc_authz_decision_log_suppressed_total` and reported as `suppressed`
+    /// on the next line written for that reason. Allows are not limited.
+    pub deny_lines_per_sec: u32,
 }
+
+/// Denial lines per second per reason.
+pub const DEFAULT_DENY_LINES_PER_SEC: u32 = 100;
 
 impl Default for LogConfig {
     fn default() -> Self {
@@ -532,6 +586,7 @@ impl Default for LogConfig {
             format: LogFormat::Json,
             allow_level: DecisionLevel::Debug,
             deny_level: DecisionLevel::Info,
+            deny_lines_per_sec: DEFAULT_DENY_LINES_PER_SEC,
         }
     }
 }
@@ -550,6 +605,150 @@ pub enum DecisionLevel {
     Debug,
     Info,
     Warn,
+}
+
+/// `service.name` of the decision spans.
+pub const DEFAULT_TRACE_SERVICE_NAME: &str = "gybc-authz";
+/// Sampling of checks that arrive without a trace context: none, so only traces the caller
+/// sampled get a decision span.
+pub const DEFAULT_TRACE_SAMPLE_RATIO: f64 = 0.0;
+/// Spans waiting for export; when full, new spans are dropped (and counted), never waited on.
+pub const DEFAULT_TRACE_MAX_QUEUE_SPANS: usize = 2_048;
+/// Spans sent in one export request.
+pub const DEFAULT_TRACE_MAX_BATCH_SPANS: usize = 512;
+/// A partial batch is sent after this long.
+pub const DEFAULT_TRACE_BATCH_INTERVAL_MS: u64 = 5_000;
+/// One export request (retries included) gives up after this long; its spans are dropped.
+pub const DEFAULT_TRACE_EXPORT_TIMEOUT_MS: u64 = 10_000;
+/// Upper bounds, so a typo cannot hold gigabytes of spans or stall export for an hour.
+pub const MAX_TRACE_QUEUE_SPANS: usize = 1_000_000;
+pub const MAX_TRACE_EXPORT_TIMEOUT_MS: u64 = 60_000;
+
+/// Each decision as a span in the caller's trace: a child of the `traceparent` (or B3) context
+/// the request carries, sampled as the caller sampled it, exported in batches off the request
+/// path. An unreachable collector costs dropped spans (`gybc_authz_trace_spans_dropped_total`),
+/// never a slower or failed decision. `OTEL_EXPORTER_OTLP_TRACES_HEADERS` (or
+/// `OTEL_EXPORTER_OTLP_HEADERS`) adds headers to export requests, e.g. a collector's API key,
+/// and `OTEL_RESOURCE_ATTRIBUTES` adds resource attributes (pod name, namespace).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TracingExportConfig {
+    /// The collector's OTLP endpoint: `http://otel-collector:4317` for `grpc`,
+    /// `http://otel-collector:4318` for `http` (`/v1/traces` is added when the URL has no path).
+    /// `https://` uses TLS with the public web roots. Required.
+    pub otlp_endpoint: String,
+    /// `grpc` (default) or `http` (OTLP/HTTP with protobuf bodies).
+    #[serde(default)]
+    pub protocol: OtlpProtocol,
+    /// Share of checks without a caller's trace context that start a trace of their own, 0 to 1.
+    /// A caller's sampled flag is always followed, whatever this says. Default 0.
+    #[serde(default = "default_trace_sample_ratio")]
+    pub sample_ratio: f64,
+    /// `service.name` of the exported spans. Default `gybc-authz`.
+    #[serde(default = "default_trace_service_name")]
+    pub service_name: String,
+    /// Spans held for export at most; past it new spans are dropped and counted. Default 2048.
+    #[serde(default = "default_trace_max_queue_spans")]
+    pub max_queue_spans: usize,
+    /// Spans per export request, at most `max_queue_spans`. Default 512.
+    #[serde(default = "default_trace_max_batch_spans")]
+    pub max_batch_spans: usize,
+    /// A batch that is not full is sent after this long, ms. Default 5000.
+    #[serde(default = "default_trace_batch_interval_ms")]
+    pub batch_interval_ms: u64,
+    /// One export request, retries included, gives up after this long and its spans are dropped,
+    /// ms. Default 10000, at most 60000.
+    #[serde(default = "default_trace_export_timeout_ms")]
+    pub export_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    #[default]
+    Grpc,
+    Http,
+}
+
+fn default_trace_service_name() -> String {
+    DEFAULT_TRACE_SERVICE_NAME.to_owned()
+}
+fn default_trace_sample_ratio() -> f64 {
+    DEFAULT_TRACE_SAMPLE_RATIO
+}
+fn default_trace_max_queue_spans() -> usize {
+    DEFAULT_TRACE_MAX_QUEUE_SPANS
+}
+fn default_trace_max_batch_spans() -> usize {
+    DEFAULT_TRACE_MAX_BATCH_SPANS
+}
+fn default_trace_batch_interval_ms() -> u64 {
+    DEFAULT_TRACE_BATCH_INTERVAL_MS
+}
+fn default_trace_export_timeout_ms() -> u64 {
+    DEFAULT_TRACE_EXPORT_TIMEOUT_MS
+}
+
+impl TracingExportConfig {
+    /// Every problem of the section, each against its field under `tracing_export.`.
+    fn validate(&self, err: &mut dyn FnMut(String, String)) {
+        let at = |f: &str| format!("tracing_export.{f}");
+        if let Err(why) = check_otlp_endpoint(&self.otlp_endpoint, self.protocol) {
+            err(at("otlp_endpoint"), why.into());
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            err(at("sample_ratio"), "must be between 0 and 1".into());
+        }
+        if self.service_name.trim().is_empty()
+            || self.service_name.len() > 255
+            || self.service_name.contains(char::is_control)
+        {
+            err(
+                at("service_name"),
+                "must be 1 to 255 characters without control characters".into(),
+            );
+        }
+        if !(1..=MAX_TRACE_QUEUE_SPANS).contains(&self.max_queue_spans) {
+            err(
+                at("max_queue_spans"),
+                format!("must be between 1 and {MAX_TRACE_QUEUE_SPANS}"),
+            );
+        }
+        if self.max_batch_spans == 0 || self.max_batch_spans > self.max_queue_spans {
+            err(
+                at("max_batch_spans"),
+                "must be between 1 and tracing_export.max_queue_spans".into(),
+            );
+        }
+        if self.batch_interval_ms == 0 {
+            err(at("batch_interval_ms"), "must be at least 1".into());
+        }
+        if !(1..=MAX_TRACE_EXPORT_TIMEOUT_MS).contains(&self.export_timeout_ms) {
+            err(
+                at("export_timeout_ms"),
+                format!("must be between 1 and {MAX_TRACE_EXPORT_TIMEOUT_MS}"),
+            );
+        }
+    }
+}
+
+/// An absolute http(s) URL of a host, without credentials (collector keys go in
+/// `OTEL_EXPORTER_OTLP_HEADERS`, never in this file), query or fragment; gRPC takes no path.
+fn check_otlp_endpoint(endpoint: &str, protocol: OtlpProtocol) -> Result<(), &'static str> {
+    let url = reqwest::Url::parse(endpoint).map_err(|_| "must be an http(s) URL")?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err("must be an http(s) URL with a host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain credentials: set OTEL_EXPORTER_OTLP_HEADERS instead");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query or fragment");
+    }
+    if protocol == OtlpProtocol::Grpc && url.path() != "/" {
+        return Err("must have no path with protocol: grpc");
+    }
+    Ok(())
 }
 
 // === errors ===
@@ -883,6 +1082,25 @@ impl Config {
                         "must be at least 1".into(),
                     );
                 }
+                let b = &r.breaker;
+                if !(1..=MAX_BREAKER_FAILURES).contains(&b.failures) {
+                    err(
+                        "redis.breaker.failures".into(),
+                        format!("must be between 1 and {MAX_BREAKER_FAILURES}"),
+                    );
+                }
+                if b.probe_interval_ms < MIN_BREAKER_PROBE_INTERVAL_MS {
+                    err(
+                        "redis.breaker.probe_interval_ms".into(),
+                        format!("must be at least {MIN_BREAKER_PROBE_INTERVAL_MS}"),
+                    );
+                }
+                if b.max_probe_interval_ms < b.probe_interval_ms {
+                    err(
+                        "redis.breaker.max_probe_interval_ms".into(),
+                        "must be at least redis.breaker.probe_interval_ms".into(),
+                    );
+                }
             }
         }
 
@@ -971,10 +1189,19 @@ impl Config {
                 format!("must be at least {MIN_MAX_HEADERS}"),
             );
         }
+        if let Some(t) = &self.tracing_export {
+            t.validate(&mut err);
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             err(
                 "log.level".into(),
                 format!("`{}` is not a valid filter", self.log.level),
+            );
+        }
+        if self.log.deny_lines_per_sec == 0 {
+            err(
+                "log.deny_lines_per_sec".into(),
+                "must be at least 1 (to log no denials, set log.deny_level: off)".into(),
             );
         }
 

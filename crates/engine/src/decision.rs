@@ -1,7 +1,10 @@
 //! What a check decides: an allow carrying the derived identity, or a denial carrying a bounded
 //! reason. Denials are answers, not errors.
 
+use std::sync::Arc;
+
 use crate::ratelimit::RateStatus;
+use crate::store::Scopes;
 
 /// How the caller authenticated; the value of `x-auth-method`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,15 +25,17 @@ impl AuthMethod {
 }
 
 /// The identity an allow hands upstream. Every field comes from a verified token or a key record,
-/// never from a client header (except the user named by an authorised `X-On-Behalf-Of`).
+/// never from a client header (except the user named by an authorised `X-On-Behalf-Of`). A key's
+/// values are shared with its record, not copied per request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub method: AuthMethod,
-    pub tenant: Option<String>,
+    pub tenant: Option<Arc<str>>,
     pub user: Option<String>,
-    pub key_id: Option<String>,
-    pub scopes: Vec<String>,
-    pub impersonated_by: Option<String>,
+    pub key_id: Option<Arc<str>>,
+    /// A key's scopes (with their `x-scopes` value); `None` for a token.
+    pub scopes: Option<Arc<Scopes>>,
+    pub impersonated_by: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

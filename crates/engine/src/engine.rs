@@ -15,15 +15,16 @@ use crate::authn::jwks::{self, Jwks, JwksTiming};
 use crate::authn::{JwtVerifier, Provider};
 use crate::authorize::Authorizer;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, KeyStoreConfig, LimitsConfig, RateLimitBackend};
+use crate::config::{Config, KeySourceConfig, KeyStoreConfig, LimitsConfig, RateLimitBackend};
 use crate::decision::{Decision, Denial, Reason};
 use crate::metrics::Metrics;
 use crate::observe::Observer;
+use crate::otel::{DecisionTracing, TracingSetupError};
 use crate::ratelimit::{LocalLimiter, RateLimiter, RedisLimiter};
 use crate::redis_conn::{Redis, RedisSetupError};
 use crate::request::RequestContext;
 use crate::store::redis::spawn_event_listener;
-use crate::store::{CachedStore, FileStore, KeyFileError, KeyStore, NoStore, RedisStore};
+use crate::store::{CachedStore, FileStore, KeyFileError, KeyStore, Keys, RedisStore};
 
 /// How often the Redis connection-state gauge is refreshed.
 const REDIS_HEALTH_EVERY: Duration = Duration::from_secs(2);
@@ -32,7 +33,15 @@ const REDIS_HEALTH_EVERY: Duration = Duration::from_secs(2);
 pub struct EngineOptions {
     pub clock: Arc<dyn Clock>,
     /// Replaces `key_store` from the config (dev mode's in-memory keys, tests' failing stores).
-    pub store: Option<Arc<dyn KeyStore>>,
+    pub store: Option<KeySource>,
+}
+
+/// A key store given to the engine instead of the configured one.
+pub enum KeySource {
+    /// Keys held in memory (dev mode): looked up directly, like a key file's.
+    Memory(Arc<FileStore>),
+    /// A remote store (tests' stand-ins for Redis): behind the key cache, like Redis.
+    Remote(Arc<dyn KeyStore>),
 }
 
 impl Default for EngineOptions {
@@ -52,6 +61,8 @@ pub enum StartError {
     HttpClient(String),
     #[error(transparent)]
     Redis(#[from] RedisSetupError),
+    #[error(transparent)]
+    Tracing(#[from] TracingSetupError),
 }
 
 /// A started engine and the background tasks that keep it current. Aborting the tasks (or
@@ -66,9 +77,11 @@ pub struct Engine {
     answers: Answers,
     limits: LimitsConfig,
     observer: Arc<Observer>,
+    /// Decision spans, when `tracing_export` is configured.
+    traces: Option<DecisionTracing>,
     /// Set once the key store and every provider's signing keys have loaded; never cleared.
     loaded: watch::Receiver<bool>,
-    pub keys: Arc<CachedStore>,
+    pub keys: Keys,
     pub jwt: Arc<JwtVerifier>,
     pub metrics: Arc<Metrics>,
 }
@@ -79,7 +92,7 @@ impl Engine {
     pub async fn start(cfg: &Config, opts: EngineOptions) -> Result<Started, StartError> {
         let clock = opts.clock;
         let metrics = Arc::new(Metrics::new());
-        let observer = Arc::new(Observer::new(metrics.clone(), &cfg.log));
+        let observer = Arc::new(Observer::new(metrics.clone(), &cfg.log).with_clock(clock.clone()));
 
         // Readiness gates: each resolves once its dependency has loaded.
         let mut gates: Vec<BoxFuture<'static, ()>> = Vec::new();
@@ -89,7 +102,7 @@ impl Engine {
             || cfg.rate_limit.backend == RateLimitBackend::Redis;
         let redis = match (&cfg.redis, needs_redis) {
             (Some(r), true) => {
-                let redis = Redis::connect(r).await?;
+                let redis = Redis::connect_observed(r, observer.clone()).await?;
                 let probe = redis.clone();
                 gates.push(Box::pin(async move {
                     while !probe.ping().await {
@@ -109,11 +122,17 @@ impl Engine {
             _ => None,
         };
 
-        // Key store, and the cache in front of it. A file store drops the cache whenever it
-        // reloads; the Redis store follows the key events channel.
-        let mut file_store = None;
-        let store: Arc<dyn KeyStore> = match (opts.store, &cfg.key_store) {
-            (Some(s), _) => s,
+        // Key store: an in-memory one is asked directly; a remote one (Redis) has the cache in
+        // front, which follows the key events channel.
+        let cached = |store: Arc<dyn KeyStore>| {
+            observer.metrics.register_key_cache();
+            Keys::Cached(Arc::new(
+                CachedStore::new(store, &cfg.key_cache).with_observer(observer.clone()),
+            ))
+        };
+        let keys = match (opts.store, &cfg.key_store) {
+            (Some(KeySource::Memory(s)), _) => Keys::Memory(s),
+            (Some(KeySource::Remote(s)), _) => cached(s),
             (
                 None,
                 KeyStoreConfig::File {
@@ -124,33 +143,21 @@ impl Engine {
                 let s = Arc::new(FileStore::open(path)?);
                 background.push(s.spawn_watcher(Duration::from_millis(*reload_interval_ms)));
                 tracing::info!(keys = s.len(), path = %path.display(), "Key file loaded.");
-                file_store = Some(s.clone());
-                s
+                Keys::Memory(s)
             }
-            (None, KeyStoreConfig::Redis) => Arc::new(RedisStore::new(
+            (None, KeyStoreConfig::Redis) => cached(Arc::new(RedisStore::new(
                 redis.clone().expect("validated: redis section present"),
-            )),
+            ))),
             (None, KeyStoreConfig::None) => {
                 tracing::info!("No key store configured: API keys are refused.");
-                Arc::new(NoStore)
+                Keys::None
             }
         };
-        let keys =
-            Arc::new(CachedStore::new(store, &cfg.key_cache).with_observer(observer.clone()));
-        if let Some(s) = &file_store {
-            let mut changes = s.subscribe();
-            let keys = Arc::downgrade(&keys);
-            background.push(tokio::spawn(async move {
-                while changes.changed().await.is_ok() {
-                    match keys.upgrade() {
-                        Some(k) => k.invalidate_all(),
-                        None => return,
-                    }
-                }
-            }));
-        }
-        if let (Some(r), KeyStoreConfig::Redis) = (&redis, &cfg.key_store) {
-            background.push(spawn_event_listener(r.clone(), Arc::downgrade(&keys)));
+        observer.metrics.register_key_store(keys.kind());
+        if let (Some(r), KeyStoreConfig::Redis, Keys::Cached(cache)) =
+            (&redis, &cfg.key_store, &keys)
+        {
+            background.push(spawn_event_listener(r.clone(), Arc::downgrade(cache)));
         }
 
         // Rate limits: this replica's own, or the fleet's in Redis with the local one standing in.
@@ -169,18 +176,30 @@ impl Engine {
             _ => local,
         };
 
-        // Signing keys per provider, loading in the background.
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(cfg.jwt.keys_fetch_timeout_ms))
-            .user_agent(concat!("gybc-authz/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| StartError::HttpClient(e.to_string()))?;
+        // Signing keys per provider, loading in the background. The HTTPS client loads the
+        // system's CA store (half a megabyte of every pod's memory), so it is built only when a
+        // provider fetches its keys over HTTP(S): file and inline keys need none.
+        let mut client = None;
+        if cfg
+            .jwt
+            .providers
+            .iter()
+            .any(|p| matches!(p.keys, KeySourceConfig::Url { .. }))
+        {
+            client = Some(
+                reqwest::Client::builder()
+                    .timeout(Duration::from_millis(cfg.jwt.keys_fetch_timeout_ms))
+                    .user_agent(concat!("gybc-authz/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| StartError::HttpClient(e.to_string()))?,
+            );
+        }
         let timing = JwksTiming::from(&cfg.jwt);
         let mut providers = Vec::new();
         for p in &cfg.jwt.providers {
             let set = Jwks::observed(
                 &p.name,
-                jwks::source_from_config(&p.keys, &client),
+                jwks::source_from_config(&p.keys, client.as_ref()),
                 timing,
                 observer.clone(),
             );
@@ -201,6 +220,16 @@ impl Engine {
             )
             .with_observer(observer.clone()),
         );
+
+        let traces = match &cfg.tracing_export {
+            Some(t) => {
+                let (traces, export) = DecisionTracing::start(t, metrics.clone())?;
+                background.push(export);
+                tracing::info!(endpoint = %t.otlp_endpoint, protocol = ?t.protocol, "Decision spans are exported.");
+                Some(traces)
+            }
+            None => None,
+        };
 
         let (set_loaded, loaded) = watch::channel(false);
         background.push(tokio::spawn(async move {
@@ -223,6 +252,7 @@ impl Engine {
             answers: Answers::new(cfg),
             limits: cfg.limits.clone(),
             observer,
+            traces,
             loaded,
             keys,
             jwt,
@@ -248,12 +278,38 @@ impl Engine {
     }
 
     /// Allow or deny. Until everything has loaded the answer is 503: an engine that cannot yet
-    /// verify anything fails closed, never open.
+    /// verify anything fails closed, never open. With `tracing_export`, a sampled request's
+    /// decision is a span in its trace (`req.trace`, which a door may set from its own
+    /// transport's span instead of the headers).
     pub async fn decide(&self, req: &RequestContext) -> Decision {
+        match &self.traces {
+            Some(t) => t.decision(req, self.decide_untraced(req)).await,
+            None => self.decide_untraced(req).await,
+        }
+    }
+
+    /// `decide` without this engine's own span, for a door that records the decision on its
+    /// transport's span instead (the Envoy module, when Envoy traces the request): one decision,
+    /// one span, whatever `tracing_export` says.
+    pub async fn decide_untraced(&self, req: &RequestContext) -> Decision {
         if !self.is_loaded() {
             return Decision::Deny(Denial::because(Reason::Unavailable, "not_ready"));
         }
+        #[cfg(feature = "test-hooks")]
+        test_hooks::maybe_panic(req).await;
         self.authorizer.decide(req).await
+    }
+
+    /// Sends the decision spans still queued, waiting at most `within`; for shutdown.
+    pub async fn flush_traces(&self, within: Duration) {
+        if let Some(t) = &self.traces {
+            t.flush(within).await;
+        }
+    }
+
+    /// Every request header an allow may set or remove upstream (see `Answers::upstream_names`).
+    pub fn upstream_names(&self) -> [&str; 8] {
+        self.answers.upstream_names()
     }
 
     /// The decision as headers, status and body, for the door to write out.
@@ -271,5 +327,23 @@ impl Engine {
     pub fn failed(&self) -> Decision {
         self.observer.panicked();
         Decision::Deny(Denial::because(Reason::Unavailable, "panic"))
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+mod test_hooks {
+    use crate::request::RequestContext;
+
+    /// Panics on the test paths: at once (a door deciding inline), or after the decision has
+    /// waited once (a door whose decision finishes on another thread).
+    pub async fn maybe_panic(req: &RequestContext) {
+        match req.path.as_str() {
+            "/__gybc_test/panic" => panic!("test hook: a panic inside the engine"),
+            "/__gybc_test/panic-after-io" => {
+                tokio::task::yield_now().await;
+                panic!("test hook: a panic inside the engine, after it waited")
+            }
+            _ => {}
+        }
     }
 }

@@ -5,23 +5,27 @@
 //! (which credential, the rules that need no lookup) → `authorize` (authenticate through `authn`
 //! and `store`, apply `policy`, count in `ratelimit`) → `decision` (allow or deny) → `answer` (the
 //! answer as data: headers to set and remove, status, body) → `observe` (the decision's log line
-//! and metrics). The door writes the answer back in its own format. `engine` builds it all from
-//! a validated `config`.
+//! and metrics; with `tracing_export`, `otel` also makes it a span in the caller's trace, read
+//! by `trace_context`). The door writes the answer back in its own format. `engine` builds it all
+//! from a validated `config`.
 #![forbid(unsafe_code)]
 
 // The request path, in order.
 pub mod request;
+pub mod trace_context;
 pub mod route;
 pub mod credentials;
 pub mod authorize;
 pub mod authn;
 pub mod store;
 pub mod redis_conn;
+pub mod breaker;
 pub mod policy;
 pub mod ratelimit;
 pub mod decision;
 pub mod answer;
 pub mod observe;
+pub mod otel;
 pub mod metrics;
 
 // Around it.
@@ -32,4 +36,4 @@ pub mod clock;
 pub mod telemetry;
 
 pub use answer::Answer;
-pub use engine::{Engine, EngineOptions, StartError, Started};
+pub use engine::{Engine, EngineOptions, KeySource, StartError, Started};

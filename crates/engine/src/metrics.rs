@@ -2,12 +2,17 @@
 //! values are bounded `&'static str`s from enums (and provider names from the config): never a
 //! tenant, a user, a key id or a path.
 
+/// The registry's data model, for hosts that copy series elsewhere (the Envoy module).
+pub use prometheus::proto;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
+use std::sync::OnceLock;
+
 use crate::decision::{AuthMethod, Reason};
+use crate::store::{CacheOutcome, StoreKind};
 
 const NAMESPACE: &str = "gybc_authz";
 
@@ -23,18 +28,32 @@ pub const METHODS: [&str; 4] = ["jwt", "api_key", "publishable_key", "none"];
 
 pub struct Metrics {
     registry: Registry,
+    /// Every family registered, series or not, for hosts that must declare metrics up front.
+    families: Vec<Family>,
     /// Resolved once: [method][0 = ok, 1.. = Reason::ALL], so a decision costs one atomic add.
     decision_handles: Vec<IntCounter>,
     pub check_duration: Histogram,
     cache_requests: IntCounterVec,
+    key_lookups: IntCounterVec,
+    /// Resolved on first use, per `StoreKind::ALL` index: [found, not_found, error].
+    key_lookup_handles: [OnceLock<[IntCounter; 3]>; 4],
+    /// The key cache's series, resolved when a key cache is built (only Redis has one):
+    /// [keys/hit, keys/stale, keys/miss, negative_keys/hit].
+    key_cache_handles: OnceLock<[IntCounter; 4]>,
     backend_errors: IntCounterVec,
     rate_limit_fallbacks: IntCounterVec,
     jwks_refreshes: IntCounterVec,
     jwks_keys: IntGaugeVec,
     pub redis_connected: IntGauge,
+    pub redis_breaker_open: IntGauge,
+    redis_breaker_transitions: IntCounterVec,
+    /// Resolved once, in `Reason::ALL` order.
+    decision_log_suppressed: Vec<IntCounter>,
     unknown_kid_fetches: IntCounterVec,
     route_config_errors: IntCounterVec,
     pub panics: IntCounter,
+    trace_spans_exported: IntCounter,
+    trace_spans_dropped: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -45,7 +64,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new_custom(Some(NAMESPACE.into()), None).expect("valid namespace");
+        let registry = Recording::new(
+            Registry::new_custom(Some(NAMESPACE.into()), None).expect("valid namespace"),
+        );
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
@@ -60,8 +81,13 @@ impl Metrics {
         );
         let cache_requests = counter(
             "cache_requests_total",
-            "In-process cache lookups by cache (keys, negative_keys, jwt, rejected_jwt) and result (hit, stale, miss).",
+            "In-process cache lookups by cache (keys, negative_keys, jwt, rejected_jwt) and result (hit, stale, miss). The key cache series exist only where a key cache does: in front of Redis, not of an in-memory store.",
             &["cache", "result"],
+        );
+        let key_lookups = counter(
+            "key_lookups_total",
+            "API key lookups by the store configured (file, redis, memory, none) and result (found, not_found, error); for Redis, those the key cache answered included.",
+            &["store", "result"],
         );
         let backend_errors = counter(
             "backend_errors_total",
@@ -72,6 +98,16 @@ impl Metrics {
             "rate_limit_fallbacks_total",
             "Rate-limit decisions Redis could not make, by what answered instead (local, denied).",
             &["mode"],
+        );
+        let redis_breaker_transitions = counter(
+            "redis_breaker_transitions_total",
+            "Transitions of the Redis circuit breaker, by the state entered (open, closed).",
+            &["to"],
+        );
+        let decision_log_suppressed = counter(
+            "decision_log_suppressed_total",
+            "Denial log lines left out by log.deny_lines_per_sec, by reason.",
+            &["reason"],
         );
         let jwks_refreshes = counter(
             "jwks_refreshes_total",
@@ -88,6 +124,19 @@ impl Metrics {
             "Checks refused because a route's gybc.* context_extensions are invalid, by setting key (from the Envoy config, at most 64 characters).",
             &["key"],
         );
+        let trace_spans_dropped = counter(
+            "trace_spans_dropped_total",
+            "Decision spans lost before reaching the trace collector, by reason (queue_full: the export queue was full; export_failed: the collector refused or did not answer in time).",
+            &["reason"],
+        );
+        let trace_spans_exported = IntCounter::new(
+            "trace_spans_exported_total",
+            "Decision spans the trace collector accepted.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(trace_spans_exported.clone()))
+            .expect("unique metric");
         let panics = IntCounter::new(
             "panics_total",
             "Checks that panicked inside the engine and were answered 503 unavailable.",
@@ -111,6 +160,14 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(redis_connected.clone()))
+            .expect("unique metric");
+        let redis_breaker_open = IntGauge::new(
+            "redis_breaker_open",
+            "1 while the Redis circuit breaker is open (Redis is not asked: uncached keys get 503, rate limits follow the failure mode), else 0.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(redis_breaker_open.clone()))
             .expect("unique metric");
         let check_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -151,34 +208,45 @@ impl Metrics {
                 decision_handles.push(decisions.with_label_values(&[method, "deny", r.as_str()]));
             }
         }
+        let (registry, families) = registry.finish();
         let m = Self {
             registry,
+            families,
             decision_handles,
             check_duration,
             cache_requests,
+            key_lookups,
+            key_lookup_handles: Default::default(),
+            key_cache_handles: OnceLock::new(),
             backend_errors,
             rate_limit_fallbacks,
             jwks_refreshes,
             jwks_keys,
             redis_connected,
+            redis_breaker_open,
+            redis_breaker_transitions,
+            decision_log_suppressed: Reason::ALL
+                .iter()
+                .map(|r| decision_log_suppressed.with_label_values(&[r.as_str()]))
+                .collect(),
             unknown_kid_fetches,
             route_config_errors,
             panics,
+            trace_spans_exported,
+            trace_spans_dropped,
         };
         // Every decision series exists from the start (above), so rates and ratios work at once.
-        for (cache, result) in [
-            ("keys", "hit"),
-            ("keys", "stale"),
-            ("keys", "miss"),
-            ("negative_keys", "hit"),
-            ("jwt", "hit"),
-            ("jwt", "miss"),
-            ("rejected_jwt", "hit"),
-        ] {
+        for (cache, result) in [("jwt", "hit"), ("jwt", "miss"), ("rejected_jwt", "hit")] {
             m.cache_requests.with_label_values(&[cache, result]);
+        }
+        for reason in ["queue_full", "export_failed"] {
+            m.trace_spans_dropped.with_label_values(&[reason]);
         }
         for mode in ["local", "denied"] {
             m.rate_limit_fallbacks.with_label_values(&[mode]);
+        }
+        for to in ["open", "closed"] {
+            m.redis_breaker_transitions.with_label_values(&[to]);
         }
         for (backend, kind) in [
             ("key_store", "unavailable"),
@@ -186,6 +254,8 @@ impl Metrics {
             ("jwks", "fetch"),
             ("rate_limit", "error"),
             ("rate_limit", "timeout"),
+            ("key_store", "breaker_open"),
+            ("rate_limit", "breaker_open"),
         ] {
             m.backend_errors.with_label_values(&[backend, kind]);
         }
@@ -212,6 +282,61 @@ impl Metrics {
             .inc();
     }
 
+    fn key_lookup_counters(&self, store: StoreKind) -> &[IntCounter; 3] {
+        let i = StoreKind::ALL
+            .iter()
+            .position(|s| *s == store)
+            .expect("StoreKind::ALL lists every store");
+        self.key_lookup_handles[i].get_or_init(|| {
+            ["found", "not_found", "error"]
+                .map(|r| self.key_lookups.with_label_values(&[store.as_str(), r]))
+        })
+    }
+
+    /// Creates the store's lookup series at zero, so rates work before the first lookup.
+    pub fn register_key_store(&self, store: StoreKind) {
+        self.key_lookup_counters(store);
+    }
+
+    /// One key lookup: `Some(found)`, or `None` when the store failed.
+    pub fn key_lookup(&self, store: StoreKind, found: Option<bool>) {
+        let c = self.key_lookup_counters(store);
+        match found {
+            Some(true) => c[0].inc(),
+            Some(false) => c[1].inc(),
+            None => c[2].inc(),
+        }
+    }
+
+    fn key_cache_counters(&self) -> &[IntCounter; 4] {
+        self.key_cache_handles.get_or_init(|| {
+            [
+                ("keys", "hit"),
+                ("keys", "stale"),
+                ("keys", "miss"),
+                ("negative_keys", "hit"),
+            ]
+            .map(|(c, r)| self.cache_requests.with_label_values(&[c, r]))
+        })
+    }
+
+    /// Creates the key cache's series at zero; only an engine with a key cache calls it, so an
+    /// in-memory store's deployment shows no key cache at all rather than one that never moves.
+    pub fn register_key_cache(&self) {
+        self.key_cache_counters();
+    }
+
+    /// How the key cache answered a lookup that found (or did not find) a key.
+    pub fn key_cache(&self, outcome: CacheOutcome, found: bool) {
+        let c = self.key_cache_counters();
+        match (outcome, found) {
+            (CacheOutcome::Hit, true) => c[0].inc(),
+            (CacheOutcome::Hit, false) => c[3].inc(),
+            (CacheOutcome::Stale, _) => c[1].inc(),
+            (CacheOutcome::Miss, _) => c[2].inc(),
+        }
+    }
+
     /// Creates a provider's series at zero, so its rates and alerts work before the first event.
     pub fn register_provider(&self, provider: &str) {
         for result in ["success", "failure"] {
@@ -229,6 +354,21 @@ impl Metrics {
 
     pub fn rate_limit_fallback(&self, mode: &'static str) {
         self.rate_limit_fallbacks.with_label_values(&[mode]).inc();
+    }
+
+    /// The breaker entered `to` (`open` or `closed`).
+    pub fn redis_breaker_transition(&self, to: &'static str) {
+        self.redis_breaker_transitions
+            .with_label_values(&[to])
+            .inc();
+        self.redis_breaker_open.set((to == "open") as i64);
+    }
+
+    /// One denial line of `reason` left out.
+    pub fn decision_log_suppressed(&self, reason: Reason) {
+        if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
+            self.decision_log_suppressed[i].inc();
+        }
     }
 
     pub fn jwks_refresh(&self, provider: &str, result: &'static str) {
@@ -253,6 +393,27 @@ impl Metrics {
         self.route_config_errors.with_label_values(&[key]).inc();
     }
 
+    /// Every family this registry holds, including those with no series yet.
+    pub fn families(&self) -> &[Family] {
+        &self.families
+    }
+
+    /// Every series as it stands now (families without series are left out).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
+    /// Spans lost on their way to the collector; `reason` is `queue_full` or `export_failed`.
+    pub fn trace_spans_dropped(&self, reason: &'static str, spans: u64) {
+        self.trace_spans_dropped
+            .with_label_values(&[reason])
+            .inc_by(spans);
+    }
+
+    pub fn trace_spans_exported(&self, spans: u64) {
+        self.trace_spans_exported.inc_by(spans);
+    }
+
     /// The registry in Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -260,5 +421,43 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding of gathered metrics");
         String::from_utf8(out).expect("Prometheus text is UTF-8")
+    }
+}
+
+/// One metric family as declared: full name and label names. A host that cannot add metrics
+/// later (Envoy freezes its stats after config load) declares these first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Family {
+    pub name: String,
+    pub labels: Vec<String>,
+}
+
+/// A registry that remembers what was registered: `Registry` can only list families that
+/// already have a series.
+struct Recording {
+    inner: Registry,
+    families: std::cell::RefCell<Vec<Family>>,
+}
+
+impl Recording {
+    fn new(inner: Registry) -> Self {
+        Self {
+            inner,
+            families: Default::default(),
+        }
+    }
+
+    fn register(&self, c: Box<dyn prometheus::core::Collector>) -> prometheus::Result<()> {
+        // The registry adds its namespace when it gathers; a declared name must match.
+        let families = c.desc().into_iter().map(|d| Family {
+            name: format!("{NAMESPACE}_{}", d.fq_name),
+            labels: d.variable_labels.clone(),
+        });
+        self.families.borrow_mut().extend(families);
+        self.inner.register(c)
+    }
+
+    fn finish(self) -> (Registry, Vec<Family>) {
+        (self.inner, self.families.into_inner())
     }
 }

@@ -2,15 +2,19 @@
 //! drift. Fields are ids and bounded codes only: never a key, a token or an `Authorization` value.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use tracing::Level;
+
 use crate::authn::jwt::TokenLookup;
+use crate::clock::{Clock, SystemClock};
 use crate::config::{DecisionLevel, LogConfig};
-use crate::decision::Decision;
+use crate::decision::{Decision, Reason};
 use crate::metrics::Metrics;
+use crate::redis_conn::RedisFailure;
 use crate::request::RequestContext;
-use crate::store::CacheOutcome;
+use crate::store::{CacheOutcome, StoreError, StoreKind};
 
 /// Which dependency failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +39,9 @@ pub struct Observer {
     pub metrics: Arc<Metrics>,
     allow_level: DecisionLevel,
     deny_level: DecisionLevel,
+    deny_lines: DenyLineBudget,
+    /// Times the deny-line windows; the engine's clock, so tests step it.
+    clock: Arc<dyn Clock>,
     redis_state: AtomicI64,
 }
 
@@ -50,8 +57,16 @@ impl Observer {
             metrics,
             allow_level: log.allow_level,
             deny_level: log.deny_level,
+            deny_lines: DenyLineBudget::new(log.deny_lines_per_sec),
+            clock: Arc::new(SystemClock),
             redis_state: AtomicI64::new(-1),
         }
+    }
+
+    /// Times the per-second budget of denial lines by `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// One Check decided: the decision counter, the latency histogram and the decision log line.
@@ -76,10 +91,32 @@ impl Observer {
         };
         self.metrics.decision(who.0, reason);
         self.metrics.check_duration.observe(latency.as_secs_f64());
+        let enabled = match level {
+            DecisionLevel::Off => false,
+            DecisionLevel::Debug => tracing::enabled!(target: DECISION_TARGET, Level::DEBUG),
+            DecisionLevel::Info => tracing::enabled!(target: DECISION_TARGET, Level::INFO),
+            DecisionLevel::Warn => tracing::enabled!(target: DECISION_TARGET, Level::WARN),
+        };
+        if !enabled {
+            return;
+        }
+        // Only denials are budgeted: allows are the traffic itself, and their level says
+        // whether to log them at all.
+        let suppressed = match reason {
+            None => None,
+            Some(r) => match self.deny_lines.admit(r, self.clock.now_secs()) {
+                Some(0) => None,
+                Some(n) => Some(n),
+                None => {
+                    self.metrics.decision_log_suppressed(r);
+                    return;
+                }
+            },
+        };
         macro_rules! emit {
             ($lvl:ident) => {
                 tracing::$lvl!(
-                    target: "gybc_authz::decision",
+                    target: DECISION_TARGET,
                     request_id = ctx.request_id.as_deref().unwrap_or(""),
                     http_method = %ctx.method,
                     outcome = decision.outcome(),
@@ -89,6 +126,7 @@ impl Observer {
                     tenant = who.1.unwrap_or(""),
                     key_id = who.2.unwrap_or(""),
                     latency_us = latency.as_micros() as u64,
+                    suppressed,
                     "Decision."
                 )
             };
@@ -101,15 +139,17 @@ impl Observer {
         }
     }
 
-    /// A key lookup answered by the cache (or not).
-    pub fn key_lookup(&self, outcome: CacheOutcome, found: bool) {
-        let (cache, result) = match (outcome, found) {
-            (CacheOutcome::Hit, true) => ("keys", "hit"),
-            (CacheOutcome::Hit, false) => ("negative_keys", "hit"),
-            (CacheOutcome::Stale, _) => ("keys", "stale"),
-            (CacheOutcome::Miss, _) => ("keys", "miss"),
-        };
-        self.metrics.cache_request(cache, result);
+    /// A key lookup answered, by the store directly or (`cache`) through the key cache.
+    pub fn key_lookup(&self, store: StoreKind, cache: Option<CacheOutcome>, found: bool) {
+        self.metrics.key_lookup(store, Some(found));
+        if let Some(outcome) = cache {
+            self.metrics.key_cache(outcome, found);
+        }
+    }
+
+    /// A key lookup the store could not answer (its error is reported apart, as a backend error).
+    pub fn key_lookup_failed(&self, store: StoreKind) {
+        self.metrics.key_lookup(store, None);
     }
 
     /// A token verification answered by the cache (or not).
@@ -133,22 +173,61 @@ impl Observer {
         tracing::warn!(backend = backend.as_str(), kind, error = %error, "Backend error.");
     }
 
+    /// A key lookup failed; `kind` is a bounded code. While the breaker is open the failure is
+    /// counted but not logged: the breaker logged once when it opened.
+    pub fn key_store_error(&self, kind: &'static str, error: &StoreError) {
+        match error {
+            StoreError::BreakerOpen => self
+                .metrics
+                .backend_error(Backend::KeyStore.as_str(), "breaker_open"),
+            e => self.backend_error(Backend::KeyStore, kind, e),
+        }
+    }
+
     /// Redis could not count a request; `counted_locally` tells which failure mode answered.
-    pub fn rate_limit_fallback(
+    /// While the breaker is open the fallback is counted but not logged.
+    pub fn rate_limit_fallback(&self, counted_locally: bool, failure: &RedisFailure) {
+        let kind = failure.kind();
+        self.metrics
+            .backend_error(Backend::RateLimit.as_str(), kind);
+        self.metrics
+            .rate_limit_fallback(if counted_locally { "local" } else { "denied" });
+        match (failure, counted_locally) {
+            (RedisFailure::BreakerOpen, _) => {}
+            (_, true) => {
+                tracing::warn!(kind, error = %failure, "Redis rate limiter unavailable; counting on this replica.")
+            }
+            (_, false) => {
+                tracing::warn!(kind, error = %failure, "Redis rate limiter unavailable; failing closed.")
+            }
+        }
+    }
+
+    /// `failures` Redis timeouts or errors in a row, the last of `kind`: the replica stops
+    /// waiting on Redis until a probe is answered.
+    pub fn redis_breaker_opened(
         &self,
-        counted_locally: bool,
+        failures: u32,
         kind: &'static str,
         error: &dyn std::fmt::Display,
     ) {
-        self.metrics
-            .backend_error(Backend::RateLimit.as_str(), kind);
-        if counted_locally {
-            self.metrics.rate_limit_fallback("local");
-            tracing::warn!(kind, error = %error, "Redis rate limiter unavailable; counting on this replica.");
-        } else {
-            self.metrics.rate_limit_fallback("denied");
-            tracing::warn!(kind, error = %error, "Redis rate limiter unavailable; failing closed.");
-        }
+        self.metrics.redis_breaker_transition("open");
+        tracing::warn!(
+            failures,
+            kind,
+            error = %error,
+            "Redis circuit breaker open: Redis is not asked until a probe is answered; uncached keys get 503, rate limits follow the failure mode."
+        );
+    }
+
+    /// A probe of the open breaker was answered: Redis is used again.
+    pub fn redis_breaker_closed(&self, open_for: Duration, probes: u32) {
+        self.metrics.redis_breaker_transition("closed");
+        tracing::info!(
+            open_ms = open_for.as_millis() as u64,
+            probes,
+            "Redis circuit breaker closed: Redis answered a probe."
+        );
     }
 
     /// A provider's signing keys were fetched.
@@ -199,6 +278,198 @@ impl Observer {
                     "Redis unreachable: uncached keys get 503; rate limits follow the failure mode."
                 );
             }
+        }
+    }
+}
+
+/// Target of the per-decision log line.
+const DECISION_TARGET: &str = "gybc_authz::decision";
+
+// === impl DenyLineBudget ===
+
+/// At most `per_sec` denial lines per second for each reason, in fixed one-second windows. Two
+/// atomics per reason and no lock, since a flood of denials is exactly when this runs hottest.
+struct DenyLineBudget {
+    per_sec: u32,
+    /// Per reason, in `Reason::ALL` order: the window's second (low 32 bits of Unix seconds) in
+    /// the high half, lines written in it in the low half.
+    windows: [AtomicU64; Reason::ALL.len()],
+    /// Per reason: lines left out since the last one written.
+    held: [AtomicU64; Reason::ALL.len()],
+}
+
+impl DenyLineBudget {
+    fn new(per_sec: u32) -> Self {
+        Self {
+            per_sec: per_sec.max(1),
+            windows: std::array::from_fn(|_| AtomicU64::new(0)),
+            held: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// `Some(n)`: write the line, reporting `n` lines left out before it. `None`: leave it out
+    /// (it is counted, and reported on the next line written for `reason`).
+    fn admit(&self, reason: Reason, now_secs: u64) -> Option<u64> {
+        let i = Reason::ALL.iter().position(|r| *r == reason)?;
+        let second = now_secs & 0xffff_ffff;
+        let window = &self.windows[i];
+        let mut current = window.load(Ordering::Relaxed);
+        loop {
+            let next = if current >> 32 != second {
+                (second << 32) | 1
+            } else if (current & 0xffff_ffff) < u64::from(self.per_sec) {
+                current + 1
+            } else {
+                self.held[i].fetch_add(1, Ordering::Relaxed);
+                return None;
+            };
+            match window.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(seen) => current = seen,
+            }
+        }
+        let held = &self.held[i];
+        Some(if held.load(Ordering::Relaxed) == 0 {
+            0
+        } else {
+            held.swap(0, Ordering::Relaxed)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denial_lines_are_bounded_per_reason_per_second_and_the_rest_is_reported() {
+        let budget = DenyLineBudget::new(3);
+        let t = 1_700_000_000;
+        let written: Vec<_> = (0..5)
+            .map(|_| budget.admit(Reason::InvalidApiKey, t))
+            .collect();
+        assert_eq!(written, [Some(0), Some(0), Some(0), None, None]);
+        // Another reason has its own budget.
+        assert_eq!(budget.admit(Reason::MissingCredentials, t), Some(0));
+        // The next second: the first line carries what was left out.
+        assert_eq!(budget.admit(Reason::InvalidApiKey, t + 1), Some(2));
+        assert_eq!(budget.admit(Reason::InvalidApiKey, t + 1), Some(0));
+        // A quiet reason reports nothing.
+        assert_eq!(budget.admit(Reason::MissingCredentials, t + 5), Some(0));
+    }
+
+    #[test]
+    fn every_denial_is_either_written_or_counted_under_contention() {
+        let budget = Arc::new(DenyLineBudget::new(100));
+        let t = 42;
+        let (written, reported): (usize, u64) = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let b = budget.clone();
+                    s.spawn(move || {
+                        let mut w = (0, 0);
+                        for _ in 0..1_000 {
+                            if let Some(n) = b.admit(Reason::RateLimited, t) {
+                                w.0 += 1;
+                                w.1 += n;
+                            }
+                        }
+                        w
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        });
+        assert_eq!(written, 100, "exactly the budget within one second");
+        assert_eq!(reported, 0, "nothing reported before the window turns");
+        assert_eq!(budget.admit(Reason::RateLimited, t + 1), Some(3_900));
+    }
+
+    #[test]
+    fn the_observer_counts_what_it_leaves_out_and_reports_it_on_the_next_line() {
+        use crate::clock::ManualClock;
+        use crate::decision::Denial;
+
+        let clock = Arc::new(ManualClock::at_secs(1_700_000_000));
+        let log = LogConfig {
+            deny_lines_per_sec: 2,
+            ..LogConfig::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let observer = Observer::new(metrics.clone(), &log).with_clock(clock.clone());
+        let lines = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(Level::INFO)
+            .with_writer(lines.clone())
+            .finish();
+        let ctx = RequestContext::default();
+        let deny = Decision::Deny(Denial::new(Reason::InvalidApiKey));
+        let allow = Decision::Allow(crate::decision::Grant {
+            identity: None,
+            rate: None,
+        });
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..5 {
+                observer.decision(&ctx, &deny, Duration::ZERO);
+            }
+            for _ in 0..5 {
+                observer.decision(&ctx, &allow, Duration::ZERO);
+            }
+            clock.advance(Duration::from_secs(1));
+            observer.decision(&ctx, &deny, Duration::ZERO);
+        });
+        let text = lines.text();
+        let denials: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["fields"]["reason"] == "invalid_api_key")
+            .collect();
+        assert_eq!(denials.len(), 3, "{text}");
+        assert!(denials[0]["fields"].get("suppressed").is_none());
+        assert!(denials[1]["fields"].get("suppressed").is_none());
+        assert_eq!(denials[2]["fields"]["suppressed"], 3);
+        // Allows are not budgeted (and are below the info filter at their default level).
+        let rendered = metrics.render();
+        assert!(
+            rendered
+                .contains("gybc_authz_decision_log_suppressed_total{reason=\"invalid_api_key\"} 3"),
+            "{rendered}"
+        );
+        // Every denial is still counted in decisions_total, logged or not.
+        assert!(rendered.contains(
+            "gybc_authz_decisions_total{method=\"none\",outcome=\"deny\",reason=\"invalid_api_key\"} 6"
+        ));
+    }
+
+    /// Log output kept in memory.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Self;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The connection to the shared Redis: one multiplexed, self-reconnecting connection per process
-//! (single node or cluster, plain or TLS), with the command timeout applied by the client. Key
-//! and channel names live here, so docs/key-store.md has one place to match.
+//! (single node or cluster, plain or TLS), with the command timeout applied by the client, and
+//! the circuit breaker every command on it goes through. Key and channel names live here, so
+//! docs/key-store.md has one place to match.
 
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::future::Future;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
@@ -11,7 +13,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Value};
 
 use crate::authn::apikey::KeyHash;
-use crate::config::RedisConfig;
+use crate::breaker::{Breaker, probe_delays};
+use crate::config::{BreakerConfig, RedisConfig};
+use crate::observe::Observer;
 
 /// Names of everything the daemon reads or writes in Redis.
 #[derive(Debug, Clone)]
@@ -106,6 +110,39 @@ pub struct Redis {
     pub pubsub_client: redis::Client,
     pub names: Names,
     pub timeout: Duration,
+    /// One per connection, shared by every clone: the key store and the limiter see one Redis.
+    breaker: Arc<RedisBreaker>,
+}
+
+/// The breaker with what it needs to probe and to report.
+struct RedisBreaker {
+    breaker: Breaker,
+    probe_interval: Duration,
+    max_probe_interval: Duration,
+    observer: Arc<Observer>,
+}
+
+/// Why a command through [`Redis::run`] got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedisFailure {
+    /// Not sent: the breaker is open.
+    #[error("Redis circuit breaker open")]
+    BreakerOpen,
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Error(String),
+}
+
+impl RedisFailure {
+    /// A bounded code for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RedisFailure::BreakerOpen => "breaker_open",
+            RedisFailure::Timeout(_) => "timeout",
+            RedisFailure::Error(_) => "error",
+        }
+    }
 }
 
 fn connection_info(url: &str, cfg: &RedisConfig) -> Result<redis::ConnectionInfo, RedisSetupError> {
@@ -126,6 +163,14 @@ impl Redis {
     /// Builds the clients. Connecting happens lazily and in the background: a Redis that is down at
     /// start makes lookups fail (and readiness wait), not the process exit.
     pub async fn connect(cfg: &RedisConfig) -> Result<Self, RedisSetupError> {
+        Self::connect_observed(cfg, Arc::default()).await
+    }
+
+    /// [`Redis::connect`], with the breaker reporting its transitions to `observer`.
+    pub async fn connect_observed(
+        cfg: &RedisConfig,
+        observer: Arc<Observer>,
+    ) -> Result<Self, RedisSetupError> {
         let timeout = Duration::from_millis(cfg.timeout_ms);
         let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
         let first = connection_info(&cfg.urls[0], cfg)?;
@@ -189,7 +234,47 @@ impl Redis {
             pubsub_client,
             names: Names::new(&cfg.key_prefix),
             timeout,
+            breaker: Arc::new(RedisBreaker::new(&cfg.breaker, observer)),
         })
+    }
+
+    /// Runs one command, given a clone of the connection, within the command timeout, unless the
+    /// breaker is open: then nothing is sent and `BreakerOpen` comes back at once. Timeouts and
+    /// errors in a row open the breaker; the command that opens it starts the probe.
+    pub async fn run<T, F, Fut>(&self, command: F) -> Result<T, RedisFailure>
+    where
+        F: FnOnce(RedisConn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let Some(permit) = self.breaker.breaker.permit() else {
+            return Err(RedisFailure::BreakerOpen);
+        };
+        let failure = match tokio::time::timeout(self.timeout, command(self.conn.clone())).await {
+            Ok(Ok(value)) => {
+                self.breaker.breaker.succeeded(permit);
+                return Ok(value);
+            }
+            // An answer of an unexpected type is about the data, not about Redis being there.
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::UnexpectedReturnType => {
+                self.breaker.breaker.succeeded(permit);
+                return Err(RedisFailure::Error(e.to_string()));
+            }
+            Ok(Err(e)) => RedisFailure::Error(e.to_string()),
+            Err(_) => RedisFailure::Timeout(self.timeout),
+        };
+        if self.breaker.breaker.failed(permit) {
+            self.breaker.observer.redis_breaker_opened(
+                self.breaker.breaker.threshold(),
+                failure.kind(),
+                &failure,
+            );
+            tokio::spawn(probe(
+                Arc::downgrade(&self.breaker),
+                self.conn.clone(),
+                self.timeout,
+            ));
+        }
+        Err(failure)
     }
 
     /// One PING; readiness waits for the first success.
@@ -203,6 +288,41 @@ impl Redis {
             .await,
             Ok(Ok(_))
         )
+    }
+}
+
+impl RedisBreaker {
+    fn new(cfg: &BreakerConfig, observer: Arc<Observer>) -> Self {
+        Self {
+            breaker: Breaker::new(cfg.failures),
+            probe_interval: Duration::from_millis(cfg.probe_interval_ms),
+            max_probe_interval: Duration::from_millis(cfg.max_probe_interval_ms),
+            observer,
+        }
+    }
+}
+
+/// The one probe of an open breaker: a PING per interval, backing off, until one is answered
+/// (closing the breaker) or the connection is dropped.
+async fn probe(breaker: Weak<RedisBreaker>, mut conn: RedisConn, timeout: Duration) {
+    let opened = Instant::now();
+    let delays = match breaker.upgrade() {
+        Some(b) => probe_delays(b.probe_interval, b.max_probe_interval),
+        None => return,
+    };
+    for (probes, delay) in (1u32..).zip(delays) {
+        tokio::time::sleep(delay).await;
+        // Held only between sleeps, so a dropped engine ends the probe within one interval.
+        let Some(b) = breaker.upgrade() else { return };
+        let ping = redis::cmd("PING");
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(timeout, ping.query_async::<String>(&mut conn)).await
+        {
+            if b.breaker.close() {
+                b.observer.redis_breaker_closed(opened.elapsed(), probes);
+            }
+            return;
+        }
     }
 }
 

@@ -1,9 +1,10 @@
 //! `RequestContext`: the neutral request every door reads its wire format into. Everything after
-//! it sees plain data: method, path without query, and the few headers that carry credentials,
-//! each already bounded in size and checked for duplicates.
+//! it sees plain data: method, path without query, the few headers that carry credentials, each
+//! already bounded in size and checked for duplicates, and the caller's trace context.
 
 use crate::config::LimitsConfig;
 use crate::route::{RouteError, RouteSettings};
+use crate::trace_context::{TraceHeaders, TraceParent};
 
 pub const AUTHORIZATION: &str = "authorization";
 pub const X_API_KEY: &str = "x-api-key";
@@ -61,6 +62,9 @@ pub struct RequestContext {
     pub route_error: Option<RouteError>,
     /// More headers than `limits.max_headers`: reading stopped there and the request is refused.
     pub too_many_headers: bool,
+    /// The caller's trace context (`traceparent`/`tracestate`, or B3), the parent of the
+    /// decision's span. A door whose transport has a span of its own (Envoy's) may set it instead.
+    pub trace: Option<TraceParent>,
 }
 
 impl RequestContext {
@@ -88,7 +92,15 @@ impl RequestContext {
             }
             reader.header(name, value.as_ref());
         }
+        let trace = reader.trace.finish();
+        ctx.trace = trace;
         ctx
+    }
+
+    /// The span this request's decision belongs under, as the door's transport knows it.
+    pub fn with_trace_parent(mut self, parent: TraceParent) -> Self {
+        self.trace = Some(parent);
+        self
     }
 
     /// The route's settings as its door found them; an error refuses the request.
@@ -106,6 +118,7 @@ struct Reader<'a> {
     limits: &'a LimitsConfig,
     /// Headers seen so far, against `limits.max_headers`.
     seen: usize,
+    trace: TraceHeaders,
 }
 
 impl<'a> Reader<'a> {
@@ -114,6 +127,7 @@ impl<'a> Reader<'a> {
             ctx,
             limits,
             seen: 0,
+            trace: TraceHeaders::default(),
         }
     }
 
@@ -155,6 +169,8 @@ impl<'a> Reader<'a> {
             }
             return;
         } else {
+            // Trace headers are parsed as they come, each bounded; anything else is not looked at.
+            self.trace.header(name, value);
             return;
         };
 
@@ -277,6 +293,30 @@ mod tests {
         // Every line counts, repeated names too.
         assert!(read_with("/", &[("x-same", "v"); 17], &limits).too_many_headers);
         assert!(!read_with("/", &[("x-same", "v"); 16], &limits).too_many_headers);
+    }
+
+    #[test]
+    fn the_trace_context_is_read_with_the_credentials() {
+        let ctx = read(
+            "/",
+            &[
+                ("x-api-key", "sk_x"),
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+                ("tracestate", "vendor=1"),
+            ],
+        );
+        let trace = ctx.trace.expect("a parent");
+        assert_eq!(
+            trace.span_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
+        assert_eq!(trace.sampled, Some(true));
+        assert_eq!(trace.trace_state.as_deref(), Some("vendor=1"));
+        assert_eq!(ctx.api_key, HeaderField::Present("sk_x".into()));
+        assert!(read("/", &[("traceparent", "garbage")]).trace.is_none());
     }
 
     #[test]

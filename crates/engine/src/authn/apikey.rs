@@ -79,7 +79,7 @@ impl<'a> ApiKey<'a> {
             return Err(KeyFormatError::Shape);
         }
         let (body, sum) = text.split_at(text.len() - CHECKSUM_CHARS);
-        if checksum(body).as_bytes() != sum.as_bytes() {
+        if checksum(body) != sum.as_bytes() {
             return Err(KeyFormatError::Checksum);
         }
         Ok(ApiKey { kind, text })
@@ -103,7 +103,7 @@ impl<'a> ApiKey<'a> {
         out.push_str(kind.prefix());
         out.push_str(&random_base62(BODY_CHARS));
         let sum = checksum(&out);
-        out.push_str(&sum);
+        out.push_str(std::str::from_utf8(&sum).expect("base62 is ASCII"));
         out
     }
 }
@@ -125,15 +125,15 @@ pub fn random_base62(n: usize) -> String {
     out
 }
 
-/// CRC32 of prefix + body, as 6 base62 digits (62⁶ > 2³²).
-fn checksum(prefix_and_body: &str) -> String {
+/// CRC32 of prefix + body, as 6 base62 digits (62⁶ > 2³²). On the stack: every key parse runs it.
+fn checksum(prefix_and_body: &str) -> [u8; CHECKSUM_CHARS] {
     let mut n = crc32fast::hash(prefix_and_body.as_bytes()) as u64;
     let mut digits = [b'0'; CHECKSUM_CHARS];
     for d in digits.iter_mut().rev() {
         *d = BASE62[(n % 62) as usize];
         n /= 62;
     }
-    String::from_utf8(digits.to_vec()).expect("base62 is ASCII")
+    digits
 }
 
 /// SHA-256 of a key: what stores and caches are keyed by. The key itself is never stored.
@@ -149,7 +149,8 @@ impl KeyHash {
     pub fn parse(s: &str) -> Option<Self> {
         let hex_part = s.strip_prefix("sha256:").unwrap_or(s);
         let mut out = [0u8; 32];
-        hex::decode_to_slice(hex_part.to_ascii_lowercase(), &mut out).ok()?;
+        // Either case decodes: no lowered copy per hash (a million of them in a large key file).
+        hex::decode_to_slice(hex_part, &mut out).ok()?;
         Some(KeyHash(out))
     }
 

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::config::{JwtConfig, KeySourceConfig};
 use crate::observe::Observer;
+use crate::otel::{ChildSpan, JWKS_FETCH_SPAN};
 
 /// A key document larger than this is refused (Google's is ~4 KB).
 const MAX_KEYS_BYTES: usize = 1 << 20;
@@ -48,10 +49,16 @@ pub trait KeySource: Send + Sync {
     fn name(&self) -> String;
 }
 
-pub fn source_from_config(cfg: &KeySourceConfig, client: &reqwest::Client) -> Arc<dyn KeySource> {
+/// `client` fetches URL sources; the others need none.
+pub fn source_from_config(
+    cfg: &KeySourceConfig,
+    client: Option<&reqwest::Client>,
+) -> Arc<dyn KeySource> {
     match cfg {
         KeySourceConfig::Url { url } => Arc::new(UrlSource {
-            client: client.clone(),
+            client: client
+                .expect("a URL key source is given an HTTP client")
+                .clone(),
             url: url.clone(),
         }),
         KeySourceConfig::File { path } => Arc::new(FileSource { path: path.clone() }),
@@ -318,22 +325,33 @@ impl Jwks {
         if let Some(k) = self.cached(kid) {
             return Some(k);
         }
+        let mut span = ChildSpan::start(JWKS_FETCH_SPAN);
         let mut done = self.fetched.subscribe();
         {
             let mut st = self.fetch.lock().expect("fetch state");
+            let joined = st.in_flight;
             if !st.in_flight {
                 if st
                     .last_start
                     .is_some_and(|t| t.elapsed() < self.timing.unknown_kid_interval)
                 {
+                    span.discard();
                     return None;
                 }
                 self.observer.unknown_kid_fetch(&self.provider);
                 self.start_fetch_locked(&mut st);
             }
+            span.set("gybc_authz.provider", self.provider.clone());
+            span.set("gybc_authz.joined_fetch", joined);
         }
-        let _ = tokio::time::timeout(self.timing.unknown_kid_wait, done.changed()).await;
-        self.cached(kid)
+        // The span covers this check's wait; the fetch itself goes on in its own task.
+        let waited = tokio::time::timeout(self.timing.unknown_kid_wait, done.changed()).await;
+        if waited.is_err() {
+            span.fail("wait_timed_out");
+        }
+        let key = self.cached(kid);
+        span.set("gybc_authz.kid_found", key.is_some());
+        key
     }
 
     fn cached(&self, kid: &str) -> Option<Arc<DecodingKey>> {

@@ -253,3 +253,151 @@ fn http_mode_reads_one_named_header_for_method_and_path() {
         ]
     );
 }
+
+#[test]
+fn redis_breaker_defaults_and_bounds() {
+    let c = Config::from_yaml("redis: { urls: [\"redis://r:6379\"] }\n", &env(&[])).unwrap();
+    let b = &c.redis.unwrap().breaker;
+    assert_eq!(b, &BreakerConfig::default());
+    assert_eq!(
+        (b.failures, b.probe_interval_ms, b.max_probe_interval_ms),
+        (3, 200, 500)
+    );
+
+    let yaml = "redis:\n  urls: [\"redis://r:6379\"]\n  breaker: { failures: 0, probe_interval_ms: 5, max_probe_interval_ms: 1 }\n";
+    assert_eq!(
+        paths(Config::from_yaml(yaml, &env(&[])).unwrap_err()),
+        [
+            "redis.breaker.failures",
+            "redis.breaker.probe_interval_ms",
+            "redis.breaker.max_probe_interval_ms"
+        ]
+    );
+    let yaml = "redis:\n  urls: [\"redis://r:6379\"]\n  breaker: { failures: 101 }\n";
+    assert_eq!(
+        paths(Config::from_yaml(yaml, &env(&[])).unwrap_err()),
+        ["redis.breaker.failures"]
+    );
+    let yaml = "redis:\n  urls: [\"redis://r:6379\"]\n  breaker: { failure: 3 }\n";
+    assert_eq!(
+        paths(Config::from_yaml(yaml, &env(&[])).unwrap_err()),
+        ["redis.breaker.failure"]
+    );
+    // Overridable like every field.
+    let c = Config::from_yaml(
+        "redis: { urls: [\"redis://r:6379\"] }\n",
+        &env(&[("GYBC_AUTHZ__REDIS__BREAKER__FAILURES", "5")]),
+    )
+    .unwrap();
+    assert_eq!(c.redis.unwrap().breaker.failures, 5);
+}
+
+#[test]
+fn deny_lines_per_sec_defaults_to_100_and_is_at_least_1() {
+    let c = Config::from_yaml("", &env(&[])).unwrap();
+    assert_eq!(c.log.deny_lines_per_sec, DEFAULT_DENY_LINES_PER_SEC);
+    assert_eq!(c.log.deny_lines_per_sec, 100);
+    let err = Config::from_yaml("log: { deny_lines_per_sec: 0 }\n", &env(&[])).unwrap_err();
+    assert_eq!(paths(err), ["log.deny_lines_per_sec"]);
+    let err = Config::from_yaml("log: { deny_lines_per_sec: -1 }\n", &env(&[])).unwrap_err();
+    assert_eq!(paths(err), ["log.deny_lines_per_sec"]);
+}
+
+#[test]
+fn tracing_export_is_off_by_default_and_fills_in_its_defaults() {
+    assert_eq!(
+        Config::from_yaml("", &env(&[])).unwrap().tracing_export,
+        None
+    );
+    let c = Config::from_yaml(
+        "tracing_export: { otlp_endpoint: \"http://otel-collector:4317\" }\n",
+        &env(&[]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.tracing_export,
+        Some(TracingExportConfig {
+            otlp_endpoint: "http://otel-collector:4317".into(),
+            protocol: OtlpProtocol::Grpc,
+            sample_ratio: DEFAULT_TRACE_SAMPLE_RATIO,
+            service_name: DEFAULT_TRACE_SERVICE_NAME.into(),
+            max_queue_spans: DEFAULT_TRACE_MAX_QUEUE_SPANS,
+            max_batch_spans: DEFAULT_TRACE_MAX_BATCH_SPANS,
+            batch_interval_ms: DEFAULT_TRACE_BATCH_INTERVAL_MS,
+            export_timeout_ms: DEFAULT_TRACE_EXPORT_TIMEOUT_MS,
+        })
+    );
+    // The environment can switch it on, as the chart does.
+    let c = Config::from_yaml(
+        "",
+        &env(&[
+            (
+                "GYBC_AUTHZ__TRACING_EXPORT__OTLP_ENDPOINT",
+                "https://otlp.example:4318",
+            ),
+            ("GYBC_AUTHZ__TRACING_EXPORT__PROTOCOL", "http"),
+            ("GYBC_AUTHZ__TRACING_EXPORT__SAMPLE_RATIO", "0.25"),
+        ]),
+    )
+    .unwrap();
+    let t = c.tracing_export.unwrap();
+    assert_eq!((t.protocol, t.sample_ratio), (OtlpProtocol::Http, 0.25));
+}
+
+#[test]
+fn tracing_export_fields_are_checked_with_their_paths() {
+    let err = Config::from_yaml("tracing_export: { protocol: grpc }\n", &env(&[])).unwrap_err();
+    assert!(err.to_string().contains("otlp_endpoint"), "{err}");
+    let err = Config::from_yaml(
+        "tracing_export: { otlp_endpoint: \"http://c:4317\", protocol: thrift }\n",
+        &env(&[]),
+    )
+    .unwrap_err();
+    assert_eq!(paths(err), vec!["tracing_export.protocol"]);
+
+    let yaml = r#"
+tracing_export:
+  otlp_endpoint: "http://user:secret@collector:4317/v1/traces"
+  sample_ratio: 1.5
+  service_name: ""
+  max_queue_spans: 0
+  max_batch_spans: 10
+  batch_interval_ms: 0
+  export_timeout_ms: 600000
+"#;
+    let err = Config::from_yaml(yaml, &env(&[])).unwrap_err();
+    assert_eq!(
+        paths(err),
+        [
+            "tracing_export.otlp_endpoint",
+            "tracing_export.sample_ratio",
+            "tracing_export.service_name",
+            "tracing_export.max_queue_spans",
+            "tracing_export.max_batch_spans",
+            "tracing_export.batch_interval_ms",
+            "tracing_export.export_timeout_ms",
+        ]
+    );
+
+    for (endpoint, protocol, ok) in [
+        ("http://collector:4317", "grpc", true),
+        ("https://collector:4317/", "grpc", true),
+        ("http://collector:4318", "http", true),
+        ("https://otlp.example/custom/v1/traces", "http", true),
+        ("http://collector:4317/v1/traces", "grpc", false),
+        ("collector:4317", "grpc", false),
+        ("grpc://collector:4317", "grpc", false),
+        ("http://:4317", "grpc", false),
+        ("http://collector:4318/v1/traces?key=1", "http", false),
+        ("http://user:pw@collector:4318", "http", false),
+        ("not a url", "http", false),
+    ] {
+        let yaml =
+            format!("tracing_export: {{ otlp_endpoint: \"{endpoint}\", protocol: {protocol} }}\n");
+        let result = Config::from_yaml(&yaml, &env(&[]));
+        assert_eq!(result.is_ok(), ok, "{endpoint} ({protocol}): {result:?}");
+        if let Err(e) = result {
+            assert_eq!(paths(e), ["tracing_export.otlp_endpoint"], "{endpoint}");
+        }
+    }
+}

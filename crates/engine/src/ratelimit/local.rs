@@ -2,12 +2,11 @@
 //! up to its limit, then gets one request per `window / limit`; never the instant second burst a
 //! fixed window allows at its edge.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::{BoxFuture, FutureExt};
-use moka::sync::Cache;
 
 use super::{RateLimit, RateLimitError, RateLimiter, RateStatus, gcra_params, gcra_status};
 use crate::clock::Clock;
@@ -15,48 +14,101 @@ use crate::clock::Clock;
 /// GCRA keeps one number per key, the theoretical arrival time (TAT): the instant at which the
 /// key's bucket would be empty again. A request at `now` is allowed while `TAT - now` stays within
 /// the burst tolerance `window - interval`: a burst of at most `requests`, then a steady rate.
+///
+/// The state is 16 bytes per key in plain hash tables (a cache entry with its bookkeeping costs
+/// about 400): with a key file of 100,000 keys every key may hold a cell, and the pod pays for
+/// each. A cell whose TAT has passed carries nothing (the key's quota is fully back), so at the
+/// bound those go first; only when every held key is still limited are arbitrary ones dropped,
+/// which starts them afresh and so only ever errs towards allowing.
 pub struct LocalLimiter {
     clock: Arc<dyn Clock>,
-    // Least-recently used keys are dropped at the bound; a dropped key starts afresh, which only
-    // ever errs towards allowing, and only for keys idle longer than the others.
-    cells: Cache<Arc<str>, Arc<AtomicU64>>,
+    shards: Box<[Mutex<Cells>]>,
+    per_shard: usize,
+    /// Keyed per process: which key ids share a shard or a hash cannot be aimed at.
+    hasher: RandomState,
 }
+
+/// TATs (ns) by the 64-bit hash of the key id, not the id itself: that halves a cell, and two of
+/// 100,000 ids share one with a chance of about 3 in 10¹⁰ (they would share a quota).
+type Cells = HashMap<u64, u64, BuildHasherDefault<Prehashed>>;
+
+/// The table's keys are SipHash outputs already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys are hashed")
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Shards of the table, so concurrent checks of different keys rarely wait on one lock.
+const SHARDS: usize = 16;
 
 impl LocalLimiter {
     pub fn new(clock: Arc<dyn Clock>, max_keys: u64) -> Self {
+        // Small bounds (tests) in one shard, so the bound is exact.
+        let shards = if max_keys >= 1024 { SHARDS } else { 1 };
         Self {
             clock,
-            cells: Cache::builder()
-                .max_capacity(max_keys)
-                // A key idle for a day has a fully restored quota anyway (windows are at most 30 days,
-                // but longer windows are rare; losing their state errs towards allowing).
-                .time_to_idle(Duration::from_secs(86_400))
-                .build(),
+            // Tables grow with use: an idle daemon holds none of it.
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            per_shard: (max_keys as usize / shards).max(1),
+            hasher: RandomState::new(),
         }
     }
 
     /// The decision, synchronously: the local backend never waits on anything.
     pub fn check_now(&self, key_id: &str, limit: RateLimit) -> RateStatus {
-        let cell = match self.cells.get(key_id) {
-            Some(c) => c,
-            None => self
-                .cells
-                .get_with(Arc::from(key_id), || Arc::new(AtomicU64::new(0))),
-        };
+        let h = self.hasher.hash_one(key_id);
+        // The top bits pick the shard; the table indexes by the low bits, which stay spread.
+        let shard = &self.shards[(h >> 58) as usize % self.shards.len()];
         let now = self.clock.now_nanos();
         let (interval, tolerance) = gcra_params(limit);
-        let mut current = cell.load(Ordering::Acquire);
-        loop {
-            let tat = current.max(now);
-            if tat - now > tolerance {
-                return gcra_status(false, tat, now, limit);
-            }
-            let new_tat = tat + interval;
-            match cell.compare_exchange_weak(current, new_tat, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return gcra_status(true, new_tat, now, limit),
-                Err(actual) => current = actual,
-            }
+        let mut cells = shard.lock().expect("limiter shard lock");
+        let tat = cells.get(&h).map_or(now, |t| (*t).max(now));
+        if tat - now > tolerance {
+            return gcra_status(false, tat, now, limit);
+        }
+        let new_tat = tat + interval;
+        if cells.len() >= self.per_shard && !cells.contains_key(&h) {
+            make_room(&mut cells, now, self.per_shard);
+        }
+        cells.insert(h, new_tat);
+        gcra_status(true, new_tat, now, limit)
+    }
+
+    /// Keys holding state.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().expect("limiter shard lock").len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Frees room in a full shard: keys whose quota is fully back first, then, if that is not an
+/// eighth of the shard, arbitrary keys down to seven eighths, so the next sweep is that many
+/// insertions away.
+fn make_room(cells: &mut Cells, now: u64, bound: usize) {
+    cells.retain(|_, tat| *tat > now);
+    let target = bound - bound / 8;
+    if cells.len() > target {
+        let drop: Vec<u64> = cells.keys().take(cells.len() - target).copied().collect();
+        for h in drop {
+            cells.remove(&h);
         }
     }
 }
@@ -73,6 +125,8 @@ impl RateLimiter for LocalLimiter {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::clock::ManualClock;
 
@@ -139,16 +193,35 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let clock = Arc::new(ManualClock::at_secs(1));
-        let l = LocalLimiter::new(clock, 100);
-        for i in 0..10_000 {
-            l.check_now(&format!("key-{i}"), lim("5/1s"));
+        for max in [100, 10_000] {
+            let clock = Arc::new(ManualClock::at_secs(1));
+            let l = LocalLimiter::new(clock, max);
+            for i in 0..10 * max {
+                l.check_now(&format!("key-{i}"), lim("5/1s"));
+                assert!(l.len() <= max as usize, "{} cells held", l.len());
+            }
         }
-        l.cells.run_pending_tasks();
+    }
+
+    #[test]
+    fn at_the_bound_keys_with_their_quota_back_go_first() {
+        let (clock, l) = limiter(1_000);
+        // 999 keys used once, long ago: their quota is back.
+        for i in 0..999 {
+            l.check_now(&format!("idle-{i}"), lim("5/1s"));
+        }
+        clock.advance(Duration::from_secs(10));
+        // One key spends its quota; then the table fills up past the bound.
+        for _ in 0..5 {
+            assert!(l.check_now("busy", lim("5/60s")).allowed);
+        }
+        for i in 0..500 {
+            l.check_now(&format!("new-{i}"), lim("5/1s"));
+        }
+        assert!(l.len() <= 1000);
         assert!(
-            l.cells.entry_count() <= 100,
-            "{} cells held",
-            l.cells.entry_count()
+            !l.check_now("busy", lim("5/60s")).allowed,
+            "the busy key's state was kept"
         );
     }
 }

@@ -1,7 +1,8 @@
 //! The fleet-wide limiter: GCRA state in Redis, updated by one Lua script per decision (one round
 //! trip, atomic, on Redis's own clock so replicas agree). A key found over its limit is denied
-//! locally until it may pass again, without asking Redis. When Redis cannot answer, the configured
-//! failure mode decides: this replica's local limiter, or 503.
+//! locally until it may pass again, without asking Redis. When Redis cannot answer, or the
+//! connection's circuit breaker is open, the configured failure mode decides at once: this
+//! replica's local limiter, or 503.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,8 @@ use super::{
 use crate::clock::Clock;
 use crate::config::FailureMode;
 use crate::observe::Observer;
-use crate::redis_conn::Redis;
+use crate::otel::{ChildSpan, REDIS_RATE_LIMIT_SPAN};
+use crate::redis_conn::{Redis, RedisFailure};
 
 /// GCRA in microseconds (exact in Lua's doubles until the year 2255). Returns
 /// `{allowed, tat_after_us, now_us}`; the key expires once its quota is fully back.
@@ -88,16 +90,18 @@ impl RedisLimiter {
             self.over.invalidate(key_id);
         }
         let (interval, tolerance) = gcra_params(limit);
-        let mut conn = self.redis.conn.clone();
-        let mut call = self.script.key(self.redis.names.rate_limit(key_id));
-        call.arg(interval / 1_000).arg(tolerance / 1_000);
-        let answer = tokio::time::timeout(
-            self.redis.timeout,
-            call.invoke_async::<(u8, u64, u64)>(&mut conn),
-        )
-        .await;
+        let mut span = ChildSpan::client(REDIS_RATE_LIMIT_SPAN);
+        span.set("db.system.name", "redis");
+        let answer = self
+            .redis
+            .run(|mut conn| async move {
+                let mut call = self.script.key(self.redis.names.rate_limit(key_id));
+                call.arg(interval / 1_000).arg(tolerance / 1_000);
+                call.invoke_async::<(u8, u64, u64)>(&mut conn).await
+            })
+            .await;
         match answer {
-            Ok(Ok((allowed, tat_us, now_us))) => {
+            Ok((allowed, tat_us, now_us)) => {
                 // Redis's clock decides; headers are computed on it so every replica agrees.
                 let (tat, redis_now) = (tat_us * 1_000, now_us * 1_000);
                 let status = gcra_status(allowed == 1, tat, redis_now, limit);
@@ -108,13 +112,10 @@ impl RedisLimiter {
                 }
                 Ok(status)
             }
-            Ok(Err(e)) => self.fail(key_id, limit, "error", e.to_string()),
-            Err(_) => self.fail(
-                key_id,
-                limit,
-                "timeout",
-                format!("timed out after {:?}", self.redis.timeout),
-            ),
+            Err(failure) => {
+                span.fail(failure.kind());
+                self.fail(key_id, limit, failure)
+            }
         }
     }
 
@@ -122,17 +123,16 @@ impl RedisLimiter {
         &self,
         key_id: &str,
         limit: RateLimit,
-        kind: &'static str,
-        why: String,
+        failure: RedisFailure,
     ) -> Result<RateStatus, RateLimitError> {
         match self.failure_mode {
             FailureMode::FailOpen => {
-                self.observer.rate_limit_fallback(true, kind, &why);
+                self.observer.rate_limit_fallback(true, &failure);
                 Ok(self.fallback.check_now(key_id, limit))
             }
             FailureMode::FailClosed => {
-                self.observer.rate_limit_fallback(false, kind, &why);
-                Err(RateLimitError::Unavailable(why))
+                self.observer.rate_limit_fallback(false, &failure);
+                Err(RateLimitError::Unavailable(failure.to_string()))
             }
         }
     }

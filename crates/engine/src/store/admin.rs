@@ -11,7 +11,7 @@ use crate::proto::v1::KeyEventType;
 use crate::ratelimit::RateLimit;
 use crate::redis_conn::Redis;
 use crate::store::redis::{decode_record, encode_event, encode_record};
-use crate::store::{KeyFile, KeyFileEntry, KeyRecord, KeyStatus, parse_entries};
+use crate::store::{KeyFile, KeyFileEntry, KeyRecord, KeyStatus, parse_entries, parse_file};
 
 /// Why a key command failed; each maps to an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -234,8 +234,9 @@ fn read_file(path: &Path) -> Result<Vec<KeyRecord>, AdminError> {
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let file: KeyFile = serde_yaml_ng::from_str(&text)
-        .map_err(|e| AdminError::Invalid(format!("{}: {e}", path.display())))?;
+    // Read as the daemon reads it, so both agree on what the file says.
+    let file =
+        parse_file(&text).map_err(|e| AdminError::Invalid(format!("{}: {e}", path.display())))?;
     parse_entries(&file.keys).map_err(|errs| {
         AdminError::Invalid(format!(
             "{}: {}",

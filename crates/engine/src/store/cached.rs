@@ -1,6 +1,7 @@
-//! `CachedStore`: the in-process cache in front of any key store. Found keys are fresh for a short
-//! TTL and then served stale while one background refresh runs (up to a hard maximum age);
-//! unknown keys are remembered briefly; concurrent misses for one hash make one lookup.
+//! `CachedStore`: the in-process cache in front of a remote key store (Redis). Found keys are
+//! fresh for a short TTL and then served stale while one background refresh runs (up to a hard
+//! maximum age); unknown keys are remembered briefly; concurrent misses for one hash make one
+//! lookup. In-memory stores are not cached: they are their own index.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -9,14 +10,14 @@ use std::time::{Duration, Instant};
 use moka::Expiry;
 use moka::future::Cache;
 
-use super::{KeyRecord, KeyStore, StoreError};
+use super::{Key, KeyStore, StoreError};
 use crate::authn::apikey::KeyHash;
 use crate::config::KeyCacheConfig;
-use crate::observe::{Backend, Observer};
+use crate::observe::Observer;
 
 #[derive(Clone)]
 struct Entry {
-    record: Option<Arc<KeyRecord>>,
+    record: Option<Arc<Key>>,
     fetched: Instant,
 }
 
@@ -84,14 +85,14 @@ impl CachedStore {
         self
     }
 
-    pub async fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+    pub async fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<Key>>, StoreError> {
         self.lookup_traced(hash).await.map(|(r, _)| r)
     }
 
     pub async fn lookup_traced(
         &self,
         hash: &KeyHash,
-    ) -> Result<(Option<Arc<KeyRecord>>, CacheOutcome), StoreError> {
+    ) -> Result<(Option<Arc<Key>>, CacheOutcome), StoreError> {
         if let Some(e) = self.cache.get(hash).await {
             if e.record.is_some() && e.fetched.elapsed() >= self.ttl {
                 self.spawn_refresh(*hash);
@@ -140,13 +141,13 @@ impl CachedStore {
                         )
                         .await
                 }
-                Err(e) => observer.backend_error(Backend::KeyStore, "refresh", &e),
+                Err(e) => observer.key_store_error("refresh", &e),
             }
             refreshing.lock().expect("refresh set").remove(&hash);
         });
     }
 
-    /// Drops one key (a revocation) or everything (the file store reloaded).
+    /// Drops one key (a revocation) or everything (events may have been missed).
     pub async fn invalidate(&self, hash: &KeyHash) {
         self.cache.invalidate(hash).await;
     }
@@ -164,6 +165,7 @@ impl CachedStore {
 mod tests {
     use super::*;
     use crate::authn::apikey::KeyKind;
+    use crate::store::{Interner, KeyRecord, KeyStatus};
     use futures_util::future::BoxFuture;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -172,7 +174,7 @@ mod tests {
     struct Counting {
         calls: AtomicUsize,
         down: AtomicBool,
-        record: Mutex<Option<Arc<KeyRecord>>>,
+        record: Mutex<Option<Arc<Key>>>,
         delay_ms: u64,
     }
 
@@ -180,7 +182,7 @@ mod tests {
         fn lookup<'a>(
             &'a self,
             _: &'a KeyHash,
-        ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
+        ) -> BoxFuture<'a, Result<Option<Arc<Key>>, StoreError>> {
             Box::pin(async move {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(self.delay_ms)).await;
@@ -201,8 +203,14 @@ mod tests {
         }
     }
 
-    fn rec() -> Arc<KeyRecord> {
-        Arc::new(KeyRecord::for_test("k", KeyKind::Secret, "t"))
+    fn rec_with(status: KeyStatus) -> Arc<Key> {
+        let mut r = KeyRecord::for_test("k", KeyKind::Secret, "t");
+        r.status = status;
+        Arc::new(Interner::default().key(&r))
+    }
+
+    fn rec() -> Arc<Key> {
+        rec_with(KeyStatus::Active)
     }
 
     #[tokio::test]
@@ -223,8 +231,8 @@ mod tests {
                         .await
                         .unwrap()
                         .unwrap()
-                        .id
-                        .clone()
+                        .id()
+                        .to_string()
                 })
             })
             .collect();
@@ -283,13 +291,11 @@ mod tests {
         });
         let cached = CachedStore::new(store.clone(), &cfg(1, 1, 60));
         cached.lookup(&KeyHash::of("k")).await.unwrap();
-        let mut revoked = (*rec()).clone();
-        revoked.status = crate::store::KeyStatus::Revoked;
-        *store.record.lock().unwrap() = Some(Arc::new(revoked));
+        *store.record.lock().unwrap() = Some(rec_with(KeyStatus::Revoked));
         tokio::time::sleep(Duration::from_millis(1_100)).await;
         cached.lookup(&KeyHash::of("k")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let r = cached.lookup(&KeyHash::of("k")).await.unwrap().unwrap();
-        assert_eq!(r.status, crate::store::KeyStatus::Revoked);
+        assert_eq!(r.status(), KeyStatus::Revoked);
     }
 }

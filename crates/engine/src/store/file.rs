@@ -1,17 +1,20 @@
 //! The file key store: a YAML or JSON file of key records (hashes only), checked for changes on an
-//! interval and swapped in whole when it parses. A bad edit keeps the last good set serving.
+//! interval and swapped in whole when it parses. A bad edit keeps the last good set serving. The
+//! store is an in-memory index of compact `Key`s, looked up directly: nothing caches it again.
 
-use std::collections::{HashMap, HashSet};
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use futures_util::future::BoxFuture;
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use tokio::sync::watch;
 
-use super::{KeyRecord, KeyStatus, KeyStore, StoreError};
+use super::{Interner, Key, KeyRecord, KeyStatus, StoreKind};
 use crate::authn::apikey::{KeyHash, KeyKind};
 use crate::config::{ErrorList, FieldError};
 use crate::ratelimit::RateLimit;
@@ -90,9 +93,57 @@ pub enum KeyFileError {
     Invalid { path: String, errors: ErrorList },
 }
 
-type Index = HashMap<KeyHash, Arc<KeyRecord>>;
+/// The keys by hash. The set holds one pointer per key (the hash lives in the key), so a table
+/// slot is 8 bytes, not the 40 of a `HashMap<KeyHash, Arc<Key>>`.
+type Index = HashSet<Entry, BuildHasherDefault<HashPrefix>>;
+
+/// A key in the index, found by its hash.
+struct Entry(Arc<Key>);
+
+impl Borrow<KeyHash> for Entry {
+    fn borrow(&self) -> &KeyHash {
+        self.0.hash()
+    }
+}
+
+// Hash and equality are the hash's, as `Borrow` requires.
+impl Hash for Entry {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash().hash(state)
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.hash() == other.0.hash()
+    }
+}
+
+impl Eq for Entry {}
+
+/// A key hash is SHA-256 output, already uniform: its first 8 bytes are a table hash as good as
+/// any, without SipHash's work on every lookup. Flooding is no concern here: the table is built
+/// from the operator's file, and a request can only look up, never insert.
+#[derive(Default)]
+struct HashPrefix(u64);
+
+impl Hasher for HashPrefix {
+    fn write(&mut self, bytes: &[u8]) {
+        if let Some(prefix) = bytes.first_chunk::<8>() {
+            self.0 = u64::from_le_bytes(*prefix);
+        }
+    }
+
+    // `[u8; 32]` hashes its length first; it says nothing.
+    fn write_usize(&mut self, _: usize) {}
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 pub struct FileStore {
+    kind: StoreKind,
     path: PathBuf,
     index: ArcSwap<Index>,
     stamp: std::sync::Mutex<Option<FileStamp>>,
@@ -129,6 +180,7 @@ impl FileStore {
         let index = load(path)?;
         let (changed, _) = watch::channel(0);
         Ok(Self {
+            kind: StoreKind::File,
             path: path.to_owned(),
             index: ArcSwap::from_pointee(index),
             stamp: std::sync::Mutex::new(Some(st)),
@@ -136,16 +188,32 @@ impl FileStore {
         })
     }
 
-    /// A store over records built in memory (dev mode, tests); `reload` never changes it.
+    /// A store over records built in memory (dev mode, tests); `reload` never changes it. A later
+    /// record replaces an earlier one with the same hash.
     pub fn from_records(records: Vec<KeyRecord>) -> Self {
-        let index = records.into_iter().map(|r| (r.hash, Arc::new(r))).collect();
+        let mut interner = Interner::default();
+        let mut index = Index::with_capacity_and_hasher(records.len(), Default::default());
+        for r in &records {
+            index.replace(Entry(Arc::new(interner.key(r))));
+        }
         let (changed, _) = watch::channel(0);
         Self {
+            kind: StoreKind::Memory,
             path: PathBuf::new(),
             index: ArcSwap::from_pointee(index),
             stamp: std::sync::Mutex::new(None),
             changed,
         }
+    }
+
+    /// `File` when loaded from a file, `Memory` when built in memory.
+    pub fn kind(&self) -> StoreKind {
+        self.kind
+    }
+
+    /// The key with this hash.
+    pub fn get(&self, hash: &KeyHash) -> Option<Arc<Key>> {
+        self.index.load().get(hash).map(|e| e.0.clone())
     }
 
     pub fn len(&self) -> usize {
@@ -156,7 +224,7 @@ impl FileStore {
         self.len() == 0
     }
 
-    /// Ticks after every successful reload, so caches in front can drop what they hold.
+    /// Ticks after every successful reload.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
@@ -207,35 +275,188 @@ impl FileStore {
     }
 }
 
-impl KeyStore for FileStore {
-    fn lookup<'a>(
-        &'a self,
-        hash: &'a KeyHash,
-    ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
-        let found = self.index.load().get(hash).cloned();
-        Box::pin(futures_util::future::ready(Ok(found)))
-    }
-}
-
 fn load(path: &Path) -> Result<Index, KeyFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    let invalid = |errors: Vec<FieldError>| KeyFileError::Invalid {
+    load_text(&text).map_err(|errors| KeyFileError::Invalid {
         path: path.display().to_string(),
         errors: ErrorList(errors),
-    };
-    let file = parse_file(&text).map_err(|e| invalid(vec![e]))?;
-    let records = parse_entries(&file.keys).map_err(invalid)?;
-    Ok(records.into_iter().map(|r| (r.hash, Arc::new(r))).collect())
+    })
+}
+
+/// The index of a key file's text. A JSON file (what large key sets are written as) is read one
+/// entry at a time, each turned into its compact `Key` before the next is read, so loading never
+/// holds the whole file's entries and leaves no trail of freed entries between the keys it keeps.
+/// YAML is read whole, as `parse_file` reads it.
+fn load_text(text: &str) -> Result<Index, Vec<FieldError>> {
+    if text.trim_start().starts_with('{') {
+        let mut loader = Loader::default();
+        match stream_json(text, &mut |i, e| loader.add(i, e)) {
+            Ok(true) => return loader.finish(),
+            Ok(false) => {}
+            Err(e) => return Err(vec![e]),
+        }
+    }
+    let file = parse_yaml(text).map_err(|e| vec![e])?;
+    let mut loader = Loader::default();
+    for (i, e) in file.keys.into_iter().enumerate() {
+        loader.add(i, e);
+    }
+    loader.finish()
+}
+
+/// Builds the index entry by entry, collecting every problem with its position.
+#[derive(Default)]
+struct Loader {
+    interner: Interner,
+    keys: Vec<Arc<Key>>,
+    /// The entry each key came from, for duplicate errors.
+    at: Vec<usize>,
+    /// Ids of entries whose hash did not parse: they still count for duplicate ids.
+    unhashed: Vec<(usize, String)>,
+    errs: Vec<(usize, FieldError)>,
+}
+
+impl Loader {
+    fn add(&mut self, i: usize, entry: KeyFileEntry) {
+        match check_entry(i, entry, &mut self.errs) {
+            Ok(record) => {
+                self.keys.push(Arc::new(self.interner.key(&record)));
+                self.at.push(i);
+            }
+            Err(id) => self.unhashed.push((i, id)),
+        }
+    }
+
+    fn finish(self) -> Result<Index, Vec<FieldError>> {
+        let mut errs = self.errs;
+        duplicates(
+            self.at
+                .iter()
+                .zip(&self.keys)
+                .map(|(&i, k)| (i, &**k.id(), k.hash())),
+            &self.unhashed,
+            &mut errs,
+        );
+        if !errs.is_empty() {
+            return Err(sorted(errs));
+        }
+        let mut index = Index::with_capacity_and_hasher(self.keys.len(), Default::default());
+        index.extend(self.keys.into_iter().map(Entry));
+        Ok(index)
+    }
+}
+
+/// Feeds each entry of a JSON key file to `each`. `Ok(false)`: the text is not JSON (a YAML flow
+/// mapping, say), for YAML to judge; entries fed before that are to be discarded.
+fn stream_json(text: &str, each: &mut dyn FnMut(usize, KeyFileEntry)) -> Result<bool, FieldError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let mut track = serde_path_to_error::Track::new();
+    let read =
+        FileSeed(each).deserialize(serde_path_to_error::Deserializer::new(&mut de, &mut track));
+    match read {
+        // Trailing text after the object: not JSON.
+        Ok(()) => Ok(de.end().is_ok()),
+        // Valid JSON with the wrong content: JSON's own error names the field.
+        Err(e) if e.is_data() => Err(FieldError {
+            path: track.path().to_string(),
+            message: e.to_string(),
+        }),
+        Err(_) => Ok(false),
+    }
+}
+
+/// The top of a key file, `{"keys": [...]}`, read as `KeyFile` reads it (`keys` optional, no
+/// other field), handing each entry on as soon as it is read.
+struct FileSeed<'f>(&'f mut dyn FnMut(usize, KeyFileEntry));
+
+impl<'de> DeserializeSeed<'de> for FileSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_struct("KeyFile", &["keys"], self)
+    }
+}
+
+impl<'de> Visitor<'de> for FileSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("struct KeyFile")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = false;
+        while map.next_key::<KeysField>()?.is_some() {
+            if seen {
+                return Err(A::Error::duplicate_field("keys"));
+            }
+            seen = true;
+            map.next_value_seed(EntriesSeed(&mut *self.0))?;
+        }
+        Ok(())
+    }
+}
+
+/// The one field of a key file. Any other name is refused while the name is read, as a derived
+/// `deny_unknown_fields` refuses it, so the error names the field the same way.
+struct KeysField;
+
+impl<'de> Deserialize<'de> for KeysField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_identifier(KeysField)
+    }
+}
+
+impl Visitor<'_> for KeysField {
+    type Value = KeysField;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("field identifier")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<KeysField, E> {
+        match v {
+            "keys" => Ok(KeysField),
+            other => Err(E::unknown_field(other, &["keys"])),
+        }
+    }
+}
+
+struct EntriesSeed<'f>(&'f mut dyn FnMut(usize, KeyFileEntry));
+
+impl<'de> DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntriesSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a sequence")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        while let Some(entry) = seq.next_element::<KeyFileEntry>()? {
+            (self.0)(i, entry);
+            i += 1;
+        }
+        Ok(())
+    }
 }
 
 /// The file's text as a `KeyFile`. JSON is YAML, so the YAML parser reads both, but it is the slow
 /// part of loading a large file (libyaml buffers every event of the document first: most of a
 /// 1M-key load). A document that opens with `{` is read as JSON first; only when it is not JSON
 /// at all (a YAML flow mapping, say) does the YAML parser see it.
-fn parse_file(text: &str) -> Result<KeyFile, FieldError> {
+pub fn parse_file(text: &str) -> Result<KeyFile, FieldError> {
     if text.trim_start().starts_with('{') {
         let mut de = serde_json::Deserializer::from_str(text);
         match serde_path_to_error::deserialize::<_, KeyFile>(&mut de) {
@@ -252,6 +473,10 @@ fn parse_file(text: &str) -> Result<KeyFile, FieldError> {
             Err(_) => {}
         }
     }
+    parse_yaml(text)
+}
+
+fn parse_yaml(text: &str) -> Result<KeyFile, FieldError> {
     serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text)).map_err(|e| {
         FieldError {
             path: e.path().to_string(),
@@ -264,79 +489,153 @@ fn parse_file(text: &str) -> Result<KeyFile, FieldError> {
 pub fn parse_entries(entries: &[KeyFileEntry]) -> Result<Vec<KeyRecord>, Vec<FieldError>> {
     let mut errs = Vec::new();
     let mut out = Vec::with_capacity(entries.len());
-    let mut ids = HashSet::new();
-    let mut hashes = HashSet::new();
+    let mut at = Vec::with_capacity(entries.len());
+    let mut unhashed = Vec::new();
     for (i, e) in entries.iter().enumerate() {
-        let mut err = |field: &str, message: String| {
-            errs.push(FieldError {
-                path: format!("keys[{i}].{field}"),
-                message,
-            })
-        };
-        if e.id.trim().is_empty() {
-            err("id", "must not be empty".into());
-        } else if !ids.insert(e.id.as_str()) {
-            err("id", format!("duplicate id `{}`", e.id));
-        }
-        let hash = KeyHash::parse(&e.hash);
-        match hash {
-            None => err("hash", "must be sha256:<64 hex digits>".into()),
-            Some(h) if !hashes.insert(h) => err("hash", "duplicate hash".into()),
-            Some(_) => {}
-        }
-        if e.tenant.trim().is_empty() || e.tenant.contains(char::is_control) {
-            err(
-                "tenant",
-                "must be a non-empty string without control characters".into(),
-            );
-        }
-        let expires_at = parse_time(e.expires_at.as_deref()).unwrap_or_else(|m| {
-            err("expires_at", m);
-            None
-        });
-        let created_at = parse_time(e.created_at.as_deref()).unwrap_or_else(|m| {
-            err("created_at", m);
-            None
-        });
-        if e.kind == KeyKind::Secret {
-            if !e.allowed_origins.is_empty() {
-                err(
-                    "allowed_origins",
-                    "only publishable keys have allowed origins".into(),
-                );
+        match check_entry(i, e.clone(), &mut errs) {
+            Ok(r) => {
+                out.push(r);
+                at.push(i);
             }
-            if e.jwt_provider.is_some() {
-                err(
-                    "jwt_provider",
-                    "only publishable keys name a JWT provider".into(),
-                );
-            }
-            if e.identity_platform_tenant.is_some() {
-                err(
-                    "identity_platform_tenant",
-                    "only publishable keys name an Identity Platform tenant".into(),
-                );
-            }
-        }
-        if let Some(h) = hash {
-            out.push(KeyRecord {
-                id: e.id.clone(),
-                hash: h,
-                kind: e.kind,
-                tenant: e.tenant.clone(),
-                scopes: e.scopes.clone(),
-                rate_limit: e.rate_limit,
-                status: e.status,
-                expires_at,
-                name: e.name.clone(),
-                created_at,
-                allowed_origins: e.allowed_origins.clone(),
-                jwt_provider: e.jwt_provider.clone(),
-                identity_platform_tenant: e.identity_platform_tenant.clone(),
-            });
+            Err(id) => unhashed.push((i, id)),
         }
     }
-    if errs.is_empty() { Ok(out) } else { Err(errs) }
+    duplicates(
+        at.iter()
+            .zip(&out)
+            .map(|(&i, r)| (i, r.id.as_str(), &r.hash)),
+        &unhashed,
+        &mut errs,
+    );
+    if errs.is_empty() {
+        Ok(out)
+    } else {
+        Err(sorted(errs))
+    }
+}
+
+/// One entry's own checks, and its record; only its id when its hash does not parse (the id
+/// still takes part in the search for duplicates).
+fn check_entry(
+    i: usize,
+    e: KeyFileEntry,
+    errs: &mut Vec<(usize, FieldError)>,
+) -> Result<KeyRecord, String> {
+    let mut err = |field: &str, message: String| {
+        errs.push((
+            i,
+            FieldError {
+                path: format!("keys[{i}].{field}"),
+                message,
+            },
+        ))
+    };
+    if e.id.trim().is_empty() {
+        err("id", "must not be empty".into());
+    }
+    let hash = KeyHash::parse(&e.hash);
+    if hash.is_none() {
+        err("hash", "must be sha256:<64 hex digits>".into());
+    }
+    if e.tenant.trim().is_empty() || e.tenant.contains(char::is_control) {
+        err(
+            "tenant",
+            "must be a non-empty string without control characters".into(),
+        );
+    }
+    let expires_at = parse_time(e.expires_at.as_deref()).unwrap_or_else(|m| {
+        err("expires_at", m);
+        None
+    });
+    let created_at = parse_time(e.created_at.as_deref()).unwrap_or_else(|m| {
+        err("created_at", m);
+        None
+    });
+    if e.kind == KeyKind::Secret {
+        if !e.allowed_origins.is_empty() {
+            err(
+                "allowed_origins",
+                "only publishable keys have allowed origins".into(),
+            );
+        }
+        if e.jwt_provider.is_some() {
+            err(
+                "jwt_provider",
+                "only publishable keys name a JWT provider".into(),
+            );
+        }
+        if e.identity_platform_tenant.is_some() {
+            err(
+                "identity_platform_tenant",
+                "only publishable keys name an Identity Platform tenant".into(),
+            );
+        }
+    }
+    let Some(hash) = hash else { return Err(e.id) };
+    Ok(KeyRecord {
+        id: e.id,
+        hash,
+        kind: e.kind,
+        tenant: e.tenant,
+        scopes: e.scopes,
+        rate_limit: e.rate_limit,
+        status: e.status,
+        expires_at,
+        name: e.name,
+        created_at,
+        allowed_origins: e.allowed_origins,
+        jwt_provider: e.jwt_provider,
+        identity_platform_tenant: e.identity_platform_tenant,
+    })
+}
+
+/// Reports every id and hash used by an earlier entry too. `keys` and `unhashed` are each in
+/// file order.
+fn duplicates<'a>(
+    keys: impl ExactSizeIterator<Item = (usize, &'a str, &'a KeyHash)>,
+    unhashed: &'a [(usize, String)],
+    errs: &mut Vec<(usize, FieldError)>,
+) {
+    let mut ids = HashSet::with_capacity(keys.len() + unhashed.len());
+    let mut hashes = HashSet::with_capacity(keys.len());
+    let mut keys = keys.peekable();
+    let mut unhashed = unhashed.iter().peekable();
+    // Both lists merged back into file order, so the later of two equal ids is the one reported.
+    let next = std::iter::from_fn(|| match (keys.peek(), unhashed.peek()) {
+        (Some(&(k, ..)), Some(&&(u, _))) if u < k => {
+            unhashed.next().map(|(i, id)| (*i, id.as_str(), None))
+        }
+        (Some(_), _) => keys.next().map(|(i, id, h)| (i, id, Some(h))),
+        (None, _) => unhashed.next().map(|(i, id)| (*i, id.as_str(), None)),
+    });
+    for (i, id, hash) in next {
+        if !id.trim().is_empty() && !ids.insert(id) {
+            errs.push((
+                i,
+                FieldError {
+                    path: format!("keys[{i}].id"),
+                    message: format!("duplicate id `{id}`"),
+                },
+            ));
+        }
+        if let Some(hash) = hash
+            && !hashes.insert(hash)
+        {
+            errs.push((
+                i,
+                FieldError {
+                    path: format!("keys[{i}].hash"),
+                    message: "duplicate hash".into(),
+                },
+            ));
+        }
+    }
+}
+
+/// Errors in file order (a stable sort keeps each entry's own order).
+fn sorted(mut errs: Vec<(usize, FieldError)>) -> Vec<FieldError> {
+    errs.sort_by_key(|(i, _)| *i);
+    errs.into_iter().map(|(_, e)| e).collect()
 }
 
 fn parse_time(s: Option<&str>) -> Result<Option<u64>, String> {
@@ -374,19 +673,13 @@ mod tests {
         )
         .unwrap();
         let store = FileStore::open(&yaml).unwrap();
-        let rec = store.lookup(&KeyHash::of(&key)).await.unwrap().unwrap();
-        assert_eq!(rec.id, "k1");
-        assert_eq!(rec.tenant, "t1");
-        assert!(rec.has_scope("users:impersonate"));
-        assert_eq!(rec.rate_limit, Some("5/1s".parse().unwrap()));
-        assert_eq!(rec.expires_at, Some(1_893_456_000));
-        assert!(
-            store
-                .lookup(&KeyHash::of("sk_other"))
-                .await
-                .unwrap()
-                .is_none()
-        );
+        let rec = store.get(&KeyHash::of(&key)).unwrap();
+        assert_eq!(&**rec.id(), "k1");
+        assert_eq!(&**rec.tenant(), "t1");
+        assert!(rec.scopes().contains("users:impersonate"));
+        assert_eq!(rec.rate_limit(), Some("5/1s".parse().unwrap()));
+        assert_eq!(rec.expires_at(), Some(1_893_456_000));
+        assert!(store.get(&KeyHash::of("sk_other")).is_none());
 
         let json = dir.path().join("keys.json");
         std::fs::write(
@@ -398,9 +691,12 @@ mod tests {
         )
         .unwrap();
         let store = FileStore::open(&json).unwrap();
-        let rec = store.lookup(&KeyHash::of(&key)).await.unwrap().unwrap();
-        assert_eq!(rec.kind, KeyKind::Publishable);
-        assert_eq!(rec.allowed_origins, vec!["https://app.example"]);
+        let rec = store.get(&KeyHash::of(&key)).unwrap();
+        assert_eq!(rec.kind(), KeyKind::Publishable);
+        assert_eq!(
+            &*rec.publishable().unwrap().allowed_origins,
+            ["https://app.example".to_owned()]
+        );
     }
 
     #[test]
@@ -429,6 +725,78 @@ mod tests {
         let e = parse_file(r#"{"keys":[{"id":"k","hash":"h","kind":"gold","tenant":"t"}]}"#)
             .unwrap_err();
         assert_eq!(e.path, "keys[0].kind");
+    }
+
+    /// The store reads JSON one entry at a time; it must mean what `parse_file` + `parse_entries`
+    /// (the key commands' reading) mean, errors included.
+    #[test]
+    fn streamed_loading_agrees_with_reading_the_whole_file() {
+        let (a, b) = (KeyHash::of("sk_a").to_hex(), KeyHash::of("sk_b").to_hex());
+        let entry = |id: &str, hash: &str, extra: &str| {
+            format!(
+                r#"{{"id":"{id}","hash":"sha256:{hash}","kind":"secret","tenant":"t1"{extra}}}"#
+            )
+        };
+        let texts = [
+            format!(
+                r#"{{"keys":[{},{}]}}"#,
+                entry(
+                    "k1",
+                    &a,
+                    r#","scopes":["x","y"],"rate_limit":"5/1s","name":"n""#
+                ),
+                entry(
+                    "k2",
+                    &b,
+                    r#","status":"revoked","expires_at":"2030-01-01T00:00:00Z""#
+                )
+            ),
+            "{}".to_owned(),
+            r#"{"keys":[]}"#.to_owned(),
+            // Not JSON: a YAML flow mapping, and JSON with trailing text.
+            format!("{{keys: [{{id: k1, hash: 'sha256:{a}', kind: secret, tenant: t1}}]}}"),
+            format!(r#"{{"keys":[{}]}} trailing"#, entry("k1", &a, "")),
+            // Refused, each naming the place.
+            r#"{"keys":null}"#.to_owned(),
+            r#"{"keys":[],"colour":"red"}"#.to_owned(),
+            r#"{"keys":[],"keys":[]}"#.to_owned(),
+            format!(
+                r#"{{"keys":[{},{{"id":"k","colour":"red"}}]}}"#,
+                entry("k1", &a, "")
+            ),
+            format!(
+                r#"{{"keys":[{},{}]}}"#,
+                entry("k1", &a, ""),
+                entry("k1", &a, "")
+            ),
+            format!(
+                r#"{{"keys":[{},{}]}}"#,
+                entry("", &a, r#","allowed_origins":["x"]"#),
+                entry("k2", "00", r#","expires_at":"soon""#)
+            ),
+        ];
+        for text in &texts {
+            let whole = parse_file(text)
+                .map_err(|e| vec![e])
+                .and_then(|f| parse_entries(&f.keys));
+            let streamed = load_text(text);
+            match (whole, streamed) {
+                (Ok(records), Ok(index)) => {
+                    assert_eq!(records.len(), index.len(), "{text}");
+                    let mut interner = Interner::default();
+                    for r in &records {
+                        let got = index.get(&r.hash).expect("every record indexed");
+                        assert_eq!(*got.0, interner.key(r), "{text}");
+                    }
+                }
+                (Err(want), Err(got)) => {
+                    let show =
+                        |e: &[FieldError]| e.iter().map(|e| e.to_string()).collect::<Vec<_>>();
+                    assert_eq!(show(&want), show(&got), "{text}");
+                }
+                (w, g) => panic!("{text}: whole {:?}, streamed {:?}", w.is_ok(), g.is_ok()),
+            }
+        }
     }
 
     #[test]
@@ -488,14 +856,14 @@ mod tests {
         assert!(store.reload_if_changed().unwrap());
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
-        assert!(store.lookup(&KeyHash::of(&b)).await.unwrap().is_some());
+        assert!(store.get(&KeyHash::of(&b)).is_some());
 
         std::fs::write(&tmp, "keys: [ {broken").unwrap();
         std::fs::rename(&tmp, &p).unwrap();
         assert!(store.reload_if_changed().is_err());
         assert!(!changes.has_changed().unwrap());
         assert!(
-            store.lookup(&KeyHash::of(&b)).await.unwrap().is_some(),
+            store.get(&KeyHash::of(&b)).is_some(),
             "last good set keeps serving"
         );
     }

@@ -1,9 +1,12 @@
-//! API key records and where they come from: the `KeyStore` trait (an I/O seam), the file store,
-//! and the cache that sits in front of any store.
+//! API key records and where they come from: the full `KeyRecord` (what the key file and Redis
+//! hold, what people read), the compact `Key` the engine looks up, the `KeyStore` trait (the I/O
+//! seam of a remote store), the file store (an in-memory index), and `Keys`, the one way the
+//! engine looks a key up: straight from memory, or through the cache in front of Redis.
 
 pub mod admin;
 mod cached;
 mod file;
+mod key;
 pub mod redis;
 
 use std::sync::Arc;
@@ -11,13 +14,15 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 
 pub use cached::{CacheOutcome, CachedStore};
-pub use file::{FileStore, KeyFile, KeyFileEntry, KeyFileError, parse_entries};
+pub use file::{FileStore, KeyFile, KeyFileEntry, KeyFileError, parse_entries, parse_file};
+pub use key::{Interner, Key, Publishable, Scopes};
 pub use redis::RedisStore;
 
 use crate::authn::apikey::{KeyHash, KeyKind};
 use crate::ratelimit::RateLimit;
 
-/// Everything known about one API key. Never holds the key itself, only its hash.
+/// Everything known about one API key, as the key file and Redis hold it and as the key commands
+/// show it. Never holds the key itself, only its hash. Decisions read the compact `Key` instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
     pub id: String,
@@ -65,25 +70,92 @@ impl KeyRecord {
 pub enum StoreError {
     #[error("key store unavailable: {0}")]
     Unavailable(String),
+    /// Not asked: the Redis circuit breaker is open, so the answer is at once, not a timeout later.
+    #[error("key store unavailable: Redis circuit breaker open")]
+    BreakerOpen,
 }
 
-/// A source of key records, looked up by key hash.
+/// A remote source of keys, looked up by key hash: the seam the cache wraps (Redis; tests' failing
+/// and counting stores).
 pub trait KeyStore: Send + Sync {
     fn lookup<'a>(
         &'a self,
         hash: &'a KeyHash,
-    ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>>;
+    ) -> BoxFuture<'a, Result<Option<Arc<Key>>, StoreError>>;
 }
 
-/// No store configured: every key is unknown.
-pub struct NoStore;
+/// Which store answers lookups: the `store` label of `key_lookups_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// No store configured: every key is unknown.
+    None,
+    /// The key file.
+    File,
+    /// Keys built in memory (dev mode, tests).
+    Memory,
+    /// Redis (or a test's stand-in for a remote store), behind the key cache.
+    Redis,
+}
 
-impl KeyStore for NoStore {
-    fn lookup<'a>(
-        &'a self,
-        _: &'a KeyHash,
-    ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
-        Box::pin(async { Ok(None) })
+impl StoreKind {
+    pub const ALL: [StoreKind; 4] = [
+        StoreKind::None,
+        StoreKind::File,
+        StoreKind::Memory,
+        StoreKind::Redis,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::None => "none",
+            StoreKind::File => "file",
+            StoreKind::Memory => "memory",
+            StoreKind::Redis => "redis",
+        }
+    }
+}
+
+/// How the engine looks keys up. An in-memory store is its own index and is asked directly: a
+/// cache in front of it would hold a second copy of what it already holds, and answer slower. Only
+/// a remote store has the cache in front.
+#[derive(Clone)]
+pub enum Keys {
+    None,
+    Memory(Arc<FileStore>),
+    Cached(Arc<CachedStore>),
+}
+
+impl Keys {
+    pub fn kind(&self) -> StoreKind {
+        match self {
+            Keys::None => StoreKind::None,
+            Keys::Memory(s) => s.kind(),
+            Keys::Cached(_) => StoreKind::Redis,
+        }
+    }
+
+    /// The key with this hash, and how the cache answered when there is one.
+    pub async fn lookup_traced(
+        &self,
+        hash: &KeyHash,
+    ) -> Result<(Option<Arc<Key>>, Option<CacheOutcome>), StoreError> {
+        match self {
+            Keys::None => Ok((None, None)),
+            Keys::Memory(s) => Ok((s.get(hash), None)),
+            Keys::Cached(c) => c.lookup_traced(hash).await.map(|(k, o)| (k, Some(o))),
+        }
+    }
+
+    pub async fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<Key>>, StoreError> {
+        self.lookup_traced(hash).await.map(|(k, _)| k)
+    }
+
+    /// Entries the key cache holds; `None` where there is no cache.
+    pub fn cached_entries(&self) -> Option<u64> {
+        match self {
+            Keys::Cached(c) => Some(c.entry_count()),
+            Keys::None | Keys::Memory(_) => None,
+        }
     }
 }
 

@@ -2,26 +2,31 @@
 //! `gybc:key:<hex sha256>`, and the `KeyEvent`s it publishes on `gybc:keys:events`, on which every
 //! replica drops its cached copy at once. The layout is docs/key-store.md.
 
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use prost::Message;
 
-use super::{CachedStore, KeyRecord, KeyStatus, KeyStore, StoreError};
+use super::{CachedStore, Interner, Key, KeyRecord, KeyStatus, KeyStore, StoreError};
 use crate::authn::apikey::{KeyHash, KeyKind};
 use crate::proto::v1 as pb;
 use crate::ratelimit::RateLimit;
-use crate::redis_conn::Redis;
+use crate::redis_conn::{Redis, RedisFailure};
 
 pub struct RedisStore {
     redis: Redis,
+    /// Cached keys of one tenant share its name and scope lists, as a file store's do.
+    interner: Mutex<Interner>,
 }
 
 impl RedisStore {
     pub fn new(redis: Redis) -> Self {
-        Self { redis }
+        Self {
+            redis,
+            interner: Mutex::default(),
+        }
     }
 }
 
@@ -29,17 +34,26 @@ impl KeyStore for RedisStore {
     fn lookup<'a>(
         &'a self,
         hash: &'a KeyHash,
-    ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<Arc<Key>>, StoreError>> {
         Box::pin(async move {
-            let mut conn = self.redis.conn.clone();
-            let bytes: Option<Vec<u8>> = redis::cmd("GET")
-                .arg(self.redis.names.key(hash))
-                .query_async(&mut conn)
+            let bytes: Option<Vec<u8>> = self
+                .redis
+                .run(|mut conn| async move {
+                    redis::cmd("GET")
+                        .arg(self.redis.names.key(hash))
+                        .query_async(&mut conn)
+                        .await
+                })
                 .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                .map_err(|e| match e {
+                    RedisFailure::BreakerOpen => StoreError::BreakerOpen,
+                    e => StoreError::Unavailable(e.to_string()),
+                })?;
             let Some(bytes) = bytes else { return Ok(None) };
             match decode_record(&bytes, hash) {
-                Ok(r) => Ok(Some(Arc::new(r))),
+                Ok(r) => Ok(Some(Arc::new(
+                    self.interner.lock().expect("interner lock").key(&r),
+                ))),
                 Err(why) => {
                     // A record we cannot trust is no key at all; the key service must fix it.
                     tracing::error!(key = %self.redis.names.key(hash), why, "Unusable key record in Redis; treating the key as unknown.");
