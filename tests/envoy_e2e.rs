@@ -17,7 +17,7 @@ use gybc_authz::app::{self, Running};
 use gybc_authz_engine::authn::apikey::{ApiKey, KeyHash, KeyKind};
 use gybc_authz_engine::clock::Clock;
 use gybc_authz_engine::config::Config;
-use gybc_authz_engine::store::{KeyRecord, KeyStore, StoreError};
+use gybc_authz_engine::store::{Key, KeyStore, StoreError};
 use support::envoy::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,9 +47,8 @@ fn assert_no_rate_limit_headers(r: &Reply) {
 
 // === the decision table, row by row ===
 
-#[tokio::test]
-async fn row_01_nothing_usable_is_401_missing_credentials() {
-    let s = Stack::start().await;
+async fn row_01_nothing_usable_is_401_missing_credentials(mode: Mode) {
+    let s = Stack::start(mode).await;
     let r = s
         .post(API_PATH, &[("content-type", "application/json")])
         .await;
@@ -59,9 +58,8 @@ async fn row_01_nothing_usable_is_401_missing_credentials() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_02_valid_jwt_with_tenant_claim_is_allowed_as_jwt() {
-    let s = Stack::start().await;
+async fn row_02_valid_jwt_with_tenant_claim_is_allowed_as_jwt(mode: Mode) {
+    let s = Stack::start(mode).await;
     let auth = bearer(&s.env.user_token("user_abc", Some(TENANT)));
     let r = s.post(API_PATH, &[("authorization", &auth)]).await;
     let up = r.allowed();
@@ -83,9 +81,10 @@ async fn row_02_valid_jwt_with_tenant_claim_is_allowed_as_jwt() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_03_valid_jwt_without_tenant_on_a_tenantless_path_is_allowed_without_tenant() {
-    let s = Stack::start().await;
+async fn row_03_valid_jwt_without_tenant_on_a_tenantless_path_is_allowed_without_tenant(
+    mode: Mode,
+) {
+    let s = Stack::start(mode).await;
     let auth = bearer(&s.env.user_token("new_user", None));
     // Envoy sends the path with its query string; the daemon must split it off to match.
     let path = format!("{ORG_CREATE}?src=signup");
@@ -121,9 +120,8 @@ async fn raw_status(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> u16 
         .unwrap_or_else(|| panic!("not an HTTP response: {resp:?}"))
 }
 
-#[tokio::test]
-async fn row_04_valid_jwt_without_tenant_on_any_other_path_is_403_tenant_required() {
-    let s = Stack::start().await;
+async fn row_04_valid_jwt_without_tenant_on_any_other_path_is_403_tenant_required(mode: Mode) {
+    let s = Stack::start(mode).await;
     let auth = bearer(&s.env.user_token("new_user", None));
     for path in [API_PATH, "/api/v1/orgs/create/", "/api/v1/orgs%2Fcreate"] {
         s.post(path, &[("authorization", &auth)])
@@ -159,9 +157,8 @@ async fn row_04_valid_jwt_without_tenant_on_any_other_path_is_403_tenant_require
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_05_invalid_jwt_is_401_invalid_token() {
-    let s = Stack::start().await;
+async fn row_05_invalid_jwt_is_401_invalid_token(mode: Mode) {
+    let s = Stack::start(mode).await;
     let mut claims = s.env.claims("u1", Some(TENANT));
     claims["aud"] = "someone-else".into();
     let r = s
@@ -180,9 +177,8 @@ async fn row_05_invalid_jwt_is_401_invalid_token() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_06_known_active_secret_key_is_allowed_as_api_key_and_rate_limited() {
-    let s = Stack::start().await;
+async fn row_06_known_active_secret_key_is_allowed_as_api_key_and_rate_limited(mode: Mode) {
+    let s = Stack::start(mode).await;
     let reset = reset_after_first(&s.env, 5, 60);
     let r = s.post(API_PATH, &[("x-api-key", &s.env.keys.secret)]).await;
     let up = r.allowed();
@@ -209,9 +205,8 @@ async fn row_06_known_active_secret_key_is_allowed_as_api_key_and_rate_limited()
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_07_secret_key_with_impersonate_scope_and_on_behalf_of_acts_as_that_user() {
-    let s = Stack::start().await;
+async fn row_07_secret_key_with_impersonate_scope_and_on_behalf_of_acts_as_that_user(mode: Mode) {
+    let s = Stack::start(mode).await;
     let r = s
         .post(
             API_PATH,
@@ -241,9 +236,8 @@ async fn row_07_secret_key_with_impersonate_scope_and_on_behalf_of_acts_as_that_
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_08_on_behalf_of_without_the_scope_is_403_impersonation_not_allowed() {
-    let s = Stack::start().await;
+async fn row_08_on_behalf_of_without_the_scope_is_403_impersonation_not_allowed(mode: Mode) {
+    let s = Stack::start(mode).await;
     let r = s
         .post(
             API_PATH,
@@ -258,9 +252,10 @@ async fn row_08_on_behalf_of_without_the_scope_is_403_impersonation_not_allowed(
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_09_on_behalf_of_with_a_jwt_or_a_publishable_key_is_403_impersonation_not_allowed() {
-    let s = Stack::start().await;
+async fn row_09_on_behalf_of_with_a_jwt_or_a_publishable_key_is_403_impersonation_not_allowed(
+    mode: Mode,
+) {
+    let s = Stack::start(mode).await;
     let jwt = bearer(&s.env.user_token("u1", Some(TENANT)));
     s.post(
         API_PATH,
@@ -282,9 +277,8 @@ async fn row_09_on_behalf_of_with_a_jwt_or_a_publishable_key_is_403_impersonatio
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_10_malformed_on_behalf_of_is_400_invalid_on_behalf_of() {
-    let s = Stack::start().await;
+async fn row_10_malformed_on_behalf_of_is_400_invalid_on_behalf_of(mode: Mode) {
+    let s = Stack::start(mode).await;
     let key = s.env.keys.impersonator.clone();
     let long = "u".repeat(129);
     // Control characters other than tab cannot travel in HTTP/1.1 header values at all.
@@ -312,9 +306,8 @@ async fn row_10_malformed_on_behalf_of_is_400_invalid_on_behalf_of() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_11_publishable_key_with_a_valid_user_jwt_is_allowed_as_publishable_key() {
-    let s = Stack::start().await;
+async fn row_11_publishable_key_with_a_valid_user_jwt_is_allowed_as_publishable_key(mode: Mode) {
+    let s = Stack::start(mode).await;
     let reset = reset_after_first(&s.env, 3, 60);
     let jwt = bearer(&s.env.app_user_token("end_user_9", None));
     let r = s
@@ -343,9 +336,8 @@ async fn row_11_publishable_key_with_a_valid_user_jwt_is_allowed_as_publishable_
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_12_publishable_key_without_a_user_jwt_is_401_user_token_required() {
-    let s = Stack::start().await;
+async fn row_12_publishable_key_without_a_user_jwt_is_401_user_token_required(mode: Mode) {
+    let s = Stack::start(mode).await;
     let r = s
         .post(API_PATH, &[("x-api-key", &s.env.keys.publishable)])
         .await;
@@ -354,9 +346,8 @@ async fn row_12_publishable_key_without_a_user_jwt_is_401_user_token_required() 
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_13_publishable_key_with_a_jwt_of_another_tenant_is_403_tenant_mismatch() {
-    let s = Stack::start().await;
+async fn row_13_publishable_key_with_a_jwt_of_another_tenant_is_403_tenant_mismatch(mode: Mode) {
+    let s = Stack::start(mode).await;
     let jwt = bearer(&s.env.app_user_token("u1", Some(OTHER_TENANT)));
     s.post(
         API_PATH,
@@ -397,9 +388,10 @@ async fn row_13_publishable_key_with_a_jwt_of_another_tenant_is_403_tenant_misma
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_14_publishable_key_from_an_origin_outside_its_allowlist_is_403_origin_not_allowed() {
-    let s = Stack::start().await;
+async fn row_14_publishable_key_from_an_origin_outside_its_allowlist_is_403_origin_not_allowed(
+    mode: Mode,
+) {
+    let s = Stack::start(mode).await;
     let jwt = bearer(&s.env.app_user_token("u1", None));
     s.post(
         API_PATH,
@@ -414,9 +406,8 @@ async fn row_14_publishable_key_from_an_origin_outside_its_allowlist_is_403_orig
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_15_secret_key_with_authorization_as_well_is_400_ambiguous_credentials() {
-    let s = Stack::start().await;
+async fn row_15_secret_key_with_authorization_as_well_is_400_ambiguous_credentials(mode: Mode) {
+    let s = Stack::start(mode).await;
     let jwt = bearer(&s.env.user_token("u1", Some(TENANT)));
     s.post(
         API_PATH,
@@ -427,9 +418,8 @@ async fn row_15_secret_key_with_authorization_as_well_is_400_ambiguous_credentia
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_16_the_same_credential_header_twice_is_400_malformed_credentials() {
-    let s = Stack::start().await;
+async fn row_16_the_same_credential_header_twice_is_400_malformed_credentials(mode: Mode) {
+    let s = Stack::start(mode).await;
     let jwt = bearer(&s.env.user_token("u1", Some(TENANT)));
     // Two header lines; Envoy joins them with a comma in the Check's header map.
     s.post(
@@ -450,9 +440,8 @@ async fn row_16_the_same_credential_header_twice_is_400_malformed_credentials() 
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_17_authorization_that_is_not_bearer_is_401_invalid_token() {
-    let s = Stack::start().await;
+async fn row_17_authorization_that_is_not_bearer_is_401_invalid_token(mode: Mode) {
+    let s = Stack::start(mode).await;
     for value in [
         "Basic dXNlcjpwYXNz",
         "Token abc",
@@ -473,9 +462,8 @@ async fn row_17_authorization_that_is_not_bearer_is_401_invalid_token() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_18_a_key_of_another_prefix_or_a_malformed_key_is_401_invalid_api_key() {
-    let s = Stack::start().await;
+async fn row_18_a_key_of_another_prefix_or_a_malformed_key_is_401_invalid_api_key(mode: Mode) {
+    let s = Stack::start(mode).await;
     let mut typo = s.env.keys.secret.clone().into_bytes();
     typo[5] = if typo[5] == b'x' { b'y' } else { b'x' };
     let typo = String::from_utf8(typo).unwrap();
@@ -496,9 +484,8 @@ async fn row_18_a_key_of_another_prefix_or_a_malformed_key_is_401_invalid_api_ke
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_19_a_key_unknown_revoked_or_expired_is_401_invalid_api_key() {
-    let s = Stack::start().await;
+async fn row_19_a_key_unknown_revoked_or_expired_is_401_invalid_api_key(mode: Mode) {
+    let s = Stack::start(mode).await;
     for key in [
         &s.env.keys.unknown,
         &s.env.keys.revoked,
@@ -511,9 +498,8 @@ async fn row_19_a_key_unknown_revoked_or_expired_is_401_invalid_api_key() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn row_20_over_the_keys_rate_limit_is_429_rate_limited() {
-    let s = Stack::start().await;
+async fn row_20_over_the_keys_rate_limit_is_429_rate_limited(mode: Mode) {
+    let s = Stack::start(mode).await;
     let key = s.env.keys.limited.clone();
     let reset = reset_after_first(&s.env, 2, 60);
     for remaining in ["1", "0"] {
@@ -528,8 +514,8 @@ async fn row_20_over_the_keys_rate_limit_is_429_rate_limited() {
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
     assert_eq!(r.header("x-ratelimit-reset"), Some(reset_full.as_str()));
     assert_eq!(r.header("retry-after"), Some("30"));
-    // Time passes (the daemon's injected clock): one more request goes through.
-    s.env.clock.advance(Duration::from_secs(30));
+    // Time passes (the engine's injected clock): one more request goes through.
+    s.advance(Duration::from_secs(30));
     s.post(API_PATH, &[("x-api-key", &key)]).await.allowed();
     s.stop().await;
 }
@@ -538,20 +524,22 @@ async fn row_20_over_the_keys_rate_limit_is_429_rate_limited() {
 struct Unreachable;
 
 impl KeyStore for Unreachable {
-    fn lookup<'a>(
-        &'a self,
-        _: &'a KeyHash,
-    ) -> BoxFuture<'a, Result<Option<Arc<KeyRecord>>, StoreError>> {
+    fn lookup<'a>(&'a self, _: &'a KeyHash) -> BoxFuture<'a, Result<Option<Arc<Key>>, StoreError>> {
         Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
     }
 }
 
 #[tokio::test]
 async fn row_21_key_store_unreachable_and_key_not_cached_is_503_unavailable() {
-    let s = Stack::start_with(EnvOptions {
-        store: Some(Arc::new(Unreachable)),
-        ..Default::default()
-    })
+    // The store is injected in-process, which only the daemon allows; the module meets an
+    // unreachable store in tests/envoy_redis.rs (a Redis outage), in both modes.
+    let s = Stack::start_with(
+        Mode::Sidecar,
+        EnvOptions {
+            store: Some(Arc::new(Unreachable)),
+            ..Default::default()
+        },
+    )
     .await;
     let r = s.post(API_PATH, &[("x-api-key", &s.env.keys.secret)]).await;
     // The daemon's 503 carries a JSON reason, unlike Envoy's own 503 when the daemon is down.
@@ -593,9 +581,8 @@ fn assert_no_spoof_upstream(up: &Seen, what: &str) {
     }
 }
 
-#[tokio::test]
-async fn client_identity_headers_never_reach_the_upstream_on_any_path() {
-    let s = Stack::start().await;
+async fn client_identity_headers_never_reach_the_upstream_on_any_path(mode: Mode) {
+    let s = Stack::start(mode).await;
     let jwt = bearer(&s.env.user_token("u1", Some(TENANT)));
     let tenantless = bearer(&s.env.user_token("u1", None));
     let app_jwt = bearer(&s.env.app_user_token("u1", None));
@@ -707,9 +694,8 @@ async fn client_identity_headers_never_reach_the_upstream_on_any_path() {
 
 // === Envoy's own settings ===
 
-#[tokio::test]
-async fn health_routes_skip_the_check_for_get_and_head_only() {
-    let s = Stack::start().await;
+async fn health_routes_skip_the_check_for_get_and_head_only(mode: Mode) {
+    let s = Stack::start(mode).await;
     for (method, path) in [
         ("GET", "/healthz"),
         ("HEAD", "/healthz"),
@@ -857,7 +843,7 @@ async fn shipped_config_passes_envoy_validate() {
 
 #[tokio::test]
 async fn without_http2_on_the_cluster_validate_passes_but_every_check_fails() {
-    let s = Stack::start().await;
+    let s = Stack::start(Mode::Sidecar).await;
     let mut cfg = EnvoyConfig::for_test(s.env.daemon.as_ref().unwrap().grpc_addr, s.upstream.addr);
     cfg.cluster("gybc_authz")
         .as_mapping_mut()
@@ -916,3 +902,30 @@ async fn without_status_on_error_an_unreachable_daemon_is_a_403() {
     let r = send(&client(), &envoy, &upstream, "GET", API_PATH, &[]).await;
     assert_eq!(r.status, 503, "the shipped setting");
 }
+
+// Every decision-table row but the injected-store one, spoofing and the health routes, with the
+// engine as a sidecar and inside Envoy.
+both_modes!(
+    row_01_nothing_usable_is_401_missing_credentials,
+    row_02_valid_jwt_with_tenant_claim_is_allowed_as_jwt,
+    row_03_valid_jwt_without_tenant_on_a_tenantless_path_is_allowed_without_tenant,
+    row_04_valid_jwt_without_tenant_on_any_other_path_is_403_tenant_required,
+    row_05_invalid_jwt_is_401_invalid_token,
+    row_06_known_active_secret_key_is_allowed_as_api_key_and_rate_limited,
+    row_07_secret_key_with_impersonate_scope_and_on_behalf_of_acts_as_that_user,
+    row_08_on_behalf_of_without_the_scope_is_403_impersonation_not_allowed,
+    row_09_on_behalf_of_with_a_jwt_or_a_publishable_key_is_403_impersonation_not_allowed,
+    row_10_malformed_on_behalf_of_is_400_invalid_on_behalf_of,
+    row_11_publishable_key_with_a_valid_user_jwt_is_allowed_as_publishable_key,
+    row_12_publishable_key_without_a_user_jwt_is_401_user_token_required,
+    row_13_publishable_key_with_a_jwt_of_another_tenant_is_403_tenant_mismatch,
+    row_14_publishable_key_from_an_origin_outside_its_allowlist_is_403_origin_not_allowed,
+    row_15_secret_key_with_authorization_as_well_is_400_ambiguous_credentials,
+    row_16_the_same_credential_header_twice_is_400_malformed_credentials,
+    row_17_authorization_that_is_not_bearer_is_401_invalid_token,
+    row_18_a_key_of_another_prefix_or_a_malformed_key_is_401_invalid_api_key,
+    row_19_a_key_unknown_revoked_or_expired_is_401_invalid_api_key,
+    row_20_over_the_keys_rate_limit_is_429_rate_limited,
+    client_identity_headers_never_reach_the_upstream_on_any_path,
+    health_routes_skip_the_check_for_get_and_head_only,
+);

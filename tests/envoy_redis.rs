@@ -12,18 +12,17 @@ use support::envoy::*;
 use support::redis::{RedisServer, redis_yaml, revoke, seed};
 use support::*;
 
-async fn stack(redis: &RedisServer, keys: &TestKeys) -> Stack {
+async fn stack(mode: Mode, redis: &RedisServer, keys: &TestKeys) -> Stack {
     seed(&redis.url(), &keys.records()).await;
     let mut opts = redis_yaml(&[redis.url()], false, "fail_open");
     opts.keys = Some(keys.clone());
-    Stack::start_with(opts).await
+    Stack::start_with(mode, opts).await
 }
 
-#[tokio::test]
-async fn redis_keys_and_limits_reach_the_client_and_the_upstream_through_envoy() {
+async fn redis_keys_and_limits_reach_the_client_and_the_upstream_through_envoy(mode: Mode) {
     let redis = RedisServer::start();
     let keys = TestKeys::generate();
-    let s = stack(&redis, &keys).await;
+    let s = stack(mode, &redis, &keys).await;
 
     // key_limited: 2 per 60 s, counted in Redis.
     for remaining in ["1", "0"] {
@@ -65,11 +64,10 @@ async fn redis_keys_and_limits_reach_the_client_and_the_upstream_through_envoy()
     s.stop().await;
 }
 
-#[tokio::test]
-async fn a_key_revoked_on_redis_is_refused_at_the_client_within_one_second() {
+async fn a_key_revoked_on_redis_is_refused_at_the_client_within_one_second(mode: Mode) {
     let redis = RedisServer::start();
     let keys = TestKeys::generate();
-    let s = stack(&redis, &keys).await;
+    let s = stack(mode, &redis, &keys).await;
     // Cached now: only the published event can evict it within the second.
     s.post(API_PATH, &[("x-api-key", &keys.impersonator)])
         .await
@@ -100,11 +98,10 @@ async fn a_key_revoked_on_redis_is_refused_at_the_client_within_one_second() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn a_redis_outage_fails_closed_for_unknown_keys_at_the_client() {
+async fn a_redis_outage_fails_closed_for_unknown_keys_at_the_client(mode: Mode) {
     let mut redis = RedisServer::start();
     let keys = TestKeys::generate();
-    let s = stack(&redis, &keys).await;
+    let s = stack(mode, &redis, &keys).await;
     s.post(API_PATH, &[("x-api-key", &keys.secret)])
         .await
         .allowed();
@@ -135,3 +132,11 @@ async fn a_redis_outage_fails_closed_for_unknown_keys_at_the_client() {
     .await;
     s.stop().await;
 }
+
+// Redis keys, the fleet limiter, revocations and an outage, with the engine as a sidecar and
+// inside Envoy.
+both_modes!(
+    redis_keys_and_limits_reach_the_client_and_the_upstream_through_envoy,
+    a_key_revoked_on_redis_is_refused_at_the_client_within_one_second,
+    a_redis_outage_fails_closed_for_unknown_keys_at_the_client,
+);

