@@ -15,6 +15,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "gybc-authz"
 SHIPPED_ENVOY = REPO / "deploy" / "envoy" / "envoy.yaml"
+# The same Envoy config with gybc-authz as a dynamic module instead of ext_authz.
+SHIPPED_MODULE_ENVOY = REPO / "deploy" / "envoy" / "envoy-module.yaml"
+# The Envoy dynamic module's file name: Envoy loads lib<name>.so for the name `gybc_authz_envoy`.
+MODULE_FILE = "libgybc_authz_envoy.so"
 INSTALL_HINT = "run ./scripts/test.sh, which creates .venv and installs tests/requirements.txt"
 
 # The scenarios: the chart's own defaults, then every values file under ci/.
@@ -58,6 +62,24 @@ def daemon_bin() -> Path:
     return candidate
 
 
+def module_dir() -> Path:
+    """The directory holding the built Envoy module (Envoy's ENVOY_DYNAMIC_MODULES_SEARCH_PATH):
+    GYBC_ENVOY_MODULE_DIR, else Cargo's debug output directory."""
+    env = os.environ.get("GYBC_ENVOY_MODULE_DIR")
+    if env:
+        candidate = Path(env)
+    else:
+        candidate = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug"
+    if not (candidate / MODULE_FILE).is_file():
+        pytest.fail(
+            f"the Envoy module is required but {candidate / MODULE_FILE} does not exist: run "
+            "`cargo build -p gybc-authz-envoy` first, or set GYBC_ENVOY_MODULE_DIR to the "
+            "directory that holds it",
+            pytrace=False,
+        )
+    return candidate
+
+
 @pytest.fixture(scope="session")
 def helm():
     try:
@@ -81,6 +103,11 @@ def envoy() -> Path:
 @pytest.fixture(scope="session")
 def daemon() -> Path:
     return daemon_bin()
+
+
+@pytest.fixture(scope="session")
+def envoy_module_dir() -> Path:
+    return module_dir()
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,63 @@
 {{/*
-Where the key file is mounted in the gybc-authz container.
+Where the config file is mounted: in the gybc-authz container, or in module mode in the Envoy
+container, whose module filter is given this path. One path for both, so the module reads
+exactly the file the daemon would.
+*/}}
+{{- define "gybc-authz.configPath" -}}
+/etc/gybc-authz/config.yaml
+{{- end }}
+
+{{/*
+Where the key file is mounted (the gybc-authz container, or Envoy's in module mode).
 */}}
 {{- define "gybc-authz.keyFileDir" -}}
 /etc/gybc-authz/keys
+{{- end }}
+
+{{/*
+Module mode: the module's name in Envoy's config. Envoy loads lib<name>.so from
+$ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
+*/}}
+{{- define "gybc-authz.moduleName" -}}
+gybc_authz_envoy
+{{- end }}
+
+{{/*
+Module mode: the directory holding the module, in the gybc-authz image (where
+deploy/docker/Dockerfile installs it) and, on an emptyDir, in the Envoy container: one path,
+so what the pod runs can be found in the image at the same place.
+*/}}
+{{- define "gybc-authz.moduleDir" -}}
+/usr/local/lib/gybc-authz
+{{- end }}
+
+{{/*
+The engine's environment: the Redis credentials from the Secret and gybcAuthz.extraEnv. Given
+to the gybc-authz container, or in module mode to Envoy's, where the engine runs. Returns YAML
+(a list, possibly empty).
+*/}}
+{{- define "gybc-authz.engineEnv" -}}
+{{- $a := .Values.gybcAuthz }}
+{{- if $a.redis.existingSecret }}
+{{- if $a.redis.passwordKey }}
+- name: GYBC_AUTHZ_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef: { name: {{ $a.redis.existingSecret | quote }}, key: {{ $a.redis.passwordKey | quote }} }
+{{- end }}
+{{- if $a.redis.urlKey }}
+# The Redis URL(s) from the Secret, then the config override the engine reads:
+# Kubernetes expands $(GYBC_AUTHZ_REDIS_URL), defined just above, into a YAML
+# flow list, so the item holds one URL or several separated by commas.
+- name: GYBC_AUTHZ_REDIS_URL
+  valueFrom:
+    secretKeyRef: { name: {{ $a.redis.existingSecret | quote }}, key: {{ $a.redis.urlKey | quote }} }
+- name: GYBC_AUTHZ__REDIS__URLS
+  value: "[$(GYBC_AUTHZ_REDIS_URL)]"
+{{- end }}
+{{- end }}
+{{- with $a.extraEnv }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -37,6 +92,6 @@ key file's `key_store`, Redis URLs and password variable). Redis URLs kept in a 
 {{- $_ := set $c "redis" $r }}
 {{- end -}}
 # gybc-authz configuration, rendered by the Helm chart from gybcAuthz.* values.
-# Reference: README "Configuration reference"; check with `gybc-authz check-config FILE`.
+# Reference: docs/configuration.md; check with `gybc-authz check-config FILE`.
 {{ toYaml $c }}
 {{- end }}

@@ -1,15 +1,22 @@
 {{/*
-Envoy's bootstrap: the same config as deploy/envoy/envoy.yaml (documented line by line there),
-with ports, timeouts, health paths and the upstream from values. The chart tests render it
-with the shipped file's values and require the two to be identical, and run
-`envoy --mode validate` on every rendering.
+Envoy's bootstrap: the same config as deploy/envoy/envoy.yaml (sidecar mode) or
+deploy/envoy/envoy-module.yaml (module mode), documented line by line there, with ports,
+timeouts, health paths, per-route settings and the upstream from values. The chart tests
+render it with the shipped files' values and require them to be identical, and run
+`envoy --mode validate` on every rendering (module mode with the built module).
 */}}
 {{- define "gybc-authz.envoyConfig" -}}
 {{- $v := .Values }}
 {{- $e := $v.envoy }}
+{{- $module := eq $v.mode "module" }}
 {{- $strip := concat (include "gybc-authz.identityHeaders" . | fromYamlArray) (list "x-api-key" "x-on-behalf-of") -}}
+{{- if $module -}}
+# Envoy config with gybc-authz as a dynamic module, rendered by the gybc-authz Helm chart;
+# the annotated original is deploy/envoy/envoy-module.yaml in the gybc-authz repository.
+{{- else -}}
 # Envoy sidecar config rendered by the gybc-authz Helm chart; the annotated original is
 # deploy/envoy/envoy.yaml in the gybc-authz repository.
+{{- end }}
 admin:
   address:
     socket_address: { address: 127.0.0.1, port_value: {{ int $e.ports.admin }} }
@@ -54,13 +61,58 @@ static_resources:
                             - {{ . }}
                             {{- end }}
                           typed_per_filter_config:
+                            {{- if $module }}
+                            # Envoy's generic per-route switch (the module filter has no `disabled`).
+                            gybc_authz:
+                              "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+                              disabled: true
+                            {{- else }}
                             envoy.filters.http.ext_authz:
                               "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
                               disabled: true
+                            {{- end }}
+                        {{- end }}
+                        {{- range $e.routes }}
+                        # Per-route settings (envoy.routes): read by gybc-authz on this route only.
+                        - match:
+                            {{- toYaml .match | nindent 28 }}
+                          route: { cluster: app, timeout: {{ $e.routeTimeout }} }
+                          typed_per_filter_config:
+                            {{- if $module }}
+                            gybc_authz:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilterPerRoute
+                              dynamic_module_config: { name: {{ include "gybc-authz.moduleName" $ }} }
+                              filter_name: gybc_authz
+                              # The module takes the keys as a JSON object of strings.
+                              filter_config:
+                                "@type": type.googleapis.com/google.protobuf.StringValue
+                                value: {{ toJson .settings | quote }}
+                            {{- else }}
+                            envoy.filters.http.ext_authz:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                              check_settings:
+                                context_extensions:
+                                  {{- range $key, $value := .settings }}
+                                  {{ $key }}: {{ $value | quote }}
+                                  {{- end }}
+                            {{- end }}
                         {{- end }}
                         - match: { prefix: / }
                           route: { cluster: app, timeout: {{ $e.routeTimeout }} }
                 http_filters:
+                  {{- if $module }}
+                  - name: gybc_authz
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+                      # do_not_close: the engine's own threads must never see the library unloaded.
+                      dynamic_module_config: { name: {{ include "gybc-authz.moduleName" . }}, do_not_close: true, metrics_namespace: gybc }
+                      filter_name: gybc_authz
+                      # The config file's path (mounted into this container): the file the
+                      # daemon would read, so both modes run one config.
+                      filter_config:
+                        "@type": type.googleapis.com/google.protobuf.StringValue
+                        value: {{ include "gybc-authz.configPath" . }}
+                  {{- else }}
                   - name: envoy.filters.http.ext_authz
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
@@ -80,6 +132,7 @@ static_resources:
                           - { exact: origin, ignore_case: true }
                           - { exact: x-request-id, ignore_case: true }
                       validate_mutations: true
+                  {{- end }}
                   - name: envoy.filters.http.router
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -110,6 +163,7 @@ static_resources:
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
+    {{- if not $module }}
     - name: gybc_authz
       type: STATIC
       connect_timeout: 0.25s
@@ -126,6 +180,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
           explicit_http_config:
             http2_protocol_options: {}
+    {{- end }}
     - name: app
       {{- if $v.app.enabled }}
       type: STATIC

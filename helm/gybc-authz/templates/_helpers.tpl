@@ -48,6 +48,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+Labels that pick out the `helm test` pod: the release's, but not the selector labels, so that
+the Service and the PodDisruptionBudget never select it.
+*/}}
+{{- define "gybc-authz.testPodLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{- end }}
+
+{{/*
 The ServiceAccount the pods run as.
 */}}
 {{- define "gybc-authz.serviceAccountName" -}}
@@ -95,6 +104,7 @@ by every template that depends on these values, so `helm template` fails as `hel
 {{- define "gybc-authz.validate" -}}
 {{- $v := .Values }}
 {{- $a := $v.gybcAuthz }}
+{{- $module := eq $v.mode "module" }}
 {{- if and $a.keyFile.existingSecret $a.keyFile.existingConfigMap }}
 {{- fail "gybcAuthz.keyFile: set existingSecret or existingConfigMap, not both" }}
 {{- end }}
@@ -130,10 +140,18 @@ by every template that depends on these values, so `helm template` fails as `hel
 {{- if and $v.app.enabled (not $v.app.image.repository) }}
 {{- fail "app.enabled needs app.image.repository" }}
 {{- end }}
-{{- $ports := list (int $a.ports.grpc) (int $a.ports.http) (int $v.envoy.ports.http) (int $v.envoy.ports.stats) (int $v.envoy.ports.admin) }}
+{{- /* In module mode no daemon listens: its ports are only written into the config file. */}}
+{{- $ports := list (int $v.envoy.ports.http) (int $v.envoy.ports.stats) (int $v.envoy.ports.admin) }}
+{{- if not $module }}{{ $ports = concat (list (int $a.ports.grpc) (int $a.ports.http)) $ports }}{{ end }}
 {{- if $v.app.enabled }}{{ $ports = append $ports (int $v.app.port) }}{{ end }}
 {{- if ne (len $ports) (len (uniq $ports)) }}
 {{- fail (printf "Two containers of the pod would listen on one port (gybcAuthz.ports, envoy.ports, app.port): %v" $ports) }}
+{{- end }}
+{{- if $v.app.enabled }}
+{{- include "gybc-authz.validateAppProbes" . }}
+{{- end }}
+{{- if and $module $v.serviceMonitor.enabled (not $v.serviceMonitor.scrapeEnvoy) }}
+{{- fail "serviceMonitor.scrapeEnvoy=false leaves nothing to scrape in module mode: gybc-authz's metrics are on Envoy's /stats/prometheus there" }}
 {{- end }}
 {{- if and $v.podDisruptionBudget.enabled (not (kindIs "invalid" $v.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable)) }}
 {{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both (set the other to null)" }}
@@ -147,10 +165,45 @@ by every template that depends on these values, so `helm template` fails as `hel
 {{- if and $v.autoscaling.enabled (not $v.autoscaling.targetCPUUtilizationPercentage) (not $v.autoscaling.targetMemoryUtilizationPercentage) }}
 {{- fail "autoscaling.enabled needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" }}
 {{- end }}
+{{- if $module }}
+{{- if le (int $v.terminationGracePeriodSeconds) (int $v.envoy.preStopSleepSeconds) }}
+{{- fail "terminationGracePeriodSeconds must exceed envoy.preStopSleepSeconds, or Envoy is killed while it still serves" }}
+{{- end }}
+{{- else }}
 {{- if lt (int $a.preStopSleepSeconds) (int $v.envoy.preStopSleepSeconds) }}
 {{- fail "gybcAuthz.preStopSleepSeconds must be at least envoy.preStopSleepSeconds: otherwise the daemon stops while Envoy still sends it checks, and clients get 503" }}
 {{- end }}
 {{- if le (int $v.terminationGracePeriodSeconds) (add (int $a.preStopSleepSeconds) (int $a.shutdownGraceSeconds)) }}
 {{- fail "terminationGracePeriodSeconds must exceed gybcAuthz.preStopSleepSeconds + gybcAuthz.shutdownGraceSeconds, or in-flight checks are killed" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The app listens on 127.0.0.1 only (values.yaml, app.port), and the kubelet probes the pod IP:
+a network probe on app.port can never succeed, and the app container declares no port a name
+could refer to. Through Envoy's listener, only a health path answers without credentials.
+*/}}
+{{- define "gybc-authz.validateAppProbes" -}}
+{{- $v := .Values }}
+{{- range $which := list "livenessProbe" "readinessProbe" "startupProbe" }}
+{{- $probe := index $v.app $which | default dict }}
+{{- range $kind := list "httpGet" "tcpSocket" "grpc" }}
+{{- with index $probe $kind }}
+{{- $port := .port }}
+{{- if kindIs "string" $port }}
+{{- fail (printf "app.%s.%s.port is the name %q, but the app container declares no ports (it listens on 127.0.0.1): give Envoy's listener port by number, e.g. %d" $which $kind $port (int $v.envoy.ports.http)) }}
+{{- end }}
+{{- if eq (int $port) (int $v.app.port) }}
+{{- fail (printf "app.%s probes app.port %d on the pod IP, where the app must not listen (it trusts the identity headers, so it listens on 127.0.0.1 for Envoy only): probe through Envoy, e.g. httpGet {path: %s, port: %d}, or use an exec probe" $which (int $port) (first $v.envoy.healthPaths | default "/healthz") (int $v.envoy.ports.http)) }}
+{{- end }}
+{{- if and (eq $kind "httpGet") (eq (int $port) (int $v.envoy.ports.http)) }}
+{{- $path := regexReplaceAll "[?#].*$" (.path | default "/") "" }}
+{{- if not (has $path $v.envoy.healthPaths) }}
+{{- fail (printf "app.%s.httpGet goes through Envoy to %s, which is not in envoy.healthPaths: Envoy would check it and answer 401. Add it to envoy.healthPaths" $which $path) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
