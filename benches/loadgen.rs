@@ -1,7 +1,7 @@
 //! The load generator and the benchmark suite (BENCHMARKS.md, `./scripts/bench.sh`).
 //!
 //! - `suite [--smoke]`: everything, in one session: fixtures, the no-op floor, scenarios (a)–(h)
-//!   against the real daemon as a separate process, Envoy + `wrk`, footprint; writes
+//!   against the real daemon as a separate process, Envoy + `wrk`, footprint, the soak; writes
 //!   `<out>/results.md` and `<out>/results.json`.
 //! - `run`: one load run against any ext_authz server (connections, in-flight, duration, mix).
 //! - `noop`: the floor, a no-op ext_authz server that always allows and adds one header.
@@ -37,7 +37,8 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use gybc_authz::dev::{SigningKey, firebase_claims};
-use gybc_authz_engine::authn::apikey::{ApiKey, KeyHash};
+use gybc_authz_engine::authn::apikey::{ApiKey, KeyHash, KeyKind};
+use gybc_authz_engine::store::redis::encode_record;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -109,6 +110,9 @@ struct SuiteArgs {
     /// Requests in flight.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Minutes the soak runs (`--only soak`); the smoke run soaks for a few seconds.
+    #[arg(long, default_value_t = 10.0)]
+    soak_minutes: f64,
 }
 
 #[derive(Args, Clone)]
@@ -122,8 +126,8 @@ struct RunArgs {
     /// `fixtures.json` written by `suite` (keys and tokens the server knows).
     #[arg(long)]
     fixtures: PathBuf,
-    /// Request mix, `kind:weight,…`; kinds: sk, jwt, pk, jwt-unique, unknown, keyset, bad-token,
-    /// over-limit.
+    /// Request mix, `kind:weight,…`; kinds: sk, jwt, pk, jwt-unique, jwt-fresh, unknown, keyset,
+    /// bad-token, over-limit.
     #[arg(long, default_value = "sk")]
     mix: String,
     #[arg(long, default_value_t = 2)]
@@ -448,6 +452,8 @@ enum Kind {
     KeySet,
     BadToken,
     OverLimit,
+    /// A JWT signed for this request alone (the soak's endless supply of unique tokens).
+    FreshJwt,
 }
 
 impl Kind {
@@ -461,6 +467,7 @@ impl Kind {
             "keyset" => Kind::KeySet,
             "bad-token" => Kind::BadToken,
             "over-limit" => Kind::OverLimit,
+            "jwt-fresh" => Kind::FreshJwt,
             other => return Err(format!("unknown request kind `{other}`").into()),
         })
     }
@@ -560,6 +567,9 @@ struct RequestFactory {
     sequential_next: AtomicU64,
     keyset: u64,
     sequential: bool,
+    /// Signs `jwt-fresh` tokens.
+    signing: Option<Arc<SigningKey>>,
+    fresh_next: AtomicU64,
 }
 
 impl RequestFactory {
@@ -589,8 +599,15 @@ impl RequestFactory {
             sequential_next: AtomicU64::new(0),
             keyset: keyset.max(1),
             sequential,
+            signing: None,
+            fresh_next: AtomicU64::new(0),
             fx,
         }
+    }
+
+    fn with_signing(mut self, key: Arc<SigningKey>) -> Self {
+        self.signing = Some(key);
+        self
     }
 
     /// The next request of `kind`; `None` once the unique tokens are used up.
@@ -613,6 +630,19 @@ impl RequestFactory {
             Kind::Unknown => {
                 let mut r = self.base.clone();
                 set_header(&mut r, "x-api-key", keyset_key(splitmix(rng), 0));
+                r
+            }
+            Kind::FreshJwt => {
+                let i = self.fresh_next.fetch_add(1, Ordering::Relaxed);
+                let token = self.signing.as_ref()?.sign(&firebase_claims(
+                    PROJECT,
+                    &format!("fresh-{i}-{}", splitmix(rng)),
+                    Some(TENANT),
+                    now_secs(),
+                    3600,
+                ));
+                let mut r = self.base.clone();
+                set_header(&mut r, "authorization", format!("Bearer {token}"));
                 r
             }
             Kind::KeySet => {
@@ -1095,6 +1125,72 @@ fn start_redis(dir: &Path) -> Res<(Proc, u16)> {
     }
 }
 
+/// Writes the named keys and the first `n` keys of the deterministic set into the Redis on
+/// `port`, as the key service would (`KeyRecord` protobufs under `gybc:key:<hex sha256>`).
+async fn seed_redis(port: u16, fx: &Fixtures, n: u64) -> Res<()> {
+    use gybc_authz_engine::store::{KeyRecord, KeyStatus};
+    let names = gybc_authz_engine::redis_conn::Names::new("gybc");
+    let record = |id: String, key: &str, kind: KeyKind, limit: &str| KeyRecord {
+        id,
+        hash: KeyHash::of(key),
+        kind,
+        tenant: TENANT.into(),
+        scopes: vec![],
+        rate_limit: Some(limit.parse().expect("valid limit")),
+        status: KeyStatus::Active,
+        expires_at: None,
+        name: None,
+        created_at: None,
+        allowed_origins: vec![],
+        jwt_provider: None,
+        identity_platform_tenant: None,
+    };
+    let mut conn = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+        .get_multiplexed_async_connection()
+        .await?;
+    let named = [
+        record(
+            "key_secret".into(),
+            &fx.secret_key,
+            KeyKind::Secret,
+            HIGH_LIMIT,
+        ),
+        record(
+            "key_app".into(),
+            &fx.publishable_key,
+            KeyKind::Publishable,
+            HIGH_LIMIT,
+        ),
+        record(
+            "key_limited".into(),
+            &fx.limited_key,
+            KeyKind::Secret,
+            "1/30d",
+        ),
+    ];
+    let mut pipe = ::redis::pipe();
+    for r in &named {
+        pipe.set(names.key(&r.hash), encode_record(r)).ignore();
+    }
+    for i in 0..n {
+        let r = record(
+            format!("ks{i}"),
+            &keyset_key(fx.key_seed, i),
+            KeyKind::Secret,
+            HIGH_LIMIT,
+        );
+        pipe.set(names.key(&r.hash), encode_record(&r)).ignore();
+        if i % 5_000 == 4_999 || i + 1 == n {
+            pipe.query_async::<()>(&mut conn).await?;
+            pipe = ::redis::pipe();
+        }
+    }
+    if n == 0 {
+        pipe.query_async::<()>(&mut conn).await?;
+    }
+    Ok(())
+}
+
 // === Envoy and wrk ===
 
 fn find_envoy(explicit: Option<&PathBuf>) -> Option<PathBuf> {
@@ -1110,11 +1206,15 @@ fn find_envoy(explicit: Option<&PathBuf>) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum EnvoyFilter {
     None,
     ExtAuthz(SocketAddr),
-    JwtAuthn { cache: bool },
+    JwtAuthn {
+        cache: bool,
+    },
+    /// The engine inside Envoy, reading this daemon config.
+    Module(PathBuf),
 }
 
 fn envoy_config(filter: EnvoyFilter, jwks: &str) -> String {
@@ -1122,6 +1222,19 @@ fn envoy_config(filter: EnvoyFilter, jwks: &str) -> String {
     let mut clusters = String::from(" []");
     match filter {
         EnvoyFilter::None => {}
+        // As deploy/envoy/envoy-module.yaml configures it.
+        EnvoyFilter::Module(config) => {
+            filters = format!(
+                r#"
+          - name: gybc_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config: {{ name: gybc_authz_envoy, do_not_close: true, metrics_namespace: gybc }}
+              filter_name: gybc_authz
+              filter_config: {{ "@type": type.googleapis.com/google.protobuf.StringValue, value: "{}" }}"#,
+                config.display()
+            );
+        }
         EnvoyFilter::ExtAuthz(addr) => {
             filters = r#"
           - name: envoy.filters.http.ext_authz
@@ -1208,7 +1321,15 @@ struct Envoy {
     ingress: SocketAddr,
 }
 
-fn start_envoy(bin: &Path, dir: &Path, name: &str, config: &str) -> Res<Envoy> {
+/// Envoy with `config`; `module_dir` is where it finds `libgybc_authz_envoy.so`, when the config
+/// loads the module.
+fn start_envoy(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    config: &str,
+    module_dir: Option<&Path>,
+) -> Res<Envoy> {
     let cfg = dir.join(format!("envoy-{name}.yaml"));
     let admin_file = dir.join(format!("envoy-{name}.admin"));
     let log = dir.join(format!("envoy-{name}.log"));
@@ -1223,6 +1344,9 @@ fn start_envoy(bin: &Path, dir: &Path, name: &str, config: &str) -> Res<Envoy> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?);
+    if let Some(d) = module_dir {
+        cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", d);
+    }
     // Its own session, so a terminal's signals go to the suite, which stops it by pid.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut proc = Proc {
@@ -1374,6 +1498,11 @@ struct Plan {
     ready_starts: usize,
     wrk_secs: u64,
     wrk_conns: usize,
+    /// The soak's measured length (`--soak-minutes`) and its total request rate.
+    soak: Duration,
+    soak_rate: u64,
+    /// RSS samples per second in the soak.
+    soak_samples_per_sec: f64,
 }
 
 impl Plan {
@@ -1390,6 +1519,9 @@ impl Plan {
                 ready_starts: 2,
                 wrk_secs: 1,
                 wrk_conns: 8,
+                soak: Duration::from_secs(6),
+                soak_rate: 400,
+                soak_samples_per_sec: 5.0,
             }
         } else {
             Self {
@@ -1403,6 +1535,9 @@ impl Plan {
                 ready_starts: 7,
                 wrk_secs: 8,
                 wrk_conns: 32,
+                soak: Duration::from_secs(600),
+                soak_rate: 2_050,
+                soak_samples_per_sec: 1.0,
             }
         }
     }
@@ -1423,6 +1558,8 @@ struct EnvoyResult {
     name: String,
     what: String,
     wrk: WrkResult,
+    /// Envoy's resident memory after the run.
+    envoy_rss_mb: f64,
 }
 
 #[derive(Serialize, Default)]
@@ -1436,6 +1573,9 @@ struct Footprint {
     cached_keys: u64,
     cached_keys_rss_mb: f64,
     cached_keys_anon_mb: f64,
+    /// The same number of keys served from Redis, every one in the key cache.
+    redis_cached_rss_mb: f64,
+    redis_cached_anon_mb: f64,
     big_store_keys: u64,
     big_store_file_mb: f64,
     big_store_ready_ms: f64,
@@ -1455,6 +1595,25 @@ struct Report {
     envoy: Vec<EnvoyResult>,
     instructions: Vec<InstrResult>,
     footprint: Footprint,
+    soak: Option<SoakResult>,
+}
+
+/// Memory over a long run of allowed traffic with a flood of unknown keys and unique tokens.
+#[derive(Serialize, Clone, Default)]
+struct SoakResult {
+    minutes: f64,
+    rate: u64,
+    mix: String,
+    requests: u64,
+    /// Errors and wrong answers.
+    problems: u64,
+    first_problem: Option<String>,
+    /// (seconds into the run, RSS MB).
+    samples: Vec<(f64, f64)>,
+    /// Peak RSS of the first, middle and last third of the run.
+    third_peaks_mb: [f64; 3],
+    /// Whether the last third's peak is within 10 % of the first's.
+    steady: bool,
 }
 
 /// Instructions the server executed per Check, counted by callgrind: free of the machine's noise.
@@ -1474,6 +1633,7 @@ struct Ctx {
     fx: Fixtures,
     jwks_json: String,
     small_keys: PathBuf,
+    signing: Arc<SigningKey>,
     only: Option<Vec<String>>,
     big_written: std::cell::OnceCell<()>,
 }
@@ -1498,20 +1658,44 @@ impl Ctx {
     }
 
     fn config_with(&self, name: &str, keys: &Path, rate: &str, extra: &str) -> Res<PathBuf> {
+        let store = format!("{{ type: file, path: \"{}\" }}", keys.display());
+        self.config_text(name, &store, rate, "", extra)
+    }
+
+    /// A daemon config with keys and rate limits in the Redis on `port`; `jwt` adds fields of
+    /// the `jwt` section.
+    fn config_redis(&self, name: &str, port: u16, jwt: &str) -> Res<PathBuf> {
+        self.config_text(
+            name,
+            "{ type: redis }",
+            ", backend: redis",
+            jwt,
+            &format!("redis: {{ urls: [\"redis://127.0.0.1:{port}\"] }}"),
+        )
+    }
+
+    fn config_text(
+        &self,
+        name: &str,
+        store: &str,
+        rate: &str,
+        jwt: &str,
+        extra: &str,
+    ) -> Res<PathBuf> {
         let path = self.dir.join(format!("config-{name}.yaml"));
         std::fs::write(
             &path,
             format!(
                 r#"server: {{ grpc_addr: "127.0.0.1:0", http_addr: "127.0.0.1:0", shutdown_grace_secs: 1 }}
 jwt:
+  {jwt}
   providers:
     - {{ name: bench, project_id: {PROJECT}, keys: {{ type: file, path: "{}" }} }}
-key_store: {{ type: file, path: "{}" }}
+key_store: {store}
 rate_limit: {{ default: "{HIGH_LIMIT}"{rate} }}
 {extra}
 "#,
                 self.dir.join("jwks.json").display(),
-                keys.display(),
             ),
         )?;
         Ok(path)
@@ -1611,7 +1795,10 @@ fn machine() -> String {
 }
 
 fn suite(rt: &tokio::runtime::Runtime, args: SuiteArgs) -> Res<()> {
-    let plan = Plan::new(args.smoke);
+    let mut plan = Plan::new(args.smoke);
+    if !args.smoke {
+        plan.soak = Duration::from_secs_f64(args.soak_minutes.max(0.1) * 60.0);
+    }
     let dir = args.out.clone();
     std::fs::create_dir_all(&dir)?;
     let daemon_bin = args
@@ -1639,6 +1826,7 @@ fn suite(rt: &tokio::runtime::Runtime, args: SuiteArgs) -> Res<()> {
         fx,
         jwks_json,
         small_keys,
+        signing,
         dir,
         args,
         big_written: std::cell::OnceCell::new(),
@@ -1655,8 +1843,9 @@ fn suite(rt: &tokio::runtime::Runtime, args: SuiteArgs) -> Res<()> {
         envoy: Vec::new(),
         instructions: Vec::new(),
         footprint: Footprint::default(),
+        soak: None,
     };
-    let sections = ["envoy", "footprint", "instructions"];
+    let sections = ["envoy", "footprint", "instructions", "soak"];
     if ctx
         .only
         .as_ref()
@@ -1673,6 +1862,9 @@ fn suite(rt: &tokio::runtime::Runtime, args: SuiteArgs) -> Res<()> {
     if ctx.wants("footprint") {
         footprint(rt, &ctx, &mut report)?;
     }
+    if ctx.wants("soak") {
+        soak(rt, &ctx, &mut report)?;
+    }
 
     std::fs::write(
         ctx.dir.join("results.json"),
@@ -1684,6 +1876,12 @@ fn suite(rt: &tokio::runtime::Runtime, args: SuiteArgs) -> Res<()> {
     if ctx.plan.smoke {
         check_smoke(&report, ctx.only.is_none())?;
         println!("bench smoke: ok (every part ran and produced numbers; no speed asserted)");
+    } else if let Some(soak) = report.soak.as_ref().filter(|s| !s.steady) {
+        return Err(format!(
+            "soak: the last third's peak RSS ({:.1} MB) is more than 10 % above the first's ({:.1} MB)",
+            soak.third_peaks_mb[2], soak.third_peaks_mb[0]
+        )
+        .into());
     }
     Ok(())
 }
@@ -1967,6 +2165,21 @@ fn envoy_suite(ctx: &Ctx, report: &mut Report) -> Res<()> {
         None,
         Noop { gybc_headers: bool },
         Daemon,
+        Module,
+    }
+    // The module sits beside the daemon binary under test (target/<profile>/).
+    let module_dir = ctx
+        .daemon_bin
+        .parent()
+        .ok_or("the daemon binary has no directory")?
+        .to_path_buf();
+    let module_so = module_dir.join("libgybc_authz_envoy.so");
+    if !module_so.is_file() {
+        return Err(format!(
+            "{} is missing: `cargo build [--release] -p gybc-authz-envoy` (./scripts/bench.sh does)",
+            module_so.display()
+        )
+        .into());
     }
     let variants: Vec<(&str, &str, Authz, Option<bool>, &str)> = vec![
         (
@@ -2007,6 +2220,20 @@ fn envoy_suite(ctx: &Ctx, report: &mut Report) -> Res<()> {
             &bearer,
         ),
         (
+            "envoy+module-a",
+            "Envoy + gybc-authz module, (a) sk_ key",
+            Authz::Module,
+            None,
+            &sk,
+        ),
+        (
+            "envoy+module-c",
+            "Envoy + gybc-authz module, (c) JWT",
+            Authz::Module,
+            None,
+            &bearer,
+        ),
+        (
             "envoy-jwt_authn",
             "Envoy jwt_authn (local_jwks), no JWT cache",
             Authz::None,
@@ -2040,12 +2267,16 @@ fn envoy_suite(ctx: &Ctx, report: &mut Report) -> Res<()> {
                 _keep = Some(d.proc);
                 EnvoyFilter::ExtAuthz(addr)
             }
+            // The module takes an absolute path (anything else is read as inline YAML).
+            (Authz::Module, None) => EnvoyFilter::Module(std::path::absolute(&base)?),
         };
+        let module = matches!(filter, EnvoyFilter::Module(_)).then_some(module_dir.as_path());
         let envoy = start_envoy(
             &envoy_bin,
             &ctx.dir,
             name,
             &envoy_config(filter, &ctx.jwks_json),
+            module,
         )?;
         let url = format!("http://{}{API_PATH}", envoy.ingress);
         // Warm-up: connections, JWT cache, key cache.
@@ -2077,6 +2308,7 @@ fn envoy_suite(ctx: &Ctx, report: &mut Report) -> Res<()> {
             name: name.into(),
             what: what.into(),
             wrk: r,
+            envoy_rss_mb: rss_mb(envoy.proc.pid()),
         });
     }
     Ok(())
@@ -2105,7 +2337,8 @@ fn footprint(rt: &tokio::runtime::Runtime, ctx: &Ctx, report: &mut Report) -> Re
         f.idle_rss_mb
     );
 
-    // RSS with N keys cached: a store of N keys, every key looked up once.
+    // RSS with N keys in a file store, before and after every key has been looked up once (no
+    // key cache: the store is its own index; the local limiter holds a cell per key).
     let n = ctx.plan.cached_keys;
     let keys = ctx.dir.join(format!("keys-{n}.json"));
     write_key_file(&keys, &ctx.fx, n)?;
@@ -2132,10 +2365,39 @@ fn footprint(rt: &tokio::runtime::Runtime, ctx: &Ctx, report: &mut Report) -> Re
     f.cached_keys_rss_mb = rss_mb(d.proc.pid());
     f.cached_keys_anon_mb = anon_mb(d.proc.pid());
     eprintln!(
-        "  {n} keys in the store: RSS {:.1} MB; all {n} looked up (cached): {:.1} MB",
+        "  {n} keys in the store: RSS {:.1} MB; all {n} looked up: {:.1} MB",
         f.store_keys_rss_mb, f.cached_keys_rss_mb
     );
     drop(d);
+
+    // The same N keys served from Redis (and the Redis limiter, as a fleet runs): every key
+    // looked up once, so the key cache holds all of them.
+    let redis_dir = ctx.dir.join("redis-footprint");
+    std::fs::create_dir_all(&redis_dir)?;
+    let (redis, port) = start_redis(&redis_dir)?;
+    rt.block_on(seed_redis(port, &ctx.fx, n))?;
+    let cfg = ctx.config_redis("redis-cached", port, "")?;
+    let d = ctx.daemon("redis-cached", &cfg)?;
+    let mut spec = ctx.spec(d.grpc, d.proc.pid(), "keyset");
+    spec.keyset = n;
+    spec.sequential = true;
+    spec.max_requests = n;
+    spec.warmup = Duration::ZERO;
+    spec.duration = Duration::from_secs(600);
+    let factory = Arc::new(RequestFactory::new(ctx.fx.clone(), n, true));
+    let r = rt.block_on(run_load(&spec, factory))?;
+    if r.errors + r.mismatches > 0 {
+        return Err(format!("Redis cache fill failed: {:?}", r.first_problem).into());
+    }
+    std::thread::sleep(Duration::from_millis(settle));
+    f.redis_cached_rss_mb = rss_mb(d.proc.pid());
+    f.redis_cached_anon_mb = anon_mb(d.proc.pid());
+    eprintln!(
+        "  {n} keys from Redis, all in the key cache: RSS {:.1} MB",
+        f.redis_cached_rss_mb
+    );
+    drop(d);
+    drop(redis);
 
     let big = big_store(ctx)?;
     f.big_store_keys = ctx.plan.big_store;
@@ -2154,6 +2416,87 @@ fn footprint(rt: &tokio::runtime::Runtime, ctx: &Ctx, report: &mut Report) -> Re
         f.big_store_rss_mb,
         f.big_store_peak_rss_mb
     );
+    Ok(())
+}
+
+/// The soak: steady allowed traffic (cached `sk_`, key-set and `pk_` keys, cached JWTs) with a
+/// flood of distinct well-formed unknown keys and of unique JWTs, paced, against a daemon whose
+/// keys and limits are in Redis (the store with a key cache, so unknown keys leave negative
+/// entries behind). RSS is sampled throughout; the last third's peak must stay within 10 % of the
+/// first third's. The verification cache is bounded so that the unique tokens fill it within the
+/// first sixth of the run: a bound the run never reaches would show as growth that is no leak.
+fn soak(rt: &tokio::runtime::Runtime, ctx: &Ctx, report: &mut Report) -> Res<()> {
+    const MIX: &str = "sk:4,keyset:8,jwt:4,pk:4,unknown:20,jwt-fresh:1";
+    let secs = ctx.plan.soak.as_secs_f64();
+    let rate = ctx.plan.soak_rate;
+    let fresh_per_sec = rate as f64 / 41.0;
+    let jwt_cache = ((fresh_per_sec * secs / 6.0) as u64).max(100);
+    eprintln!(
+        "== soak: {:.1} min at {rate}/s ({MIX}); unique JWTs {fresh_per_sec:.0}/s into a {jwt_cache}-entry verification cache",
+        secs / 60.0
+    );
+    let redis_dir = ctx.dir.join("redis-soak");
+    std::fs::create_dir_all(&redis_dir)?;
+    let (_redis, port) = start_redis(&redis_dir)?;
+    rt.block_on(seed_redis(port, &ctx.fx, 1000))?;
+    let cfg = ctx.config_redis("soak", port, &format!("cache_max_entries: {jwt_cache}"))?;
+    let d = ctx.daemon("soak", &cfg)?;
+    let pid = d.proc.pid();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let every = Duration::from_secs_f64(1.0 / ctx.plan.soak_samples_per_sec);
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                samples.push((t0.elapsed().as_secs_f64(), rss_mb(pid)));
+                std::thread::sleep(every);
+            }
+            samples
+        })
+    };
+    let mut spec = ctx.spec(d.grpc, pid, MIX);
+    spec.rate = rate;
+    spec.duration = ctx.plan.soak;
+    spec.warmup = Duration::ZERO;
+    let factory = Arc::new(
+        RequestFactory::new(ctx.fx.clone(), 1000, false).with_signing(ctx.signing.clone()),
+    );
+    let r = rt.block_on(run_load(&spec, factory));
+    stop.store(true, Ordering::Relaxed);
+    let samples = sampler.join().map_err(|_| "RSS sampler panicked")?;
+    let r = r?;
+
+    let end = samples.last().map_or(0.0, |s| s.0);
+    let mut third_peaks_mb = [0.0f64; 3];
+    for &(t, rss) in &samples {
+        let third = ((t / end.max(1e-9)) * 3.0).min(2.0) as usize;
+        third_peaks_mb[third] = third_peaks_mb[third].max(rss);
+    }
+    let result = SoakResult {
+        minutes: secs / 60.0,
+        rate,
+        mix: MIX.into(),
+        requests: r.requests,
+        problems: r.errors + r.mismatches,
+        first_problem: r.first_problem.clone(),
+        steady: third_peaks_mb[2] <= third_peaks_mb[0] * 1.10,
+        third_peaks_mb,
+        samples,
+    };
+    eprintln!(
+        "  {} Checks ({:.0}/s), {} problems; peak RSS per third {:.1} / {:.1} / {:.1} MB: {}",
+        result.requests,
+        r.rps,
+        result.problems,
+        third_peaks_mb[0],
+        third_peaks_mb[1],
+        third_peaks_mb[2],
+        if result.steady { "steady" } else { "GROWING" }
+    );
+    report.soak = Some(result);
     Ok(())
 }
 
@@ -2272,14 +2615,14 @@ fn render(r: &Report) -> String {
         );
         let _ = writeln!(
             s,
-            "| variant | req/s | × Envoy alone | × Envoy+no-op | p50 µs | p90 µs | p99 µs | Envoy CPU µs/req | authz CPU µs/req | non-2xx |"
+            "| variant | req/s | × Envoy alone | × Envoy+no-op | p50 µs | p90 µs | p99 µs | Envoy CPU µs/req | authz CPU µs/req | Envoy RSS MB | non-2xx |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for e in &r.envoy {
             let w = &e.wrk;
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} |",
+                "| {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {:.1} | {} |",
                 e.what,
                 w.rps,
                 ratio(Some(w.rps), alone),
@@ -2289,8 +2632,26 @@ fn render(r: &Report) -> String {
                 w.p99_us,
                 w.envoy_cpu_us,
                 f1(w.authz_cpu_us),
+                e.envoy_rss_mb,
                 w.non_2xx + w.socket_errors
             );
+        }
+        let _ = writeln!(s);
+        // The module's targets: against Envoy alone, and against the same engine over gRPC.
+        let rss = |n: &str| r.envoy.iter().find(|e| e.name == n).map(|e| e.envoy_rss_mb);
+        for (module, grpc) in [
+            ("envoy+module-a", "envoy+gybc-a"),
+            ("envoy+module-c", "envoy+gybc-c"),
+        ] {
+            if let (Some(m), Some(g), Some(a)) = (get(module), get(grpc), alone) {
+                let _ = writeln!(
+                    s,
+                    "- `{module}`: {:.2}× Envoy alone, {:.2}× `{grpc}`; Envoy RSS {:+.1} MB over Envoy alone.",
+                    m / a,
+                    m / g,
+                    rss(module).unwrap_or(0.0) - rss("envoy").unwrap_or(0.0)
+                );
+            }
         }
         let _ = writeln!(s);
     }
@@ -2319,13 +2680,18 @@ fn render(r: &Report) -> String {
         );
         let _ = writeln!(
             s,
-            "| RSS, {} keys in the file store, cache empty; of which anonymous | {:.1} MB; {:.1} MB |",
+            "| RSS, {} keys in the file store, none looked up yet; of which anonymous | {:.1} MB; {:.1} MB |",
             f.cached_keys, f.store_keys_rss_mb, f.store_keys_anon_mb
         );
         let _ = writeln!(
             s,
-            "| RSS, {} keys in the file store, all {} cached; of which anonymous | {:.1} MB; {:.1} MB |",
+            "| RSS, {} keys in the file store, all {} looked up (no key cache; a limiter cell each); of which anonymous | {:.1} MB; {:.1} MB |",
             f.cached_keys, f.cached_keys, f.cached_keys_rss_mb, f.cached_keys_anon_mb
+        );
+        let _ = writeln!(
+            s,
+            "| RSS, {} keys from Redis, all {} in the key cache (Redis limiter); of which anonymous | {:.1} MB; {:.1} MB |",
+            f.cached_keys, f.cached_keys, f.redis_cached_rss_mb, f.redis_cached_anon_mb
         );
         let _ = writeln!(
             s,
@@ -2337,6 +2703,38 @@ fn render(r: &Report) -> String {
             f.big_store_peak_rss_mb
         );
         let _ = writeln!(s);
+    }
+    if let Some(k) = &r.soak {
+        let _ = writeln!(
+            s,
+            "### Soak\n\n{:.1} minutes at {}/s (`{}`: steady allowed traffic with a flood of distinct \
+             well-formed unknown keys and unique JWTs), keys and rate limits in Redis; RSS sampled \
+             {} times.\n",
+            k.minutes,
+            k.rate,
+            k.mix,
+            k.samples.len()
+        );
+        let _ = writeln!(
+            s,
+            "| Checks | problems | RSS at start | peak RSS, first third | middle third | last third | last ÷ first | |\n|---:|---:|---:|---:|---:|---:|---:|---|"
+        );
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} MB | {:.1} MB | {:.1} MB | {:.1} MB | {:.3} | {} |\n",
+            k.requests,
+            k.problems,
+            k.samples.first().map_or(f64::NAN, |x| x.1),
+            k.third_peaks_mb[0],
+            k.third_peaks_mb[1],
+            k.third_peaks_mb[2],
+            k.third_peaks_mb[2] / k.third_peaks_mb[0].max(1e-9),
+            if k.steady {
+                "steady (≤ 1.10)"
+            } else {
+                "**growing** (> 1.10)"
+            }
+        );
     }
     s
 }
@@ -2379,10 +2777,28 @@ fn check_smoke(r: &Report, complete: bool) -> Res<()> {
         }
     }
     let f = &r.footprint;
-    if complete && (f.idle_rss_mb <= 0.0 || f.ready_ms.is_empty() || f.cached_keys_rss_mb <= 0.0) {
+    if complete
+        && (f.idle_rss_mb <= 0.0
+            || f.ready_ms.is_empty()
+            || f.cached_keys_rss_mb <= 0.0
+            || f.redis_cached_rss_mb <= 0.0)
+    {
         problems.push("footprint missing".into());
     }
-    if complete && (r.scenarios.len() < 15 || r.envoy.len() < 7) {
+    match &r.soak {
+        Some(k) if k.requests == 0 || k.problems > 0 || k.samples.len() < 3 => {
+            problems.push(format!(
+                "soak: {} requests, {} problems, {} RSS samples {}",
+                k.requests,
+                k.problems,
+                k.samples.len(),
+                k.first_problem.clone().unwrap_or_default()
+            ))
+        }
+        None if complete => problems.push("soak missing".into()),
+        _ => {}
+    }
+    if complete && (r.scenarios.len() < 15 || r.envoy.len() < 9) {
         problems.push(format!(
             "only {} scenarios and {} Envoy variants ran",
             r.scenarios.len(),

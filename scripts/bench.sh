@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every benchmark in BENCHMARKS.md, in one session: the load suite (no-op floor, scenarios a–h,
-# Envoy + wrk, footprint) against the release daemon as its own process, then the criterion
-# micro-benchmarks. Results: target/bench/results.md (and .json), target/bench/decision.txt.
+# Envoy + wrk, footprint, soak) against the release daemon as its own process, then the
+# criterion micro-benchmarks. Results: target/bench/results.md (and .json), target/bench/decision.txt.
 #
-#   ./scripts/bench.sh            # everything, about 15 minutes after the release build
+#   ./scripts/bench.sh            # everything, about 30 minutes after the release build (10 of soak)
 #   ./scripts/bench.sh --smoke    # seconds: proves every part runs and yields numbers (CI)
+#   ./scripts/bench.sh --only soak --soak-minutes 10   # the soak alone
 #
 # The smoke run reuses the debug builds `cargo test --all-targets` has just made, so it compiles
 # nothing; it checks that each part ran and produced numbers, never how fast they are.
@@ -58,7 +59,8 @@ fi
 
 step "release build"
 start=$(date +%s)
-cargo build --release --locked
+# The daemon, and the Envoy module beside it in target/release (the module rows load it).
+cargo build --release --locked -p gybc-authz -p gybc-authz-envoy
 cargo bench --locked --no-run --bench loadgen --bench decision
 echo "build took $(($(date +%s) - start)) s"
 
