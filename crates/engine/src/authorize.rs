@@ -97,7 +97,7 @@ impl Authorizer {
         Ok(Grant {
             identity: Some(Identity {
                 method: jwt,
-                tenant: tenant.map(Arc::from),
+                tenant,
                 user: Some(verified.sub.clone()),
                 key_id: None,
                 scopes: None,

@@ -1,6 +1,8 @@
 //! Tenant rules: a JWT user needs a tenant except on the tenantless paths; a publishable key's
 //! user must not belong to another tenant (by claim or by Identity Platform tenant).
 
+use std::sync::Arc;
+
 use crate::authn::VerifiedToken;
 use crate::decision::{Denial, Reason};
 
@@ -10,9 +12,10 @@ pub fn for_jwt(
     token_tenant: Option<&str>,
     path: &str,
     tenantless_paths: &[String],
-) -> Result<Option<String>, Denial> {
+) -> Result<Option<Arc<str>>, Denial> {
     match token_tenant {
-        Some(t) => Ok(Some(t.to_owned())),
+        // Shared from here on (the answer and the log borrow it): one copy per decision.
+        Some(t) => Ok(Some(Arc::from(t))),
         None if tenantless_paths.iter().any(|p| p == path) => Ok(None),
         None => Err(Denial::new(Reason::TenantRequired)),
     }

@@ -54,17 +54,6 @@ pub enum KeyStatus {
     Revoked,
 }
 
-impl KeyRecord {
-    /// Usable at `now` (Unix seconds): active and not expired.
-    pub fn is_usable(&self, now: u64) -> bool {
-        self.status == KeyStatus::Active && self.expires_at.is_none_or(|exp| now < exp)
-    }
-
-    pub fn has_scope(&self, scope: &str) -> bool {
-        self.scopes.iter().any(|s| s == scope)
-    }
-}
-
 /// Why a store could not answer. "Not found" is not an error: it is `Ok(None)`.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
