@@ -165,15 +165,7 @@ async fn the_engines_metric_families_are_envoy_stats_and_its_decision_lines_envo
     // (Histograms reach Envoy's page at its next stats flush, within about 5 s.)
     let daemon = scrape(&s.env).await.names();
     let missing = async || {
-        let page = client()
-            .get(format!("http://{}/stats/prometheus", s.envoy.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let envoy = Metrics(page).names();
+        let envoy = s.envoy.stats().await.names();
         daemon
             .iter()
             .filter(|n| n.starts_with("gybc_authz_"))

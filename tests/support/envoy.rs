@@ -454,6 +454,19 @@ impl Envoy {
         std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
     }
 
+    /// Envoy's `/stats/prometheus` page (the module's metrics are there).
+    pub async fn stats(&self) -> super::Metrics {
+        let page = client()
+            .get(format!("http://{}/stats/prometheus", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        super::Metrics(page)
+    }
+
     /// One counter from the admin API's stats, e.g. `cluster.gybc_authz.upstream_cx_protocol_error`.
     pub async fn counter(&self, name: &str) -> u64 {
         let body = client()
@@ -808,15 +821,10 @@ impl Stack {
             Mode::Module => {
                 // A request through the filter is what copies the counts over.
                 self.send("GET", "/__gybc_test/stats-probe", &[]).await;
-                let text = client()
-                    .get(format!("http://{}/stats/prometheus", self.envoy.admin))
-                    .send()
+                self.envoy
+                    .stats()
                     .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap();
-                super::Metrics(text).get(&format!("envoy_{name}"), labels)
+                    .get(&format!("envoy_{name}"), labels)
             }
         }
     }
