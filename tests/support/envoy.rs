@@ -420,14 +420,7 @@ impl Envoy {
 
     /// The address a listener configured on port 0 actually bound, from the admin API.
     async fn listener_addr(&self, http: &reqwest::Client, name: &str) -> SocketAddr {
-        let body = http
-            .get(format!("http://{}/listeners?format=json", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = self.admin_get(http, "/listeners?format=json").await;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let l = v["listener_statuses"]
             .as_array()
@@ -445,6 +438,12 @@ impl Envoy {
         .unwrap()
     }
 
+    /// A page of Envoy's admin API.
+    async fn admin_get(&self, http: &reqwest::Client, path: &str) -> String {
+        let url = format!("http://{}{path}", self.admin);
+        http.get(url).send().await.unwrap().text().await.unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.ingress)
     }
@@ -456,31 +455,13 @@ impl Envoy {
 
     /// Envoy's `/stats/prometheus` page (the module's metrics are there).
     pub async fn stats(&self) -> super::Metrics {
-        let page = client()
-            .get(format!("http://{}/stats/prometheus", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        super::Metrics(page)
+        super::Metrics(self.admin_get(&client(), "/stats/prometheus").await)
     }
 
     /// One counter from the admin API's stats, e.g. `cluster.gybc_authz.upstream_cx_protocol_error`.
     pub async fn counter(&self, name: &str) -> u64 {
-        let body = client()
-            .get(format!(
-                "http://{}/stats?filter=^{}$",
-                self.admin,
-                name.replace('.', "\\.")
-            ))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let filter = format!("/stats?filter=^{}$", name.replace('.', "\\."));
+        let body = self.admin_get(&client(), &filter).await;
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .map_or(0, |v| v.trim().parse().unwrap())
