@@ -1,13 +1,24 @@
-//! Link settings of the daemon binary.
+//! Compiles the key service's API (proto/gybc/authz/v1/key_service.proto) with a pure-Rust
+//! protobuf compiler: prost messages, and pbjson's protojson for them (lowerCamelCase names,
+//! int64 as strings, RFC 3339 timestamps, enum names; unknown fields refused, pbjson's default).
 
-fn main() {
-    let var = |name: &str| std::env::var(name).unwrap_or_default();
-    // Relative relocations packed (DT_RELR; glibc 2.36, binutils 2.38): a position-independent
-    // binary otherwise carries a 650 kB relocation table that the loader reads at every start,
-    // and those pages stay in the resident set of every pod. Packed, the table is a few kB. The
-    // binary stays position-independent, so ASLR is unchanged.
-    if var("CARGO_CFG_TARGET_OS") == "linux" && var("CARGO_CFG_TARGET_ENV") == "gnu" {
-        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
-    }
-    println!("cargo:rerun-if-changed=build.rs");
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/gybc/authz/v1/key_service.proto"];
+    println!("cargo:rerun-if-changed=proto/gybc/authz/v1/key_service.proto");
+    println!("cargo:rerun-if-changed=proto/gybc/authz/v1/keys.proto");
+    let descriptors = protox::compile(files, ["proto"])?;
+    let bytes = prost::Message::encode_to_vec(&descriptors);
+    prost_build::Config::new()
+        // Prost's own well-known types make way for pbjson's (same messages, plus protojson).
+        .compile_well_known_types()
+        // The well-known types with their protojson forms (Timestamp as RFC 3339, Duration "3600s").
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .compile_fds(descriptors)?;
+    let out = std::env::var("OUT_DIR")?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&bytes)?
+        .out_dir(out)
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .build(&[".gybc.authz.v1"])?;
+    Ok(())
 }

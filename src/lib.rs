@@ -12,3 +12,4 @@ pub mod transport;
 pub mod admin;
 pub mod cli;
 pub mod dev;
+pub mod keyservice;
