@@ -1,25 +1,39 @@
-//! Key management against the configured store (`gybc-authz keys …`): the file store written
-//! atomically under a lock, or Redis written as the key service would (record, then event).
+//! Key changes against the configured store, the one implementation behind `gybc-authz keys …`
+//! and the key service (`gybc-authz key-service`), so the two can never disagree: create, find,
+//! list a tenant's keys a page at a time, update, rotate, revoke, and idempotent retries of a
+//! create or rotate. The stores: the key file, rewritten atomically under a lock
+//! (`admin/file.rs`), or Redis, written as docs/key-store.md says: record, indexes, then the
+//! event (`admin/redis.rs`).
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
+mod file;
+mod redis;
+
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
 
 use crate::authn::apikey::{ApiKey, KeyHash, KeyKind, random_base62};
 use crate::config::{Config, KeyStoreConfig};
 use crate::proto::v1::KeyEventType;
 use crate::ratelimit::RateLimit;
-use crate::redis_conn::Redis;
-use crate::store::redis::{decode_record, encode_event, encode_record};
-use crate::store::{KeyFile, KeyFileEntry, KeyRecord, KeyStatus, parse_entries, parse_file};
+use crate::store::{KeyRecord, KeyStatus};
 
-/// Why a key command failed; each maps to an exit code.
+pub use self::redis::RedisAdmin;
+
+/// Why a key command failed; each maps to an exit code (and, in the key service, a status).
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("no key with id `{0}`")]
     NotFound(String),
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// The same `Idempotency-Key` is being used by a request still in progress.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The same `Idempotency-Key` came with a different request.
+    #[error("the Idempotency-Key was already used for a different request")]
+    IdempotencyMismatch,
     #[error("key store unreachable: {0}")]
     Unavailable(String),
     #[error("cannot write the key store: {0}")]
@@ -33,10 +47,11 @@ impl AdminError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AdminError::NotFound(_) => 3,
-            AdminError::Invalid(_) => 65,
+            AdminError::Invalid(_) | AdminError::IdempotencyMismatch => 65,
             AdminError::NoStore => 64,
             AdminError::Unavailable(_) => 69,
             AdminError::Write(_) => 74,
+            AdminError::Conflict(_) => 75,
         }
     }
 }
@@ -61,12 +76,221 @@ pub struct Created {
     pub record: KeyRecord,
 }
 
-pub enum AdminStore {
-    File(PathBuf),
-    Redis(Box<Redis>),
+/// The answer to a create or rotate: a new key with its secret, or, for a retry with the same
+/// `Idempotency-Key`, the key the first request made. The secret is never kept, so a replay has
+/// none: a caller that lost the first answer rotates the key.
+pub enum Minted {
+    New(Created),
+    Replayed(KeyRecord),
 }
 
-fn now_secs() -> u64 {
+impl Minted {
+    pub fn record(&self) -> &KeyRecord {
+        match self {
+            Minted::New(c) => &c.record,
+            Minted::Replayed(r) => r,
+        }
+    }
+
+    /// The secret, on the first answer only.
+    pub fn secret(&self) -> Option<&str> {
+        match self {
+            Minted::New(c) => Some(&c.key),
+            Minted::Replayed(_) => None,
+        }
+    }
+}
+
+/// Whose keys a call may touch: the operator (the `keys` CLI) every tenant's; a key-service
+/// caller its own tenant's only, and another tenant's key is "not found", exactly as a missing one.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    All,
+    Tenant(&'a str),
+}
+
+impl Scope<'_> {
+    fn allows(&self, r: &KeyRecord) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tenant(t) => r.tenant == *t,
+        }
+    }
+
+    fn tenant(&self) -> &str {
+        match self {
+            Scope::All => "",
+            Scope::Tenant(t) => t,
+        }
+    }
+}
+
+/// What an update changes; `None` leaves a field as it is. Never the tenant or the kind.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    pub name: Option<Option<String>>,
+    pub scopes: Option<Vec<String>>,
+    pub rate_limit: Option<Option<RateLimit>>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub expires_at: Option<Option<u64>>,
+}
+
+impl Changes {
+    fn apply(&self, r: &mut KeyRecord) -> Result<(), AdminError> {
+        if r.status != KeyStatus::Active {
+            return Err(AdminError::Invalid(format!(
+                "key `{}` is revoked and cannot change",
+                r.id
+            )));
+        }
+        if r.kind == KeyKind::Secret && self.allowed_origins.as_ref().is_some_and(|o| !o.is_empty())
+        {
+            return Err(AdminError::Invalid(
+                "allowed origins are for publishable keys".into(),
+            ));
+        }
+        if let Some(v) = &self.name {
+            r.name = v.clone();
+        }
+        if let Some(v) = &self.scopes {
+            r.scopes = v.clone();
+        }
+        if let Some(v) = self.rate_limit {
+            r.rate_limit = v;
+        }
+        if let Some(v) = &self.allowed_origins {
+            r.allowed_origins = v.clone();
+        }
+        if let Some(v) = self.expires_at {
+            r.expires_at = v;
+        }
+        Ok(())
+    }
+}
+
+/// A key's state as people see it; the data path refuses all but `Active`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    /// Past its expiry, e.g. a rotated key after its grace period.
+    Expired,
+    Revoked,
+}
+
+pub fn state(r: &KeyRecord, now: u64) -> KeyState {
+    match (r.status, r.expires_at) {
+        (KeyStatus::Revoked, _) => KeyState::Revoked,
+        (KeyStatus::Active, Some(t)) if t <= now => KeyState::Expired,
+        (KeyStatus::Active, _) => KeyState::Active,
+    }
+}
+
+/// Which keys a list shows; `None` = any.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListFilter {
+    pub kind: Option<KeyKind>,
+    pub state: Option<KeyState>,
+}
+
+impl ListFilter {
+    fn matches(&self, r: &KeyRecord, now: u64) -> bool {
+        self.kind.is_none_or(|k| k == r.kind) && self.state.is_none_or(|s| s == state(r, now))
+    }
+}
+
+/// Where a page ends: lists run newest first, by creation time and then id, both descending, so
+/// the next page starts after this key. Its text form is the key service's opaque page token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: u64,
+    pub id: String,
+}
+
+impl Cursor {
+    fn of(r: &KeyRecord) -> Self {
+        Cursor {
+            created_at: r.created_at.unwrap_or(0),
+            id: r.id.clone(),
+        }
+    }
+
+    /// Opaque to callers: hex, so it needs no escaping in JSON or a URL.
+    pub fn encode(&self) -> String {
+        hex::encode(format!("{}:{}", self.created_at, self.id))
+    }
+
+    pub fn decode(token: &str) -> Option<Self> {
+        let text = String::from_utf8(hex::decode(token).ok()?).ok()?;
+        let (t, id) = text.split_once(':')?;
+        if id.is_empty() {
+            return None;
+        }
+        Some(Cursor {
+            created_at: t.parse().ok()?,
+            id: id.to_owned(),
+        })
+    }
+
+    /// True when `r` comes after this cursor in list order (newest first).
+    fn before(&self, r: &KeyRecord) -> bool {
+        (r.created_at.unwrap_or(0), r.id.as_str()) < (self.created_at, self.id.as_str())
+    }
+}
+
+/// One page of a list: the keys, and where the next page starts (`None`: this was the last).
+pub struct Page {
+    pub records: Vec<KeyRecord>,
+    pub next: Option<Cursor>,
+}
+
+/// Keys a list looks at before it answers with a short page (and a cursor to go on from), so a
+/// filter that matches little cannot make one request read a whole large tenant.
+pub const LIST_SCAN_LIMIT: usize = 1000;
+
+/// An `Idempotency-Key` and what it came with: a retry with the same key and the same request gets
+/// the first answer's key; the same key with another request is refused.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    /// The caller's `Idempotency-Key` value.
+    pub key: String,
+    /// A digest of the request (any stable encoding): tells a retry from a reuse.
+    pub fingerprint: [u8; 32],
+}
+
+/// How long a finished create or rotate is remembered for its retries.
+pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;
+/// How long a request in progress holds its `Idempotency-Key` (a crashed writer frees it then).
+pub const IDEMPOTENCY_PENDING_SECS: u64 = 60;
+
+/// What the store remembers of one idempotent request: never the secret, only the digest of the
+/// request and the ids of the keys it made.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct IdemEntry {
+    fingerprint: String,
+    /// Unset while the request is in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    /// A rotate: the key it replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replaced_id: Option<String>,
+    /// Unix seconds.
+    expires_at: u64,
+}
+
+/// What the store said when a request claimed its `Idempotency-Key`.
+enum Claim {
+    /// First use: the request goes ahead and finishes (or releases) the claim.
+    New,
+    /// Done before: answer with these keys.
+    Done(IdemEntry),
+}
+
+pub enum AdminStore {
+    File(PathBuf),
+    Redis(Box<RedisAdmin>),
+}
+
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -79,25 +303,17 @@ impl AdminStore {
             KeyStoreConfig::File { path, .. } => Ok(AdminStore::File(path.clone())),
             KeyStoreConfig::Redis => {
                 let r = cfg.redis.as_ref().ok_or(AdminError::NoStore)?;
-                let redis = Redis::connect(r)
-                    .await
-                    .map_err(|e| AdminError::Unavailable(e.to_string()))?;
-                if !redis.ping().await {
-                    return Err(AdminError::Unavailable(format!(
-                        "no answer from {}",
-                        r.urls.join(", ")
-                    )));
-                }
-                Ok(AdminStore::Redis(Box::new(redis)))
+                Ok(AdminStore::Redis(Box::new(RedisAdmin::connect(r).await?)))
             }
             KeyStoreConfig::None => Err(AdminError::NoStore),
         }
     }
 
+    /// Every key of every tenant, by tenant and id (the operator's view).
     pub async fn list(&self) -> Result<Vec<KeyRecord>, AdminError> {
         let mut all = match self {
-            AdminStore::File(path) => read_file(path)?,
-            AdminStore::Redis(r) => redis_all(r).await?,
+            AdminStore::File(path) => file::read(path)?,
+            AdminStore::Redis(r) => r.all().await?,
         };
         all.sort_by(|a, b| {
             (a.tenant.as_str(), a.id.as_str()).cmp(&(b.tenant.as_str(), b.id.as_str()))
@@ -105,12 +321,44 @@ impl AdminStore {
         Ok(all)
     }
 
-    pub async fn get(&self, id: &str) -> Result<KeyRecord, AdminError> {
-        self.list()
-            .await?
-            .into_iter()
-            .find(|r| r.id == id)
+    /// One page of a tenant's keys, newest first, from `after` on.
+    pub async fn list_page(
+        &self,
+        tenant: &str,
+        filter: ListFilter,
+        page_size: usize,
+        after: Option<&Cursor>,
+    ) -> Result<Page, AdminError> {
+        let now = now_secs();
+        match self {
+            AdminStore::File(path) => {
+                let mut mine: Vec<KeyRecord> = file::read(path)?
+                    .into_iter()
+                    .filter(|r| r.tenant == tenant)
+                    .collect();
+                mine.sort_by(|a, b| Cursor::of(b).cmp_key().cmp(&Cursor::of(a).cmp_key()));
+                let rest = mine
+                    .into_iter()
+                    .filter(|r| after.is_none_or(|c| c.before(r)));
+                Ok(page_of(rest, filter, page_size, now))
+            }
+            AdminStore::Redis(r) => r.list_page(tenant, filter, page_size, after, now).await,
+        }
+    }
+
+    /// The key with this id, if the scope may see it.
+    pub async fn find(&self, scope: Scope<'_>, id: &str) -> Result<KeyRecord, AdminError> {
+        let found = match self {
+            AdminStore::File(path) => file::read(path)?.into_iter().find(|r| r.id == id),
+            AdminStore::Redis(r) => r.find(id, matches!(scope, Scope::All)).await?,
+        };
+        found
+            .filter(|r| scope.allows(r))
             .ok_or_else(|| AdminError::NotFound(id.to_owned()))
+    }
+
+    pub async fn get(&self, id: &str) -> Result<KeyRecord, AdminError> {
+        self.find(Scope::All, id).await
     }
 
     pub async fn create(&self, new: NewKey) -> Result<Created, AdminError> {
@@ -145,17 +393,64 @@ impl AdminStore {
             identity_platform_tenant: new.identity_platform_tenant,
         };
         match self {
-            AdminStore::File(path) => update_file(path, |records| {
+            AdminStore::File(path) => file::update(path, |records| {
                 records.push(record.clone());
                 Ok(())
             })?,
-            AdminStore::Redis(r) => redis_put(r, &record, KeyEventType::Created, true).await?,
+            AdminStore::Redis(r) => r.insert(&record).await?,
         }
         Ok(Created { key, record })
     }
 
+    /// A create that a retry with the same `Idempotency-Key` answers with the same key.
+    pub async fn create_once(
+        &self,
+        new: NewKey,
+        idem: Option<&Idempotency>,
+    ) -> Result<Minted, AdminError> {
+        let scope = Scope::Tenant(&new.tenant);
+        let Some(idem) = idem else {
+            return Ok(Minted::New(self.create(new).await?));
+        };
+        let slot = idem_slot(scope, "create", idem);
+        match self.claim(&slot, idem).await? {
+            Claim::Done(e) => {
+                let id = e.key_id.unwrap_or_default();
+                Ok(Minted::Replayed(self.find(scope, &id).await?))
+            }
+            Claim::New => match self.create(new).await {
+                Ok(c) => {
+                    self.finish(&slot, idem, &c.record.id, None).await?;
+                    Ok(Minted::New(c))
+                }
+                Err(e) => {
+                    self.release(&slot).await;
+                    Err(e)
+                }
+            },
+        }
+    }
+
     pub async fn revoke(&self, id: &str) -> Result<KeyRecord, AdminError> {
-        self.change(id, KeyEventType::Revoked, |r| r.status = KeyStatus::Revoked)
+        self.revoke_in(Scope::All, id).await
+    }
+
+    /// Revokes a key; revoking a revoked key changes nothing and answers the same.
+    pub async fn revoke_in(&self, scope: Scope<'_>, id: &str) -> Result<KeyRecord, AdminError> {
+        self.change(scope, id, KeyEventType::Revoked, |r| {
+            r.status = KeyStatus::Revoked;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn update(
+        &self,
+        scope: Scope<'_>,
+        id: &str,
+        changes: &Changes,
+    ) -> Result<KeyRecord, AdminError> {
+        self.change(scope, id, KeyEventType::Updated, |r| changes.apply(r))
             .await
     }
 
@@ -165,7 +460,53 @@ impl AdminStore {
         id: &str,
         grace: Duration,
     ) -> Result<(Created, KeyRecord), AdminError> {
-        let old = self.get(id).await?;
+        match self.rotate_in(Scope::All, id, grace, None).await? {
+            (Minted::New(c), old) => Ok((c, old)),
+            (Minted::Replayed(_), _) => unreachable!("no idempotency key, no replay"),
+        }
+    }
+
+    /// `rotate` for a scope, with an optional `Idempotency-Key`.
+    pub async fn rotate_in(
+        &self,
+        scope: Scope<'_>,
+        id: &str,
+        grace: Duration,
+        idem: Option<&Idempotency>,
+    ) -> Result<(Minted, KeyRecord), AdminError> {
+        let Some(idem) = idem else {
+            return self.rotate_now(scope, id, grace).await;
+        };
+        let slot = idem_slot(scope, &format!("rotate:{id}"), idem);
+        match self.claim(&slot, idem).await? {
+            Claim::Done(e) => {
+                let new = self.find(scope, e.key_id.as_deref().unwrap_or("")).await?;
+                let old = self
+                    .find(scope, e.replaced_id.as_deref().unwrap_or(id))
+                    .await?;
+                Ok((Minted::Replayed(new), old))
+            }
+            Claim::New => match self.rotate_now(scope, id, grace).await {
+                Ok((new, old)) => {
+                    self.finish(&slot, idem, &new.record().id, Some(&old.id))
+                        .await?;
+                    Ok((new, old))
+                }
+                Err(e) => {
+                    self.release(&slot).await;
+                    Err(e)
+                }
+            },
+        }
+    }
+
+    async fn rotate_now(
+        &self,
+        scope: Scope<'_>,
+        id: &str,
+        grace: Duration,
+    ) -> Result<(Minted, KeyRecord), AdminError> {
+        let old = self.find(scope, id).await?;
         if old.status != KeyStatus::Active {
             return Err(AdminError::Invalid(format!(
                 "key `{id}` is revoked; create a new one instead"
@@ -186,251 +527,250 @@ impl AdminStore {
             .await?;
         let until = now_secs() + grace.as_secs();
         let old = self
-            .change(id, KeyEventType::Updated, |r| {
+            .change(scope, id, KeyEventType::Updated, |r| {
                 r.expires_at = Some(r.expires_at.map_or(until, |e| e.min(until)));
+                Ok(())
             })
             .await?;
-        Ok((created, old))
+        Ok((Minted::New(created), old))
     }
 
+    /// Read, change and write one record, so that no concurrent change is lost: under the file's
+    /// lock, or as a compare-and-set on Redis; then the event, so every replica re-reads it.
     async fn change(
         &self,
+        scope: Scope<'_>,
         id: &str,
         event: KeyEventType,
-        f: impl Fn(&mut KeyRecord),
+        f: impl Fn(&mut KeyRecord) -> Result<(), AdminError>,
     ) -> Result<KeyRecord, AdminError> {
         match self {
             AdminStore::File(path) => {
                 let mut changed = None;
-                update_file(path, |records| {
+                file::update(path, |records| {
                     let r = records
                         .iter_mut()
-                        .find(|r| r.id == id)
+                        .find(|r| r.id == id && scope.allows(r))
                         .ok_or_else(|| AdminError::NotFound(id.to_owned()))?;
-                    f(r);
+                    f(r)?;
                     changed = Some(r.clone());
                     Ok(())
                 })?;
                 Ok(changed.expect("set by the update"))
             }
             AdminStore::Redis(redis) => {
-                let mut r = self.get(id).await?;
-                f(&mut r);
-                redis_put(redis, &r, event, false).await?;
-                Ok(r)
+                redis
+                    .change(id, matches!(scope, Scope::All), event, |r| {
+                        if !scope.allows(r) {
+                            return Err(AdminError::NotFound(id.to_owned()));
+                        }
+                        f(r)
+                    })
+                    .await
             }
         }
     }
-}
 
-// === file store ===
+    // === idempotency ===
 
-fn read_file(path: &Path) -> Result<Vec<KeyRecord>, AdminError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(AdminError::Unavailable(format!("{}: {e}", path.display()))),
-    };
-    if text.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    // Read as the daemon reads it, so both agree on what the file says.
-    let file =
-        parse_file(&text).map_err(|e| AdminError::Invalid(format!("{}: {e}", path.display())))?;
-    parse_entries(&file.keys).map_err(|errs| {
-        AdminError::Invalid(format!(
-            "{}: {}",
-            path.display(),
-            errs.iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        ))
-    })
-}
-
-/// Read-modify-write under an exclusive lock on `<file>.lock`, written to a temporary file and
-/// renamed over the original: a reader (the daemon) sees the old file or the new, never half, and
-/// concurrent writers queue instead of losing each other's keys.
-fn update_file(
-    path: &Path,
-    f: impl FnOnce(&mut Vec<KeyRecord>) -> Result<(), AdminError>,
-) -> Result<(), AdminError> {
-    let write_err = |e: std::io::Error| AdminError::Write(format!("{}: {e}", path.display()));
-    let lock_path = path.with_extension(format!(
-        "{}lock",
-        path.extension()
-            .map(|e| format!("{}.", e.to_string_lossy()))
-            .unwrap_or_default()
-    ));
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(write_err)?;
-    lock.lock().map_err(write_err)?;
-
-    let mut records = read_file(path)?;
-    f(&mut records)?;
-    let file = KeyFile {
-        keys: records.iter().map(KeyFileEntry::from_record).collect(),
-    };
-    let json = path.extension().is_some_and(|e| e == "json");
-    let text = if json {
-        serde_json::to_string_pretty(&file).map_err(|e| AdminError::Write(e.to_string()))? + "\n"
-    } else {
-        format!(
-            "# Written by `gybc-authz keys` (comments are not kept): hashes only, never a key.\n{}",
-            serde_yaml_ng::to_string(&file).map_err(|e| AdminError::Write(e.to_string()))?
-        )
-    };
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    {
-        use std::io::Write;
-        let mut out = File::create(&tmp).map_err(write_err)?;
-        out.write_all(text.as_bytes()).map_err(write_err)?;
-        out.sync_all().map_err(write_err)?;
-    }
-    std::fs::rename(&tmp, path).map_err(write_err)?;
-    drop(lock);
-    Ok(())
-}
-
-// === Redis ===
-
-async fn redis_put(
-    redis: &Redis,
-    r: &KeyRecord,
-    event: KeyEventType,
-    create: bool,
-) -> Result<(), AdminError> {
-    let mut conn = redis.conn.clone();
-    let unavailable = |e: redis::RedisError| AdminError::Unavailable(e.to_string());
-    let mut set = redis::cmd("SET");
-    set.arg(redis.names.key(&r.hash)).arg(encode_record(r));
-    if create {
-        set.arg("NX");
-    }
-    let written: Option<String> = set.query_async(&mut conn).await.map_err(unavailable)?;
-    if written.is_none() {
-        return Err(AdminError::Write(
-            "a record with this hash exists already".into(),
-        ));
-    }
-    // After the write: a replica hearing the event reads the new record.
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(redis.names.events_channel())
-        .arg(encode_event(&r.hash, event))
-        .query_async(&mut conn)
-        .await
-        .map_err(unavailable)?;
-    Ok(())
-}
-
-/// Every record: SCAN over each master (every node of a cluster, found through CLUSTER SLOTS).
-async fn redis_all(redis: &Redis) -> Result<Vec<KeyRecord>, AdminError> {
-    let unavailable = |e: redis::RedisError| AdminError::Unavailable(e.to_string());
-    let pattern = format!(
-        "{}*",
-        redis.names.key(&KeyHash([0; 32])).trim_end_matches('0')
-    );
-    let mut names = Vec::new();
-    for client in masters(redis).await? {
-        let mut c = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(unavailable)?;
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut c)
-                .await
-                .map_err(unavailable)?;
-            names.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-    }
-    let mut conn = redis.conn.clone();
-    let mut out = Vec::new();
-    for name in names {
-        let Some(hash) = name.rsplit(':').next().and_then(KeyHash::parse) else {
-            continue;
+    async fn claim(&self, slot: &str, idem: &Idempotency) -> Result<Claim, AdminError> {
+        let pending = IdemEntry {
+            fingerprint: hex::encode(idem.fingerprint),
+            key_id: None,
+            replaced_id: None,
+            expires_at: now_secs() + IDEMPOTENCY_PENDING_SECS,
         };
-        let bytes: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(&name)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if let Some(rec) = bytes.and_then(|b| decode_record(&b, &hash).ok()) {
-            out.push(rec);
+        let existing = match self {
+            AdminStore::File(path) => file::claim(path, slot, &pending)?,
+            AdminStore::Redis(r) => r.claim(slot, &pending).await?,
+        };
+        match existing {
+            None => Ok(Claim::New),
+            Some(e) if e.fingerprint != pending.fingerprint => Err(AdminError::IdempotencyMismatch),
+            Some(e) if e.key_id.is_none() => Err(AdminError::Conflict(
+                "a request with this Idempotency-Key is still in progress; retry shortly".into(),
+            )),
+            Some(e) => Ok(Claim::Done(e)),
         }
     }
-    Ok(out)
+
+    async fn finish(
+        &self,
+        slot: &str,
+        idem: &Idempotency,
+        key_id: &str,
+        replaced_id: Option<&str>,
+    ) -> Result<(), AdminError> {
+        let done = IdemEntry {
+            fingerprint: hex::encode(idem.fingerprint),
+            key_id: Some(key_id.to_owned()),
+            replaced_id: replaced_id.map(str::to_owned),
+            expires_at: now_secs() + IDEMPOTENCY_TTL_SECS,
+        };
+        match self {
+            AdminStore::File(path) => file::put_idem(path, slot, Some(&done)),
+            AdminStore::Redis(r) => r.put_idem(slot, Some(&done)).await,
+        }
+    }
+
+    /// Frees a claim whose request failed, so a retry can go ahead. Best effort: a claim left
+    /// behind expires after `IDEMPOTENCY_PENDING_SECS`.
+    async fn release(&self, slot: &str) {
+        let _ = match self {
+            AdminStore::File(path) => file::put_idem(path, slot, None),
+            AdminStore::Redis(r) => r.put_idem(slot, None).await,
+        };
+    }
 }
 
-async fn masters(redis: &Redis) -> Result<Vec<redis::Client>, AdminError> {
-    let unavailable = |e: redis::RedisError| AdminError::Unavailable(e.to_string());
-    match &redis.conn {
-        crate::redis_conn::RedisConn::Single(_) => Ok(vec![redis.pubsub_client.clone()]),
-        crate::redis_conn::RedisConn::Cluster(_) => {
-            let mut conn = redis.conn.clone();
-            let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
-                .arg("SLOTS")
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            let base = redis.pubsub_client.get_connection_info().clone();
-            let mut clients = Vec::new();
-            let mut seen = std::collections::BTreeSet::new();
-            for slot in slots {
-                let redis::Value::Array(parts) = slot else {
-                    continue;
-                };
-                let Some(redis::Value::Array(master)) = parts.get(2) else {
-                    continue;
-                };
-                let host = match master.first() {
-                    Some(redis::Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
-                    _ => continue,
-                };
-                let port = match master.get(1) {
-                    Some(redis::Value::Int(p)) => *p as u16,
-                    _ => continue,
-                };
-                if seen.insert((host.clone(), port)) {
-                    let addr = match base.addr() {
-                        redis::ConnectionAddr::TcpTls {
-                            insecure,
-                            tls_params,
-                            ..
-                        } => redis::ConnectionAddr::TcpTls {
-                            host,
-                            port,
-                            insecure: *insecure,
-                            tls_params: tls_params.clone(),
-                        },
-                        _ => redis::ConnectionAddr::Tcp(host, port),
-                    };
-                    let info = base.clone().set_addr(addr);
-                    clients.push(redis::Client::open(info).map_err(unavailable)?);
-                }
-            }
-            Ok(clients)
+impl Cursor {
+    fn cmp_key(&self) -> (u64, &str) {
+        (self.created_at, self.id.as_str())
+    }
+}
+
+/// Up to `page_size` matching keys from `records` (already in list order), looking at no more
+/// than `LIST_SCAN_LIMIT`; the cursor names the last key looked at when more may follow.
+fn page_of(
+    records: impl Iterator<Item = KeyRecord>,
+    filter: ListFilter,
+    page_size: usize,
+    now: u64,
+) -> Page {
+    let mut out = Vec::new();
+    let mut last = None;
+    let mut records = records.peekable();
+    let mut looked = 0;
+    for r in records.by_ref() {
+        looked += 1;
+        let cursor = Cursor::of(&r);
+        if filter.matches(&r, now) {
+            out.push(r);
         }
+        last = Some(cursor);
+        if out.len() == page_size || looked == LIST_SCAN_LIMIT {
+            break;
+        }
+    }
+    let more = records.peek().is_some();
+    Page {
+        records: out,
+        next: last.filter(|_| more),
+    }
+}
+
+/// Where a request's idempotency record lives: a digest of the tenant, the action and the
+/// caller's key, so neither the key nor the tenant appears in a store's names.
+fn idem_slot(scope: Scope<'_>, action: &str, idem: &Idempotency) -> String {
+    let mut h = Sha256::new();
+    for part in [scope.tenant(), action, idem.key.as_str()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, created: u64) -> KeyRecord {
+        let mut r = KeyRecord::for_test(id, KeyKind::Secret, "t");
+        r.created_at = Some(created);
+        r
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_garbage() {
+        let c = Cursor {
+            created_at: 17,
+            id: "key_a:b".into(),
+        };
+        assert_eq!(Cursor::decode(&c.encode()), Some(c));
+        for bad in [
+            "",
+            "zz",
+            &hex::encode("17"),
+            &hex::encode("x:key"),
+            &hex::encode("5:"),
+        ] {
+            assert_eq!(Cursor::decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn pages_run_newest_first_and_resume_after_the_cursor() {
+        let mut all = vec![rec("a", 1), rec("b", 3), rec("c", 3), rec("d", 2)];
+        all.sort_by(|a, b| Cursor::of(b).cmp_key().cmp(&Cursor::of(a).cmp_key()));
+        let ids = |p: &Page| p.records.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        let p1 = page_of(all.clone().into_iter(), ListFilter::default(), 2, 0);
+        assert_eq!(ids(&p1), ["c", "b"]);
+        let c = p1.next.unwrap();
+        let p2 = page_of(
+            all.clone().into_iter().filter(|r| c.before(r)),
+            ListFilter::default(),
+            2,
+            0,
+        );
+        assert_eq!(ids(&p2), ["d", "a"]);
+        assert!(p2.next.is_none(), "the last page has no cursor");
+    }
+
+    #[test]
+    fn filters_and_states() {
+        let mut revoked = rec("r", 1);
+        revoked.status = KeyStatus::Revoked;
+        let mut expired = rec("e", 1);
+        expired.expires_at = Some(10);
+        let active = rec("a", 1);
+        assert_eq!(state(&revoked, 20), KeyState::Revoked);
+        assert_eq!(state(&expired, 20), KeyState::Expired);
+        assert_eq!(state(&expired, 9), KeyState::Active);
+        assert_eq!(state(&active, 20), KeyState::Active);
+        let only_expired = ListFilter {
+            kind: Some(KeyKind::Secret),
+            state: Some(KeyState::Expired),
+        };
+        assert!(only_expired.matches(&expired, 20));
+        assert!(!only_expired.matches(&active, 20));
+        let publishable = ListFilter {
+            kind: Some(KeyKind::Publishable),
+            state: None,
+        };
+        assert!(!publishable.matches(&active, 20));
+    }
+
+    #[test]
+    fn changes_refuse_revoked_keys_and_origins_on_secret_keys() {
+        let mut r = rec("a", 1);
+        let origins = Changes {
+            allowed_origins: Some(vec!["https://a".into()]),
+            ..Default::default()
+        };
+        assert!(origins.apply(&mut r).is_err());
+        let rename = Changes {
+            name: Some(Some("n".into())),
+            rate_limit: Some(Some("5/1s".parse().unwrap())),
+            ..Default::default()
+        };
+        rename.apply(&mut r).unwrap();
+        assert_eq!(r.name.as_deref(), Some("n"));
+        assert_eq!(r.rate_limit.unwrap().requests, 5);
+        r.status = KeyStatus::Revoked;
+        assert!(rename.apply(&mut r).is_err());
+    }
+
+    #[test]
+    fn idempotency_slots_depend_on_tenant_action_and_key() {
+        let idem = |k: &str| Idempotency {
+            key: k.into(),
+            fingerprint: [0; 32],
+        };
+        let a = idem_slot(Scope::Tenant("t1"), "create", &idem("k"));
+        assert_eq!(a, idem_slot(Scope::Tenant("t1"), "create", &idem("k")));
+        assert_ne!(a, idem_slot(Scope::Tenant("t2"), "create", &idem("k")));
+        assert_ne!(a, idem_slot(Scope::Tenant("t1"), "rotate:x", &idem("k")));
+        assert_ne!(a, idem_slot(Scope::Tenant("t1"), "create", &idem("k2")));
+        assert!(!a.contains("t1"));
     }
 }
