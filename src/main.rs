@@ -1,4 +1,5 @@
-//! The `gybc-authz` command: `serve`, `check-config`, and `check` (a one-shot ext_authz client).
+//! The `gybc-authz` command: `serve`, `check-config`, `check` (a one-shot ext_authz client),
+//! `keys` and `key-service`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,9 @@ enum Command {
     },
     /// Manage API keys in the configured store: create, list, show, revoke, rotate.
     Keys(cli::keys::KeysArgs),
+    /// Serve the tenants' key API (create, list, get, update, rotate, revoke) behind Envoy with
+    /// gybc-authz in front; it trusts the identity headers gybc-authz sets.
+    KeyService(cli::key_service::KeyServiceArgs),
     /// Load and validate a config file; print every problem with its field path.
     CheckConfig { file: PathBuf },
     /// Send one Check as Envoy would and print the decision as JSON (exit 0 allow, 1 deny).
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { config, dev } => serve(config, dev).await,
             Command::Keys(args) => cli::keys::run(args).await,
+            Command::KeyService(args) => cli::key_service::run(args, wait_for_signal()).await,
             Command::CheckConfig { file } => match Config::load(&file, &ProcessEnv) {
                 Ok(_) => {
                     println!("{}: ok", file.display());

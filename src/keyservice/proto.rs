@@ -22,10 +22,12 @@ mod tests {
         assert_eq!(r.rate_limit, "10/60s");
         assert_eq!(r.expire_time.unwrap().seconds, 1_893_553_445);
 
-        let e = serde_json::from_str::<CreateKeyRequest>(r#"{"kind":"KEY_KIND_SECRET","nmae":"x"}"#)
-            .unwrap_err();
+        let e =
+            serde_json::from_str::<CreateKeyRequest>(r#"{"kind":"KEY_KIND_SECRET","nmae":"x"}"#)
+                .unwrap_err();
         assert!(e.to_string().contains("unknown field `nmae`"), "{e}");
-        let e = serde_json::from_str::<CreateKeyRequest>(r#"{"kind":"KEY_KIND_NOPE"}"#).unwrap_err();
+        let e =
+            serde_json::from_str::<CreateKeyRequest>(r#"{"kind":"KEY_KIND_NOPE"}"#).unwrap_err();
         assert!(e.to_string().contains("KEY_KIND_NOPE"), "{e}");
 
         let g: RotateKeyRequest =

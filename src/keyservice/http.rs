@@ -1,0 +1,554 @@
+//! The key service's door: `POST <prefix>/<method>` with a protojson body → the caller from the
+//! identity headers → the method's checks and the shared key change → a protojson answer, or an
+//! error `{code, reason, message, field}`; one audit line per change. The method table is
+//! `Method`: a new method is a variant, its name, and its arm in `dispatch`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use gybc_authz_engine::authn::apikey::KeyKind;
+use gybc_authz_engine::store::KeyRecord;
+use gybc_authz_engine::store::admin::{self, AdminError, Idempotency, Minted, Scope};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use super::Service;
+use super::audit::{self, Outcome};
+use super::caller::{self, Caller, Identity, Refusal};
+use super::proto::v1 as pb;
+use super::validate::{self, Invalid};
+
+/// The API's methods, by their path segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    CreateKey,
+    ListKeys,
+    GetKey,
+    UpdateKey,
+    RotateKey,
+    RevokeKey,
+}
+
+impl Method {
+    pub const ALL: [Method; 6] = [
+        Method::CreateKey,
+        Method::ListKeys,
+        Method::GetKey,
+        Method::UpdateKey,
+        Method::RotateKey,
+        Method::RevokeKey,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::CreateKey => "create-key",
+            Method::ListKeys => "list-keys",
+            Method::GetKey => "get-key",
+            Method::UpdateKey => "update-key",
+            Method::RotateKey => "rotate-key",
+            Method::RevokeKey => "revoke-key",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// A change gets an audit line; a read does not.
+    fn audited(self) -> Option<&'static str> {
+        match self {
+            Method::CreateKey => Some("create"),
+            Method::UpdateKey => Some("update"),
+            Method::RotateKey => Some("rotate"),
+            Method::RevokeKey => Some("revoke"),
+            Method::ListKeys | Method::GetKey => None,
+        }
+    }
+}
+
+/// Why a request failed, as the caller sees it.
+#[derive(Debug)]
+pub enum ApiError {
+    Refused(Refusal),
+    Invalid(Invalid),
+    NotFound,
+    UnknownMethod,
+    /// A change the key's state does not allow (a revoked key cannot be rotated or updated).
+    Precondition(String),
+    Conflict(String),
+    IdempotencyMismatch,
+    Unavailable,
+    Internal,
+}
+
+impl ApiError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            ApiError::Refused(_) | ApiError::Invalid(Invalid::Escalation { .. }) => {
+                Outcome::Forbidden
+            }
+            ApiError::Invalid(_) | ApiError::Precondition(_) => Outcome::Invalid,
+            ApiError::NotFound | ApiError::UnknownMethod => Outcome::NotFound,
+            ApiError::Conflict(_) | ApiError::IdempotencyMismatch => Outcome::Conflict,
+            ApiError::Unavailable | ApiError::Internal => Outcome::Error,
+        }
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::NotFound(_) => ApiError::NotFound,
+            AdminError::Invalid(m) => ApiError::Precondition(m),
+            AdminError::Conflict(m) => ApiError::Conflict(m),
+            AdminError::IdempotencyMismatch => ApiError::IdempotencyMismatch,
+            AdminError::Unavailable(m) | AdminError::Write(m) => {
+                tracing::error!(error = %m, "Key store failed.");
+                ApiError::Unavailable
+            }
+            AdminError::NoStore => ApiError::Internal,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, reason, message, field) = match &self {
+            ApiError::Refused(r) => (
+                StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN),
+                if r.status() == 401 {
+                    "unauthenticated"
+                } else {
+                    "permission_denied"
+                },
+                r.reason(),
+                r.message().to_owned(),
+                None,
+            ),
+            ApiError::Invalid(Invalid::Field { field, message }) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                "invalid_field",
+                message.clone(),
+                Some(field.clone()),
+            ),
+            ApiError::Invalid(Invalid::Escalation { scope }) => (
+                StatusCode::FORBIDDEN,
+                "permission_denied",
+                "scope_escalation",
+                format!("This key cannot grant the scope `{scope}`: it does not hold it."),
+                Some("scopes".to_owned()),
+            ),
+            ApiError::NotFound => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "key_not_found",
+                "No such key.".to_owned(),
+                None,
+            ),
+            ApiError::UnknownMethod => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "unknown_method",
+                "No such method.".to_owned(),
+                None,
+            ),
+            ApiError::Precondition(m) => (
+                StatusCode::BAD_REQUEST,
+                "failed_precondition",
+                "key_state",
+                m.clone(),
+                None,
+            ),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, "aborted", "conflict", m.clone(), None),
+            ApiError::IdempotencyMismatch => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_argument",
+                "idempotency_key_reused",
+                "This Idempotency-Key was used for a different request.".to_owned(),
+                Some("Idempotency-Key".to_owned()),
+            ),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "store_unavailable",
+                "The key store is unavailable; retry shortly.".to_owned(),
+                None,
+            ),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal",
+                "Internal error.".to_owned(),
+                None,
+            ),
+        };
+        let mut body = serde_json::json!({ "code": code, "reason": reason, "message": message });
+        if let Some(f) = field {
+            body["field"] = f.into();
+        }
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+pub fn router(service: Arc<Service>) -> Router {
+    let route = format!("{}/{{method}}", service.path_prefix.trim_end_matches('/'));
+    Router::new()
+        .route(&route, post(handle))
+        .fallback(|| async { ApiError::UnknownMethod })
+        .with_state(service)
+}
+
+/// What a method answers: the message, and for the audit line the key it touched.
+struct Answer {
+    body: Vec<u8>,
+    key_id: Option<String>,
+    replayed: bool,
+}
+
+async fn handle(
+    State(service): State<Arc<Service>>,
+    Path(method): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request_id = request_id(&headers);
+    let identity = Identity::read(&headers, &service.headers);
+    let caller = caller::authorize(&identity);
+    let Some(method) = Method::parse(&method) else {
+        return match caller {
+            Err(r) => ApiError::Refused(r).into_response(),
+            Ok(_) => ApiError::UnknownMethod.into_response(),
+        };
+    };
+    let result = match &caller {
+        Err(r) => Err(ApiError::Refused(*r)),
+        Ok(c) => dispatch(&service, method, c, &headers, &body).await,
+    };
+    if let Some(action) = method.audited() {
+        let (outcome, key_id) = match &result {
+            Ok(a) => (Outcome::Ok, a.key_id.as_deref()),
+            Err(e) => (e.outcome(), None),
+        };
+        audit::change(&audit::Change {
+            action,
+            tenant: identity.tenant.unwrap_or(""),
+            key_id: key_id.or(requested_id(&body).as_deref()).unwrap_or(""),
+            actor: &caller.as_ref().map(Caller::actor).unwrap_or_default(),
+            request_id: &request_id,
+            outcome,
+        });
+    }
+    match result {
+        Ok(a) => {
+            let mut resp = (
+                StatusCode::OK,
+                [("content-type", HeaderValue::from_static("application/json"))],
+                a.body,
+            )
+                .into_response();
+            if a.replayed {
+                resp.headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            }
+            resp
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The method's arm: decode, check, change, answer.
+async fn dispatch(
+    service: &Service,
+    method: Method,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Answer, ApiError> {
+    let scope = Scope::Tenant(caller.tenant());
+    let now = admin_now();
+    match method {
+        Method::CreateKey => {
+            let req: pb::CreateKeyRequest = decode(body)?;
+            let new =
+                validate::create(&req, caller, &service.policy, now).map_err(ApiError::Invalid)?;
+            let idem = idempotency(headers, &req)?;
+            let minted = service.store.create_once(new, idem.as_ref()).await?;
+            let replayed = matches!(minted, Minted::Replayed(_));
+            Ok(Answer {
+                key_id: Some(minted.record().id.clone()),
+                body: encode(&pb::CreateKeyResponse {
+                    key: Some(api_key(minted.record(), now)),
+                    secret: minted.secret().unwrap_or_default().to_owned(),
+                }),
+                replayed,
+            })
+        }
+        Method::ListKeys => {
+            let req: pb::ListKeysRequest = decode(body)?;
+            let (filter, size, cursor) = validate::list(&req).map_err(ApiError::Invalid)?;
+            let page = service
+                .store
+                .list_page(caller.tenant(), filter, size, cursor.as_ref())
+                .await?;
+            Ok(Answer {
+                body: encode(&pb::ListKeysResponse {
+                    keys: page.records.iter().map(|r| api_key(r, now)).collect(),
+                    next_page_token: page.next.map(|c| c.encode()).unwrap_or_default(),
+                }),
+                key_id: None,
+                replayed: false,
+            })
+        }
+        Method::GetKey => {
+            let req: pb::GetKeyRequest = decode(body)?;
+            let r = service
+                .store
+                .find(scope, validate::id(&req.id).map_err(ApiError::Invalid)?)
+                .await?;
+            Ok(Answer {
+                body: encode(&pb::GetKeyResponse {
+                    key: Some(api_key(&r, now)),
+                }),
+                key_id: Some(r.id),
+                replayed: false,
+            })
+        }
+        Method::UpdateKey => {
+            let req: pb::UpdateKeyRequest = decode(body)?;
+            let id = validate::id(&req.id).map_err(ApiError::Invalid)?;
+            // The kind decides which fields apply; it never changes, so reading it first is safe.
+            let kind: KeyKind = service.store.find(scope, id).await?.kind;
+            let changes = validate::update(&req, kind, caller, &service.policy, now)
+                .map_err(ApiError::Invalid)?;
+            let r = service.store.update(scope, id, &changes).await?;
+            Ok(Answer {
+                body: encode(&pb::UpdateKeyResponse {
+                    key: Some(api_key(&r, now)),
+                }),
+                key_id: Some(r.id),
+                replayed: false,
+            })
+        }
+        Method::RotateKey => {
+            let req: pb::RotateKeyRequest = decode(body)?;
+            let grace = validate::grace(&req).map_err(ApiError::Invalid)?;
+            let idem = idempotency(headers, &req)?;
+            let (minted, old) = service
+                .store
+                .rotate_in(scope, &req.id, grace, idem.as_ref())
+                .await?;
+            let replayed = matches!(minted, Minted::Replayed(_));
+            Ok(Answer {
+                key_id: Some(minted.record().id.clone()),
+                body: encode(&pb::RotateKeyResponse {
+                    key: Some(api_key(minted.record(), now)),
+                    secret: minted.secret().unwrap_or_default().to_owned(),
+                    replaced: Some(api_key(&old, now)),
+                }),
+                replayed,
+            })
+        }
+        Method::RevokeKey => {
+            let req: pb::RevokeKeyRequest = decode(body)?;
+            let r = service
+                .store
+                .revoke_in(scope, validate::id(&req.id).map_err(ApiError::Invalid)?)
+                .await?;
+            Ok(Answer {
+                body: encode(&pb::RevokeKeyResponse {
+                    key: Some(api_key(&r, now)),
+                }),
+                key_id: Some(r.id),
+                replayed: false,
+            })
+        }
+    }
+}
+
+fn admin_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A protojson body; an empty body is the empty message. A bad one names its field.
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        &b"{}"[..]
+    } else {
+        body
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner().to_string();
+        // serde names an unknown field only in its message: "unknown field `nmae`, expected …".
+        let unknown = inner
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next());
+        // The path ends at the field that failed (an unknown one included).
+        let field = match (unknown, path.as_str()) {
+            (Some(f), "." | "") => f.to_owned(),
+            (None, "." | "") => "body".to_owned(),
+            (_, p) => p.to_owned(),
+        };
+        let message = if unknown.is_some() {
+            format!("unknown field `{field}`")
+        } else {
+            // serde's message without its "at line 1 column 9" tail; the field says where.
+            let text = inner.split(" at line ").next().unwrap_or(&inner);
+            format!("{field}: {text}")
+        };
+        ApiError::Invalid(Invalid::Field { field, message })
+    })
+}
+
+fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    serde_json::to_vec(message).expect("generated messages serialize")
+}
+
+/// The `Idempotency-Key` of a create or rotate, with a digest of the request it came with.
+fn idempotency<M: prost::Message>(
+    headers: &HeaderMap,
+    req: &M,
+) -> Result<Option<Idempotency>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = validate::idempotency_key(v.as_bytes()).map_err(ApiError::Invalid)?;
+    Ok(Some(Idempotency {
+        key: key.to_owned(),
+        fingerprint: Sha256::digest(req.encode_to_vec()).into(),
+    }))
+}
+
+/// Envoy's `x-request-id`, bounded, for the audit line; `-` without one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .unwrap_or("-")
+        .to_owned()
+}
+
+/// The `id` a refused or failed change named, for its audit line (only a key id, never a body).
+fn requested_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct JustId {
+        id: Option<String>,
+    }
+    serde_json::from_slice::<JustId>(body)
+        .ok()
+        .and_then(|j| j.id)
+        .filter(|id| validate::id(id).is_ok())
+}
+
+/// A record as callers see it: never the secret, only 8 hex digits of its hash.
+pub fn api_key(r: &KeyRecord, now: u64) -> pb::ApiKey {
+    let ts = |t: u64| pbjson_types::Timestamp {
+        seconds: t as i64,
+        nanos: 0,
+    };
+    pb::ApiKey {
+        id: r.id.clone(),
+        kind: match r.kind {
+            KeyKind::Secret => pb::KeyKind::Secret,
+            KeyKind::Publishable => pb::KeyKind::Publishable,
+        } as i32,
+        tenant: r.tenant.clone(),
+        name: r.name.clone().unwrap_or_default(),
+        scopes: r.scopes.clone(),
+        rate_limit: r.rate_limit.map(|l| l.to_string()).unwrap_or_default(),
+        state: match admin::state(r, now) {
+            admin::KeyState::Active => pb::KeyState::Active,
+            admin::KeyState::Expired => pb::KeyState::Expired,
+            admin::KeyState::Revoked => pb::KeyState::Revoked,
+        } as i32,
+        expire_time: r.expires_at.map(ts),
+        create_time: r.created_at.map(ts),
+        allowed_origins: r.allowed_origins.clone(),
+        jwt_provider: r.jwt_provider.clone().unwrap_or_default(),
+        hash_prefix: r.hash.to_hex()[..8].to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(body: &str) -> (String, String) {
+        match decode::<pb::CreateKeyRequest>(body.as_bytes()) {
+            Err(ApiError::Invalid(Invalid::Field { field, message })) => (field, message),
+            other => panic!("not a field error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bodies_that_do_not_decode_name_the_field() {
+        assert_eq!(
+            field_of(r#"{"kind":"KEY_KIND_SECRET","nmae":"x"}"#).0,
+            "nmae"
+        );
+        assert_eq!(field_of(r#"{"kind":"KEY_KIND_NOPE"}"#).0, "kind");
+        assert_eq!(field_of(r#"{"expireTime":"yesterday"}"#).0, "expireTime");
+        assert_eq!(field_of(r#"{"scopes":"one"}"#).0, "scopes");
+        assert_eq!(field_of("not json").0, "body");
+        let upd = decode::<pb::UpdateKeyRequest>(br#"{"id":"k","scopes":{"valuez":[]}}"#);
+        assert!(
+            matches!(&upd, Err(ApiError::Invalid(Invalid::Field { field, .. })) if field == "scopes.valuez"),
+            "{upd:?}"
+        );
+        assert!(
+            decode::<pb::ListKeysRequest>(b"").is_ok(),
+            "an empty body is {{}}"
+        );
+    }
+
+    #[test]
+    fn methods_parse_by_their_path_segment() {
+        for m in Method::ALL {
+            assert_eq!(Method::parse(m.name()), Some(m));
+        }
+        assert_eq!(Method::parse("delete-everything"), None);
+    }
+
+    #[test]
+    fn a_presented_key_has_no_secret_and_only_a_hash_prefix() {
+        let mut r = KeyRecord {
+            id: "key_1".into(),
+            hash: gybc_authz_engine::authn::apikey::KeyHash::of("sk_secret"),
+            kind: KeyKind::Secret,
+            tenant: "acme".into(),
+            scopes: vec!["keys:manage".into()],
+            rate_limit: Some("10/60s".parse().unwrap()),
+            status: gybc_authz_engine::store::KeyStatus::Active,
+            expires_at: Some(100),
+            name: None,
+            created_at: Some(50),
+            allowed_origins: vec![],
+            jwt_provider: None,
+            identity_platform_tenant: None,
+        };
+        let k = api_key(&r, 60);
+        assert_eq!(k.state(), pb::KeyState::Active);
+        assert_eq!(k.rate_limit, "10/60s");
+        assert_eq!(k.hash_prefix.len(), 8);
+        assert!(
+            !serde_json::to_string(&k)
+                .unwrap()
+                .contains(&r.hash.to_hex())
+        );
+        assert_eq!(api_key(&r, 100).state(), pb::KeyState::Expired);
+        r.status = gybc_authz_engine::store::KeyStatus::Revoked;
+        assert_eq!(api_key(&r, 60).state(), pb::KeyState::Revoked);
+    }
+}
