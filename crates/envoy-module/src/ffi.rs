@@ -1,8 +1,13 @@
 //! Envoy's dynamic-module C ABI (v0.2.0, Envoy 1.40): the only `unsafe` code in the crate.
 //!
-//! Three parts: the C declarations (types, enum values, the callbacks this module calls), the
-//! `envoy_dynamic_module_on_*` hooks Envoy calls, and the safe wrappers [`EnvoyFilter`],
-//! [`EnvoyConfig`], [`Scheduler`] and [`ChildSpan`] that `filter.rs` works with.
+//! Four parts: the C declarations (types, enum values, the callbacks this module calls); the
+//! safe wrappers [`EnvoyFilter`], [`EnvoyConfig`], [`Scheduler`] and [`ChildSpan`]; the traits a
+//! door implements ([`HttpFilterConfig`], [`HttpFilter`], [`HttpRouteConfig`]); and the
+//! `envoy_dynamic_module_on_*` hooks Envoy calls. This file names no door: the hooks that need
+//! the door's types are generic bodies here, exported by the one [`declare_filter!`] call the
+//! door makes (as Envoy's own Rust SDK registers user code through `declare_init_functions!`).
+//! Dispatch is static: each exported hook is monomorphized for the door's types, with no
+//! registry to consult and no allocation beyond the stream's own.
 //!
 //! What the wrappers guarantee, and why:
 //! - No panic reaches Envoy: unwinding across `extern "C"` aborts the whole proxy, so every hook
@@ -18,17 +23,15 @@
 //! - Header slices Envoy lends stay valid until the hook returns or a header changes: getters
 //!   borrow `&self` and every mutator takes `&mut self`, so the borrow checker enforces it.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::cell::{Cell, UnsafeCell};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void};
 use std::io::{self, Write as _};
 use std::mem::{self, ManuallyDrop};
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
 use std::sync::{PoisonError, RwLock};
-
-use crate::filter::{Filter, FilterConfig, RouteConfig};
 
 // `catch_unwind` in every hook is what keeps a filter panic from aborting Envoy; with
 // panic = "abort" there is nothing to catch. The workspace profile decides, this enforces it.
@@ -474,21 +477,21 @@ impl EnvoyFilter {
     }
 
     /// The most specific per-route config for this request (route beats virtual host), as made
-    /// by `RouteConfig::new`.
-    pub fn route_config(&self) -> Option<&RouteConfig> {
+    /// by [`HttpRouteConfig::new`]. `None` also when it is not an `R`.
+    pub fn route_config<R: HttpRouteConfig>(&self) -> Option<&R> {
         if self.responded {
             return None;
         }
         // SAFETY: `raw` is the live filter of the running hook and not yet answered.
         let config =
             unsafe { envoy_dynamic_module_callback_get_most_specific_route_config(self.raw) };
-        if config.is_null() || !live_route_config(config) {
+        if config.is_null() || !live_route_config::<R>(config) {
             return None;
         }
-        // SAFETY: the registry holds only `Box<RouteConfig>` pointers this module made and has
-        // not destroyed; Envoy destroys a route config only after the routes (and the streams
-        // holding them) let go, so it outlives this hook and the `&self` borrow.
-        Some(unsafe { &*config.cast::<RouteConfig>() })
+        // SAFETY: the registry holds only pointers this module made as `Box<R>` for the `R` it
+        // records, and has not destroyed; Envoy destroys a route config only after the routes
+        // (and the streams holding them) let go, so it outlives this hook and the `&self` borrow.
+        Some(unsafe { &*config.cast::<R>() })
     }
 
     /// Adds `by` to a counter. `labels` are the values, in the order the names were defined;
@@ -741,14 +744,62 @@ fn with_buffers<R>(
     Some(call(buffers.as_ptr(), strings.len()))
 }
 
-// Envoy shares configs across workers and the slow path hands schedulers to other threads.
+// The slow path hands schedulers to other threads (configs are `Send + Sync` by their traits).
 const _: () = {
-    const fn send_sync<T: Send + Sync>() {}
     const fn send<T: Send>() {}
-    send_sync::<FilterConfig>();
-    send_sync::<RouteConfig>();
     send::<Scheduler>();
 };
+
+// ---------------------------------------------------------------------------------------------
+// The door's side
+// ---------------------------------------------------------------------------------------------
+
+/// What the door makes of each filter config Envoy loads. Envoy shares it across workers (hence
+/// `Send + Sync`) and destroys it after the last stream made from it, on a config update or at
+/// shutdown.
+pub trait HttpFilterConfig: Send + Sync + Sized + 'static {
+    /// One stream's state.
+    type Filter: HttpFilter;
+
+    /// `name` is the listener's `filter_name`, `config` its `filter_config` value. An error
+    /// rejects the config: Envoy refuses to start (or the update), and stderr says why.
+    /// `envoy` defines stats, which Envoy accepts only now.
+    fn new(envoy: &mut EnvoyConfig, name: &str, config: &[u8]) -> Result<Self, String>;
+
+    /// The filter for a new stream, on that stream's worker. A panic here answers the stream
+    /// 503 when its request headers arrive.
+    fn new_filter(&self) -> Self::Filter;
+}
+
+/// One stream's filter, called on the stream's worker thread only. A panic in any of these
+/// answers 503 (unless the stream was answered already), calls [`HttpFilter::on_panic`], and
+/// ends the filter's calls for the stream.
+pub trait HttpFilter: 'static {
+    /// The request's headers. [`HeadersStatus::StopIteration`] holds the whole request until
+    /// `on_scheduled` continues or answers it.
+    fn on_request_headers(&mut self, envoy: &mut EnvoyFilter, end_of_stream: bool)
+    -> HeadersStatus;
+
+    /// A [`Scheduler`] this stream handed out was committed with `event_id`.
+    fn on_scheduled(&mut self, envoy: &mut EnvoyFilter, event_id: u64);
+
+    /// The response's headers (not those of this filter's own local replies).
+    fn on_response_headers(
+        &mut self,
+        envoy: &mut EnvoyFilter,
+        end_of_stream: bool,
+    ) -> HeadersStatus;
+
+    /// The filter panicked in one of the calls above: its last call, to answer and count it.
+    fn on_panic(&mut self, envoy: &mut EnvoyFilter);
+}
+
+/// A route's per-filter config (`typed_per_filter_config`), read by requests on every worker.
+pub trait HttpRouteConfig: Send + Sync + Sized + 'static {
+    /// `name` is the route's `filter_name`, `config` its `filter_config` value; an error rejects
+    /// the route config.
+    fn new(name: &str, config: &[u8]) -> Result<Self, String>;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Per-stream state
@@ -757,12 +808,12 @@ const _: () = {
 /// The module's side of one stream: what `on_http_filter_new` gives Envoy. Only ever reached
 /// through `&Stream`, because Envoy's re-entrant calls make a second reference while one hook
 /// still holds the first.
-struct Stream {
+struct Stream<F> {
     /// `None` when making the filter panicked: the stream is then answered 503.
-    filter: UnsafeCell<Option<Filter>>,
+    filter: UnsafeCell<Option<F>>,
     /// Our hooks for this stream currently on the stack.
     depth: Cell<u32>,
-    /// A `&mut Filter` exists; a re-entrant hook must not make another.
+    /// A `&mut F` exists; a re-entrant hook must not make another.
     filter_busy: Cell<bool>,
     /// Envoy destroyed the stream while a hook ran; the outermost hook frees it.
     destroy_pending: Cell<bool>,
@@ -782,8 +833,8 @@ enum Outcome<R> {
     Panicked,
 }
 
-impl Stream {
-    fn new(filter: Option<Filter>) -> Self {
+impl<F: HttpFilter> Stream<F> {
+    fn new(filter: Option<F>) -> Self {
         Self {
             poisoned: Cell::new(filter.is_none()),
             filter: UnsafeCell::new(filter),
@@ -799,7 +850,7 @@ impl Stream {
     fn run<R>(
         &self,
         envoy: &mut EnvoyFilter,
-        call: impl FnOnce(&mut Filter, &mut EnvoyFilter) -> R,
+        call: impl FnOnce(&mut F, &mut EnvoyFilter) -> R,
     ) -> Outcome<R> {
         if self.poisoned.get() || self.filter_busy.get() {
             return Outcome::Skipped;
@@ -835,8 +886,11 @@ impl Stream {
 /// counting nesting so that a destroy arriving meanwhile is
 /// carried out by the outermost hook. `body` must not panic (filter calls go through
 /// `Stream::run`); if it did, the stream would leak rather than be freed while in use.
-fn with_stream<R>(filter_module: *const c_void, body: impl FnOnce(&Stream) -> R) -> Option<R> {
-    let raw = filter_module.cast::<Stream>();
+fn with_stream<F: HttpFilter, R>(
+    filter_module: *const c_void,
+    body: impl FnOnce(&Stream<F>) -> R,
+) -> Option<R> {
+    let raw = filter_module.cast::<Stream<F>>();
     if raw.is_null() {
         return None;
     }
@@ -856,8 +910,8 @@ fn with_stream<R>(filter_module: *const c_void, body: impl FnOnce(&Stream) -> R)
 }
 
 /// # Safety
-/// `raw` must be a `Box<Stream>` from `on_http_filter_new` that nothing uses any more.
-unsafe fn free_stream(raw: *const Stream) {
+/// `raw` must be a `Box<Stream<F>>` from `on_http_filter_new` that nothing uses any more.
+unsafe fn free_stream<F>(raw: *const Stream<F>) {
     // SAFETY: per the contract, this is the unique owner.
     let stream = unsafe { Box::from_raw(raw.cast_mut()) };
     // The filter's Drop is the filter's code: it may panic.
@@ -870,14 +924,15 @@ unsafe fn free_stream(raw: *const Stream) {
 // Route config registry
 // ---------------------------------------------------------------------------------------------
 
-/// Route configs this module made and has not destroyed. Envoy hands a filter whatever its
-/// route's `typed_per_filter_config` produced, and nothing stops that config naming another
-/// module; checking here keeps a foreign object from being read as a `RouteConfig`.
-static ROUTE_CONFIGS: RwLock<BTreeSet<usize>> = RwLock::new(BTreeSet::new());
+/// Route configs this module made and has not destroyed, with the type each was made as. Envoy
+/// hands a filter whatever its route's `typed_per_filter_config` produced, and nothing stops that
+/// config naming another module; checking here keeps a foreign object from being read as an
+/// [`HttpRouteConfig`], and one type from being read as another.
+static ROUTE_CONFIGS: RwLock<BTreeMap<usize, TypeId>> = RwLock::new(BTreeMap::new());
 
-fn live_route_config(config: *const c_void) -> bool {
+fn live_route_config<R: HttpRouteConfig>(config: *const c_void) -> bool {
     let configs = ROUTE_CONFIGS.read().unwrap_or_else(PoisonError::into_inner);
-    configs.contains(&config.addr())
+    configs.get(&config.addr()) == Some(&TypeId::of::<R>())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -959,9 +1014,83 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
     guard(ptr::null(), || c"v0.2.0".as_ptr())
 }
 
+/// Registers the door: exports the hooks whose work depends on the door's types, each a call
+/// into the generic body of the same name below, monomorphized for `$config` (an
+/// [`HttpFilterConfig`]) and `$route` (an [`HttpRouteConfig`]). The door calls it once, at its
+/// module's top level; a second call would export every symbol twice and fail to link. The
+/// hooks that need no door type are exported by this file directly.
+macro_rules! declare_filter {
+    ($config:ty, $route:ty) => {
+        $crate::ffi::declare_filter! { @export $config;
+            envoy_dynamic_module_on_http_filter_config_new(
+                config_envoy: *mut ::std::ffi::c_void,
+                name: $crate::ffi::EnvoyBuffer,
+                config: $crate::ffi::EnvoyBuffer,
+            ) -> *const ::std::ffi::c_void;
+            envoy_dynamic_module_on_http_filter_config_destroy(
+                filter_config: *const ::std::ffi::c_void,
+            );
+            envoy_dynamic_module_on_http_filter_new(
+                filter_config: *const ::std::ffi::c_void,
+                filter_envoy: *mut ::std::ffi::c_void,
+            ) -> *const ::std::ffi::c_void;
+            envoy_dynamic_module_on_http_filter_request_headers(
+                filter_envoy: *mut ::std::ffi::c_void,
+                filter_module: *const ::std::ffi::c_void,
+                end_of_stream: bool,
+            ) -> u32;
+            envoy_dynamic_module_on_http_filter_scheduled(
+                filter_envoy: *mut ::std::ffi::c_void,
+                filter_module: *const ::std::ffi::c_void,
+                event_id: u64,
+            );
+            envoy_dynamic_module_on_http_filter_response_headers(
+                filter_envoy: *mut ::std::ffi::c_void,
+                filter_module: *const ::std::ffi::c_void,
+                end_of_stream: bool,
+            ) -> u32;
+            envoy_dynamic_module_on_http_filter_request_body(
+                filter_envoy: *mut ::std::ffi::c_void,
+                filter_module: *const ::std::ffi::c_void,
+                end_of_stream: bool,
+            ) -> u32;
+            envoy_dynamic_module_on_http_filter_request_trailers(
+                filter_envoy: *mut ::std::ffi::c_void,
+                filter_module: *const ::std::ffi::c_void,
+            ) -> u32;
+            envoy_dynamic_module_on_http_filter_destroy(filter_module: *const ::std::ffi::c_void);
+        }
+        $crate::ffi::declare_filter! { @export $route;
+            envoy_dynamic_module_on_http_filter_per_route_config_new(
+                name: $crate::ffi::EnvoyBuffer,
+                config: $crate::ffi::EnvoyBuffer,
+            ) -> *const ::std::ffi::c_void;
+            envoy_dynamic_module_on_http_filter_per_route_config_destroy(
+                config: *const ::std::ffi::c_void,
+            );
+        }
+    };
+    (@export $ty:ty; $($hook:ident($($arg:ident: $arg_ty:ty),* $(,)?) $(-> $ret:ty)?;)*) => {
+        $(
+            // `no_mangle` is how Envoy finds a hook. It is an unsafe attribute (two exports of
+            // one name would clash), allowed here for the export alone: the body is ffi.rs's.
+            #[allow(unsafe_code)]
+            #[unsafe(no_mangle)]
+            pub extern "C" fn $hook($($arg: $arg_ty),*) $(-> $ret)? {
+                $crate::ffi::$hook::<$ty>($($arg),*)
+            }
+        )*
+    };
+}
+pub(crate) use declare_filter;
+
+// The bodies `declare_filter!` exports, each named as its hook and called only by that export.
+// Like any `extern "C"` hook they take Envoy's raw pointers behind a safe signature: Envoy is
+// the one caller, and the SAFETY notes say what it promises.
+
 /// Null rejects the config: Envoy refuses to start (or the update), and stderr says why.
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+#[doc(hidden)]
+pub fn envoy_dynamic_module_on_http_filter_config_new<C: HttpFilterConfig>(
     config_envoy: *mut c_void,
     name: EnvoyBuffer,
     config: EnvoyBuffer,
@@ -969,7 +1098,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     guard(ptr::null(), || {
         let mut envoy = EnvoyConfig { raw: config_envoy };
         new_config("filter config", name, config, |name, config| {
-            FilterConfig::new(&mut envoy, name, config)
+            C::new(&mut envoy, name, config)
         })
         .map_or(ptr::null(), |config| {
             Box::into_raw(config).cast_const().cast()
@@ -977,40 +1106,42 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     })
 }
 
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(filter_config: *const c_void) {
+#[doc(hidden)]
+pub fn envoy_dynamic_module_on_http_filter_config_destroy<C: HttpFilterConfig>(
+    filter_config: *const c_void,
+) {
     guard((), || {
         if filter_config.is_null() {
             return;
         }
-        // SAFETY: Envoy passes back the `Box<FilterConfig>` from config_new, once, after every
-        // filter made from it is gone (each holds Envoy's config, which calls this on release).
-        let config = unsafe { Box::from_raw(filter_config.cast::<FilterConfig>().cast_mut()) };
+        // SAFETY: Envoy passes back the `Box<C>` from config_new, once, after every filter made
+        // from it is gone (each holds Envoy's config, which calls this on release).
+        let config = unsafe { Box::from_raw(filter_config.cast::<C>().cast_mut()) };
         drop(config);
     });
 }
 
 /// Null rejects the route config.
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
+#[doc(hidden)]
+pub fn envoy_dynamic_module_on_http_filter_per_route_config_new<R: HttpRouteConfig>(
     name: EnvoyBuffer,
     config: EnvoyBuffer,
 ) -> *const c_void {
     guard(ptr::null(), || {
-        let Some(config) = new_config("route config", name, config, RouteConfig::new) else {
+        let Some(config) = new_config("route config", name, config, R::new) else {
             return ptr::null();
         };
         let raw = Box::into_raw(config).cast_const().cast::<c_void>();
         ROUTE_CONFIGS
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(raw.addr());
+            .insert(raw.addr(), TypeId::of::<R>());
         raw
     })
 }
 
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(
+#[doc(hidden)]
+pub fn envoy_dynamic_module_on_http_filter_per_route_config_destroy<R: HttpRouteConfig>(
     config: *const c_void,
 ) {
     guard((), || {
@@ -1018,18 +1149,18 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&config.addr());
-        if known {
-            // SAFETY: it was registered by per_route_config_new as a `Box<RouteConfig>`, and
+        if known == Some(TypeId::of::<R>()) {
+            // SAFETY: per_route_config_new registered it as a `Box<R>` (the type recorded), and
             // removing it from the registry makes this the only release.
-            drop(unsafe { Box::from_raw(config.cast::<RouteConfig>().cast_mut()) });
+            drop(unsafe { Box::from_raw(config.cast::<R>().cast_mut()) });
         }
     });
 }
 
 /// If making the filter panics the stream still gets state, marked poisoned, so that
 /// request_headers answers our 503: given null, Envoy 1.40 would answer a bare 500 itself.
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
+#[doc(hidden)]
+pub fn envoy_dynamic_module_on_http_filter_new<C: HttpFilterConfig>(
     filter_config: *const c_void,
     _filter_envoy: *mut c_void,
 ) -> *const c_void {
@@ -1037,13 +1168,13 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
         if filter_config.is_null() {
             return ptr::null();
         }
-        // SAFETY: Envoy passes the `Box<FilterConfig>` from config_new, alive until
-        // config_destroy, which cannot run while Envoy is making a filter from it.
-        let config = unsafe { &*filter_config.cast::<FilterConfig>() };
+        // SAFETY: Envoy passes the `Box<C>` from config_new, alive until config_destroy, which
+        // cannot run while Envoy is making a filter from it.
+        let config = unsafe { &*filter_config.cast::<C>() };
         let filter = panic::catch_unwind(AssertUnwindSafe(|| config.new_filter()))
             .map_err(discard)
             .ok();
-        let stream = Box::new(Stream::new(filter));
+        let stream = Box::new(Stream::<C::Filter>::new(filter));
         Box::into_raw(stream).cast_const().cast()
     })
 }
@@ -1051,8 +1182,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
 /// A panic (here or when the filter was made) answers 503 and stops: an authorization filter
 /// that cannot decide must not let the request through. After any local reply Envoy must get
 /// StopIteration, whatever the filter returned.
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+#[doc(hidden)]
+pub fn envoy_dynamic_module_on_http_filter_request_headers<C: HttpFilterConfig>(
     filter_envoy: *mut c_void,
     filter_module: *const c_void,
     end_of_stream: bool,
@@ -1060,7 +1191,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     // Fallback if this layer itself panicked: hold the request (Envoy times it out) rather
     // than let it through unchecked.
     guard(HEADERS_STOP_ITERATION, || {
-        let decided = with_stream(filter_module, |stream| {
+        let decided = with_stream::<C::Filter, _>(filter_module, |stream| {
             let mut envoy =
                 EnvoyFilter::new(filter_envoy, Hook::RequestHeaders, stream.responded.get());
             let outcome = stream.run(&mut envoy, |filter, envoy| {
@@ -1095,14 +1226,14 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
 
 /// A panic answers 503 (unless the filter answered first); a continue the filter asked for runs
 /// after it returned, so Envoy may re-enter our hooks for the rest of the chain.
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+#[doc(hidden)]
+pub fn envoy_dynamic_module_on_http_filter_scheduled<C: HttpFilterConfig>(
     filter_envoy: *mut c_void,
     filter_module: *const c_void,
     event_id: u64,
 ) {
     guard((), || {
-        with_stream(filter_module, |stream| {
+        with_stream::<C::Filter, _>(filter_module, |stream| {
             let mut envoy = EnvoyFilter::new(filter_envoy, Hook::Scheduled, stream.responded.get());
             match stream.run(&mut envoy, |filter, envoy| {
                 filter.on_scheduled(envoy, event_id)
@@ -1115,7 +1246,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
                     stream.waiting.set(false);
                     if !stream.destroy_pending.get() {
                         // SAFETY: the stream is live (no destroy yet) and this hook's filter
-                        // pointer is valid; no `&mut Filter` is held, so the hooks Envoy calls
+                        // pointer is valid; no `&mut` filter is held, so the hooks Envoy calls
                         // from here (body, a later filter's local reply, destroy) find it free.
                         unsafe {
                             envoy_dynamic_module_callback_http_filter_continue_decoding(
@@ -1132,14 +1263,14 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
 
 /// Continue unless the filter answered here: a panic must not turn a served response into an
 /// error, and nothing in this layer could resume a stopped response.
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+#[doc(hidden)]
+pub fn envoy_dynamic_module_on_http_filter_response_headers<C: HttpFilterConfig>(
     filter_envoy: *mut c_void,
     filter_module: *const c_void,
     end_of_stream: bool,
 ) -> u32 {
     guard(HEADERS_CONTINUE, || {
-        with_stream(filter_module, |stream| {
+        with_stream::<C::Filter, _>(filter_module, |stream| {
             let mut envoy =
                 EnvoyFilter::new(filter_envoy, Hook::ResponseHeaders, stream.responded.get());
             let answered_before = envoy.responded;
@@ -1157,14 +1288,14 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
 }
 
 /// Body data is only called while the request is held if Envoy ignored StopAll; hold it then.
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+#[doc(hidden)]
+pub fn envoy_dynamic_module_on_http_filter_request_body<C: HttpFilterConfig>(
     _filter_envoy: *mut c_void,
     filter_module: *const c_void,
     _end_of_stream: bool,
 ) -> u32 {
     guard(BODY_STOP_ITERATION_NO_BUFFER, || {
-        with_stream(filter_module, |stream| {
+        with_stream::<C::Filter, _>(filter_module, |stream| {
             if stream.responded.get() {
                 BODY_STOP_ITERATION_NO_BUFFER
             } else if stream.waiting.get() {
@@ -1177,13 +1308,13 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     })
 }
 
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+#[doc(hidden)]
+pub fn envoy_dynamic_module_on_http_filter_request_trailers<C: HttpFilterConfig>(
     _filter_envoy: *mut c_void,
     filter_module: *const c_void,
 ) -> u32 {
     guard(TRAILERS_STOP_ITERATION, || {
-        with_stream(filter_module, |stream| {
+        with_stream::<C::Filter, _>(filter_module, |stream| {
             if stream.responded.get() || stream.waiting.get() {
                 TRAILERS_STOP_ITERATION
             } else {
@@ -1221,10 +1352,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
 
 /// Envoy calls this when the stream ends, possibly from inside one of our hooks (a local reply
 /// finishing the stream); then the outermost hook frees the stream on its way out.
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_module: *const c_void) {
+#[doc(hidden)]
+pub fn envoy_dynamic_module_on_http_filter_destroy<C: HttpFilterConfig>(
+    filter_module: *const c_void,
+) {
     guard((), || {
-        let raw = filter_module.cast::<Stream>();
+        let raw = filter_module.cast::<Stream<C::Filter>>();
         if raw.is_null() {
             return;
         }

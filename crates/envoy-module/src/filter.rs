@@ -29,9 +29,15 @@ use gybc_authz_engine::route::{PREFIX, RouteError, RouteSettings};
 use gybc_authz_engine::{Engine, EngineOptions, otel, telemetry};
 use tokio::task::JoinHandle;
 
-use crate::ffi::{ChildSpan, EnvoyConfig, EnvoyFilter, HeadersStatus};
+use crate::ffi::{
+    ChildSpan, EnvoyConfig, EnvoyFilter, HeadersStatus, HttpFilter, HttpFilterConfig,
+    HttpRouteConfig,
+};
 use crate::runtime;
 use crate::stats::Stats;
+
+// Exports Envoy's hooks for these types; their bodies are in ffi.rs.
+crate::ffi::declare_filter!(FilterConfig, RouteConfig);
 
 /// The only event a filter schedules: its decision is ready.
 const DECIDED: u64 = 1;
@@ -50,14 +56,12 @@ struct Shared {
     clock: Option<Arc<gybc_authz_engine::clock::ManualClock>>,
 }
 
-impl FilterConfig {
+impl HttpFilterConfig for FilterConfig {
+    type Filter = Filter;
+
     /// `config` is the daemon's YAML config, or the absolute path of a file holding it. Errors
     /// carry the same field paths `gybc-authz check-config` prints, and fail Envoy's config load.
-    pub fn new(
-        envoy: &mut EnvoyConfig,
-        _name: &str,
-        config: &[u8],
-    ) -> Result<FilterConfig, String> {
+    fn new(envoy: &mut EnvoyConfig, _name: &str, config: &[u8]) -> Result<FilterConfig, String> {
         let cfg = load_config(config)?;
         telemetry::init(&cfg.log);
         let runtime = runtime::get()?;
@@ -83,7 +87,7 @@ impl FilterConfig {
         })
     }
 
-    pub fn new_filter(&self) -> Filter {
+    fn new_filter(&self) -> Filter {
         Filter {
             shared: self.shared.clone(),
             started: None,
@@ -153,8 +157,8 @@ pub struct RouteConfig {
     settings: Result<RouteSettings, RouteError>,
 }
 
-impl RouteConfig {
-    pub fn new(_name: &str, config: &[u8]) -> Result<RouteConfig, String> {
+impl HttpRouteConfig for RouteConfig {
+    fn new(_name: &str, config: &[u8]) -> Result<RouteConfig, String> {
         let text = std::str::from_utf8(config)
             .map_err(|_| "per-route filter_config is not UTF-8".to_owned())?;
         let map: HashMap<String, String> = if text.trim().is_empty() {
@@ -194,8 +198,8 @@ pub struct Filter {
 
 type Decided = std::thread::Result<(RequestContext, Decision)>;
 
-impl Filter {
-    pub fn on_request_headers(
+impl HttpFilter for Filter {
+    fn on_request_headers(
         &mut self,
         envoy: &mut EnvoyFilter,
         _end_of_stream: bool,
@@ -248,7 +252,7 @@ impl Filter {
         }
     }
 
-    pub fn on_scheduled(&mut self, envoy: &mut EnvoyFilter, _event_id: u64) {
+    fn on_scheduled(&mut self, envoy: &mut EnvoyFilter, _event_id: u64) {
         let Some(decided) = self
             .decided
             .lock()
@@ -269,7 +273,7 @@ impl Filter {
         }
     }
 
-    pub fn on_response_headers(
+    fn on_response_headers(
         &mut self,
         envoy: &mut EnvoyFilter,
         _end_of_stream: bool,
@@ -282,7 +286,7 @@ impl Filter {
 
     /// The FFI layer caught a panic: answer 503 as the engine words it (the layer's own 503 is
     /// the fallback should this fail too), and count it.
-    pub fn on_panic(&mut self, envoy: &mut EnvoyFilter) {
+    fn on_panic(&mut self, envoy: &mut EnvoyFilter) {
         if let Some(mut span) = self.span.take() {
             span.set_tag("error", "true");
             span.finish();
@@ -300,7 +304,9 @@ impl Filter {
         }
         self.shared.stats.sync(envoy, &engine.metrics);
     }
+}
 
+impl Filter {
     fn read(&mut self, envoy: &EnvoyFilter) -> RequestContext {
         let lines = envoy.request_headers();
         // Which of the headers an allow may remove the client sent: removing one that is not
@@ -329,7 +335,7 @@ impl Filter {
                 String::from_utf8_lossy(v),
             )
         });
-        let route = match envoy.route_config() {
+        let route = match envoy.route_config::<RouteConfig>() {
             Some(r) => r.settings.clone(),
             None => Ok(RouteSettings::default()),
         };
