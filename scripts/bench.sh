@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Every benchmark in BENCHMARKS.md, in one session: the load suite (no-op floor, scenarios a–h,
-# Envoy + wrk, footprint, soak) against the release daemon as its own process, then the
-# criterion micro-benchmarks. Results: target/bench/results.md (and .json), target/bench/decision.txt.
+# Envoy + wrk, Envoy's instructions per request under callgrind, footprint, soak) against the
+# release daemon as its own process, then the criterion micro-benchmarks. Results:
+# target/bench/results.md (and .json), target/bench/decision.txt.
 #
 #   ./scripts/bench.sh            # everything, about 30 minutes after the release build (10 of soak)
 #   ./scripts/bench.sh --smoke    # seconds: proves every part runs and yields numbers (CI)
 #   ./scripts/bench.sh --only soak --soak-minutes 10   # the soak alone
+#   ./scripts/bench.sh --only envoy-instructions       # Envoy + module instructions per request (~15 min)
 #
 # The smoke run reuses the debug builds `cargo test --all-targets` has just made, so it compiles
-# nothing; it checks that each part ran and produced numbers, never how fast they are.
+# nothing but the floor module (a dependency-free cdylib, seconds); it checks that each part ran
+# and produced numbers, never how fast they are.
 # Extra arguments go to the suite, e.g. `--only a,c,envoy` or `--concurrency 64`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,10 +25,12 @@ OUT="${BENCH_OUT:-target/bench}"
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "tools: wrk, redis-server, Envoy"
+step "tools: wrk, redis-server, valgrind, Envoy"
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# callgrind counts instructions (the daemon's per Check, Envoy's worker thread's per request).
+command -v callgrind_control >/dev/null || missing+=(valgrind)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
@@ -46,12 +51,15 @@ fi
 ENVOY_BIN="$(realpath "$ENVOY_BIN")"
 export ENVOY_BIN
 wrk --version 2>&1 | head -1 || true
+valgrind --version
 "$ENVOY_BIN" --version | tr -s ' \n' ' '
 echo
 
 if [ "$SMOKE" = 1 ]; then
   step "bench smoke (debug builds, short runs)"
   start=$(date +%s)
+  # Not a dependency of anything cargo test builds: the floor module Envoy loads in envoy-instructions.
+  cargo build --locked -p gybc-authz-envoy-floor
   cargo test --locked --bench loadgen -- suite --smoke --out "$OUT/smoke" "$@"
   echo "bench smoke took $(($(date +%s) - start)) s"
   exit 0
@@ -61,6 +69,9 @@ step "release build"
 start=$(date +%s)
 # The daemon, and the Envoy module beside it in target/release (the module rows load it).
 cargo build --release --locked -p gybc-authz -p gybc-authz-envoy
+# The same module (and the floor module) with symbols kept, for callgrind to name functions
+# (envoy-instructions loads them from target/profiling).
+cargo build --profile profiling --locked -p gybc-authz-envoy -p gybc-authz-envoy-floor
 cargo bench --locked --no-run --bench loadgen --bench decision
 echo "build took $(($(date +%s) - start)) s"
 

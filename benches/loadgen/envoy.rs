@@ -24,6 +24,8 @@ pub(crate) enum EnvoyFilter {
     },
     /// The engine inside Envoy, reading this daemon config.
     Module(PathBuf),
+    /// The floor module (`crates/envoy-floor/`): sets one request header, nothing else.
+    Floor,
 }
 
 pub(crate) fn envoy_config(filter: EnvoyFilter, jwks: &str) -> String {
@@ -43,6 +45,16 @@ pub(crate) fn envoy_config(filter: EnvoyFilter, jwks: &str) -> String {
               filter_config: {{ "@type": type.googleapis.com/google.protobuf.StringValue, value: "{}" }}"#,
                 config.display()
             );
+        }
+        EnvoyFilter::Floor => {
+            filters = r#"
+          - name: floor
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config: { name: gybc_authz_envoy_floor, do_not_close: true }
+              filter_name: floor
+              filter_config: { "@type": type.googleapis.com/google.protobuf.StringValue, value: "" }"#
+                .to_owned();
         }
         EnvoyFilter::ExtAuthz(addr) => {
             filters = r#"
@@ -128,6 +140,7 @@ static_resources:
 pub(crate) struct Envoy {
     pub(crate) proc: Proc,
     pub(crate) ingress: SocketAddr,
+    pub(crate) admin: SocketAddr,
 }
 
 /// Envoy with `config`; `module_dir` is where it finds `libgybc_authz_envoy.so`, when the config
@@ -139,12 +152,31 @@ pub(crate) fn start_envoy(
     config: &str,
     module_dir: Option<&Path>,
 ) -> Res<Envoy> {
+    start_envoy_wrapped(&[], bin, dir, name, config, module_dir)
+}
+
+/// `start_envoy` under a wrapper command (`valgrind --tool=callgrind …`).
+pub(crate) fn start_envoy_wrapped(
+    wrapper: &[String],
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    config: &str,
+    module_dir: Option<&Path>,
+) -> Res<Envoy> {
     let cfg = dir.join(format!("envoy-{name}.yaml"));
     let admin_file = dir.join(format!("envoy-{name}.admin"));
     let log = dir.join(format!("envoy-{name}.log"));
     std::fs::write(&cfg, config)?;
     let _ = std::fs::remove_file(&admin_file);
-    let mut cmd = Command::new(bin);
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
     cmd.arg("-c")
         .arg(&cfg)
         .args(["--disable-hot-restart", "--concurrency", "1"])
@@ -196,7 +228,11 @@ pub(crate) fn start_envoy(
         sa["port_value"].as_u64().unwrap_or(0)
     )
     .parse()?;
-    Ok(Envoy { proc, ingress })
+    Ok(Envoy {
+        proc,
+        ingress,
+        admin,
+    })
 }
 
 #[derive(Serialize, Clone, Default, Debug)]

@@ -1,7 +1,8 @@
 //! The load generator and the benchmark suite (BENCHMARKS.md, `./scripts/bench.sh`).
 //!
 //! - `suite [--smoke]`: everything, in one session: fixtures, the no-op floor, scenarios (a)–(h)
-//!   against the real daemon as a separate process, Envoy + `wrk`, footprint, the soak; writes
+//!   against the real daemon as a separate process, Envoy + `wrk`, Envoy's worker-thread
+//!   instructions per request under callgrind (`envoy-instructions`), footprint, the soak; writes
 //!   `<out>/results.md` and `<out>/results.json`.
 //! - `run`: one load run against any ext_authz server (connections, in-flight, duration, mix).
 //! - `noop`: the floor, a no-op ext_authz server that always allows and adds one header.
@@ -63,12 +64,14 @@ mod measure;
 mod load;
 mod procs;
 mod envoy;
+mod envoy_instr;
 mod suite;
 mod scenarios;
 mod footprint;
 mod report;
 
 use envoy::*;
+use envoy_instr::*;
 use fixtures::*;
 use floor::*;
 use footprint::*;
@@ -134,6 +137,11 @@ struct SuiteArgs {
     /// Requests in flight.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Where `--only envoy-instructions` finds libgybc_authz_envoy.so and
+    /// libgybc_authz_envoy_floor.so. Default: target/profiling (`cargo build --profile
+    /// profiling`); in --smoke, the debug builds beside the daemon.
+    #[arg(long)]
+    module_dir: Option<PathBuf>,
     /// Minutes the soak runs (`--only soak`); the smoke run soaks for a few seconds.
     #[arg(long, default_value_t = 10.0)]
     soak_minutes: f64,

