@@ -396,8 +396,8 @@ fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             .and_then(|rest| rest.split('`').next());
         // The path ends at the field that failed (an unknown one included).
         let field = match (unknown, path.as_str()) {
-            (Some(f), "." | "") => f.to_owned(),
-            (None, "." | "") => "body".to_owned(),
+            (Some(f), "." | "" | "?") => f.to_owned(),
+            (None, "." | "" | "?") => "body".to_owned(),
             (_, p) => p.to_owned(),
         };
         let message = if unknown.is_some() {

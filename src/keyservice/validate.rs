@@ -83,14 +83,17 @@ fn scopes(
     policy: &Policy,
 ) -> Result<Vec<String>, Invalid> {
     if list.len() > MAX_LIST_ITEMS {
-        return Err(bad(field, format!("at most {MAX_LIST_ITEMS} scopes")));
+        return Err(bad(
+            field,
+            format!("{field}: at most {MAX_LIST_ITEMS} scopes"),
+        ));
     }
     for s in list {
         if !policy.allowed_scopes.iter().any(|a| a == s) {
             return Err(bad(
                 field,
                 format!(
-                    "scope `{}` is not one of {}",
+                    "{field}: scope `{}` is not one of {}",
                     s.chars().take(MAX_ITEM_CHARS).collect::<String>(),
                     policy.allowed_scopes.join(", ")
                 ),
@@ -120,7 +123,10 @@ fn rate_limit(text: &str) -> Result<Option<RateLimit>, Invalid> {
 
 fn origins(field: &str, list: &[String]) -> Result<Vec<String>, Invalid> {
     if list.len() > MAX_LIST_ITEMS {
-        return Err(bad(field, format!("at most {MAX_LIST_ITEMS} origins")));
+        return Err(bad(
+            field,
+            format!("{field}: at most {MAX_LIST_ITEMS} origins"),
+        ));
     }
     for o in list {
         let ok = o == "*"
@@ -133,7 +139,7 @@ fn origins(field: &str, list: &[String]) -> Result<Vec<String>, Invalid> {
         if !ok {
             return Err(bad(
                 field,
-                "an origin is `*` or `https://host[:port]`, without a path",
+                format!("{field}: an origin is `*` or `https://host[:port]`, without a path"),
             ));
         }
     }

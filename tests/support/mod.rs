@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod envoy;
+pub mod key_service;
 pub mod otlp;
 pub mod redis;
 

@@ -1,0 +1,782 @@
+//! `gybc-authz key-service` against a key file and a real redis-server, called directly with the
+//! identity headers gybc-authz sets (the Envoy suite is `tests/key_service_envoy.rs`): every
+//! method, tenant isolation, who may call, no scope escalation, idempotent retries, concurrent
+//! creates, every bad input a 400 naming its field with the store unchanged, one audit line per
+//! change, and no secret anywhere but the create and rotate answers.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use serde_json::{Value, json};
+use support::key_service::{Backend, KeyService, Who};
+use support::redis::RedisServer;
+
+/// A store of each kind for one test; the Redis server lives as long as the value.
+struct Store {
+    backend: Backend,
+    _redis: Option<RedisServer>,
+    dir: tempfile::TempDir,
+}
+
+impl Store {
+    fn file() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Store {
+            backend: Backend::File(dir.path().join("keys.yaml")),
+            _redis: None,
+            dir,
+        }
+    }
+
+    fn redis() -> Self {
+        let redis = RedisServer::start();
+        Store {
+            backend: Backend::Redis(redis.url()),
+            _redis: Some(redis),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn service(&self) -> KeyService {
+        KeyService::start(
+            self.dir.path(),
+            &self.backend,
+            &[
+                "--allowed-scope",
+                "keys:manage",
+                "--allowed-scope",
+                "users:impersonate",
+                "--allowed-scope",
+                "threads:read",
+            ],
+        )
+    }
+}
+
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod file_store {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(super::Store::file()).await;
+                }
+            )*
+        }
+        mod redis_store {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(super::Store::redis()).await;
+                }
+            )*
+        }
+    };
+}
+
+both_stores!(
+    every_method_works_and_only_create_and_rotate_show_the_secret,
+    lists_run_newest_first_a_page_at_a_time_with_filters,
+    a_caller_sees_only_its_own_tenants_keys,
+    only_tenant_users_and_key_managers_may_call,
+    a_key_cannot_mint_or_grant_a_scope_it_lacks,
+    idempotent_retries_and_concurrent_creates,
+    every_bad_input_is_a_400_naming_the_field_and_writes_nothing,
+);
+
+fn alice() -> Who {
+    Who::user("acme", "alice")
+}
+
+#[track_caller]
+fn ok(a: &support::key_service::Answer) -> &Value {
+    assert_eq!(a.status, 200, "{}", a.text);
+    &a.body
+}
+
+async fn create(ks: &KeyService, who: &Who, body: Value) -> Value {
+    ok(&ks.call("create-key", who, &body.to_string()).await).clone()
+}
+
+async fn every_method_works_and_only_create_and_rotate_show_the_secret(store: Store) {
+    let ks = store.service();
+    let created = create(
+        &ks,
+        &alice(),
+        json!({"kind": "KEY_KIND_SECRET", "name": "backend", "scopes": ["threads:read"],
+               "rateLimit": "100/60s", "expireTime": "2099-01-01T00:00:00Z"}),
+    )
+    .await;
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("sk_") && secret.len() == 41, "{secret}");
+    let key = &created["key"];
+    let id = key["id"].as_str().unwrap().to_owned();
+    assert_eq!(key["tenant"], "acme");
+    assert_eq!(key["kind"], "KEY_KIND_SECRET");
+    assert_eq!(key["state"], "KEY_STATE_ACTIVE");
+    assert_eq!(key["scopes"], json!(["threads:read"]));
+    assert_eq!(key["rateLimit"], "100/60s");
+    assert!(
+        key["expireTime"]
+            .as_str()
+            .unwrap()
+            .starts_with("2099-01-01T00:00:00")
+    );
+    assert!(key["createTime"].is_string());
+    assert_eq!(key["hashPrefix"].as_str().unwrap().len(), 8);
+
+    let pk = create(
+        &ks,
+        &alice(),
+        json!({"kind": "KEY_KIND_PUBLISHABLE", "allowedOrigins": ["https://app.acme.example"],
+               "jwtProvider": "endusers"}),
+    )
+    .await;
+    assert!(pk["secret"].as_str().unwrap().starts_with("pk_"));
+    assert_eq!(pk["key"]["jwtProvider"], "endusers");
+
+    let got = ok(&ks
+        .call("get-key", &alice(), &json!({"id": id}).to_string())
+        .await)
+    .clone();
+    assert_eq!(got["key"], *key);
+
+    let updated = ok(&ks
+        .call(
+            "update-key",
+            &alice(),
+            &json!({"id": id, "name": "renamed", "rateLimit": "5/1s", "clearExpireTime": true})
+                .to_string(),
+        )
+        .await)
+    .clone();
+    assert_eq!(updated["key"]["name"], "renamed");
+    assert_eq!(updated["key"]["rateLimit"], "5/1s");
+    assert!(updated["key"].get("expireTime").is_none(), "{updated}");
+    assert_eq!(
+        updated["key"]["scopes"],
+        json!(["threads:read"]),
+        "unchanged"
+    );
+
+    let rotated = ok(&ks
+        .call(
+            "rotate-key",
+            &alice(),
+            &json!({"id": id, "gracePeriod": "3600s"}).to_string(),
+        )
+        .await)
+    .clone();
+    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    assert!(new_secret.starts_with("sk_") && new_secret != secret);
+    assert_ne!(rotated["key"]["id"], id);
+    assert_eq!(rotated["key"]["name"], "renamed", "the old key's settings");
+    assert_eq!(rotated["replaced"]["id"], id);
+    assert!(
+        rotated["replaced"]["expireTime"].is_string(),
+        "the old one expires"
+    );
+
+    let revoked = ok(&ks
+        .call("revoke-key", &alice(), &json!({"id": id}).to_string())
+        .await)
+    .clone();
+    assert_eq!(revoked["key"]["state"], "KEY_STATE_REVOKED");
+    let again = ks
+        .call("revoke-key", &alice(), &json!({"id": id}).to_string())
+        .await;
+    assert_eq!(again.status, 200, "revoking twice is harmless");
+    let rotate_revoked = ks
+        .call("rotate-key", &alice(), &json!({"id": id}).to_string())
+        .await;
+    assert_eq!(rotate_revoked.status, 400, "{}", rotate_revoked.text);
+    let update_revoked = ks
+        .call(
+            "update-key",
+            &alice(),
+            &json!({"id": id, "name": "x"}).to_string(),
+        )
+        .await;
+    assert_eq!(update_revoked.status, 400, "{}", update_revoked.text);
+
+    // The secrets appear nowhere else: not in list or get answers, not in the log.
+    let list = ks.call("list-keys", &alice(), "{}").await;
+    assert_eq!(ok(&list)["keys"].as_array().unwrap().len(), 3);
+    let get = ks
+        .call("get-key", &alice(), &json!({"id": id}).to_string())
+        .await;
+    let log = ks.log().join("\n");
+    for s in [secret.as_str(), new_secret.as_str(), pk["secret"].as_str().unwrap()] {
+        assert!(!list.text.contains(s), "a secret in a list answer");
+        assert!(!get.text.contains(s), "a secret in a get answer");
+        assert!(!log.contains(s), "a secret in the log");
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()));
+        assert!(
+            !list.text.contains(&hash) && !log.contains(&hash),
+            "a whole hash shown"
+        );
+    }
+    assert!(!list.text.contains("secret\""), "{}", list.text);
+
+    // One audit line per change: 2 creates, update, rotate, 2 revokes, and the 2 refused changes.
+    let audit = ks.wait_audit(8);
+    let actions: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|a| {
+            (
+                a["action"].as_str().unwrap(),
+                a["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("create", "ok"),
+            ("create", "ok"),
+            ("update", "ok"),
+            ("rotate", "ok"),
+            ("revoke", "ok"),
+            ("revoke", "ok"),
+            ("rotate", "invalid"),
+            ("update", "invalid"),
+        ]
+    );
+    let first = &audit[0];
+    assert_eq!(first["tenant"], "acme");
+    assert_eq!(first["key_id"], id);
+    assert_eq!(first["actor"], "user:alice");
+    assert_eq!(audit[4]["key_id"], id);
+
+    // The same records the `keys` CLI reads.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gybc-authz"))
+        .args(["keys", "--output", "json", "--config"])
+        .arg(&ks.config)
+        .args(["show", &id])
+        .output()
+        .unwrap();
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["status"], "revoked");
+    assert_eq!(shown["name"], "renamed");
+}
+
+async fn lists_run_newest_first_a_page_at_a_time_with_filters(store: Store) {
+    let ks = store.service();
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let kind = if i % 3 == 0 {
+            "KEY_KIND_PUBLISHABLE"
+        } else {
+            "KEY_KIND_SECRET"
+        };
+        let c = create(
+            &ks,
+            &alice(),
+            json!({"kind": kind, "name": format!("k{i}")}),
+        )
+        .await;
+        ids.push(c["key"]["id"].as_str().unwrap().to_owned());
+        if i == 3 {
+            // Creation times are whole seconds: let some keys be clearly newer than others.
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        }
+    }
+    ok(&ks
+        .call("revoke-key", &alice(), &json!({"id": ids[1]}).to_string())
+        .await);
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = ks
+            .call(
+                "list-keys",
+                &alice(),
+                &json!({"pageSize": 3, "pageToken": token}).to_string(),
+            )
+            .await;
+        let body = ok(&page).clone();
+        pages += 1;
+        for k in body["keys"].as_array().unwrap() {
+            seen.push((
+                k["createTime"].as_str().unwrap().to_owned(),
+                k["id"].as_str().unwrap().to_owned(),
+            ));
+        }
+        token = body
+            .get("nextPageToken")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        if token.is_empty() {
+            break;
+        }
+        assert!(pages < 10, "pages end");
+    }
+    assert!(pages >= 3, "7 keys in pages of 3");
+    assert_eq!(seen.len(), 7, "every key once: {seen:?}");
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted, "newest first");
+    assert_eq!(
+        seen.iter().map(|s| &s.1).collect::<BTreeSet<_>>(),
+        ids.iter().collect::<BTreeSet<_>>()
+    );
+    // The last four were created after the pause: they come first.
+    let first_four: BTreeSet<_> = seen[..3].iter().map(|s| s.1.clone()).collect();
+    assert!(first_four.is_subset(&ids[4..].iter().cloned().collect()));
+
+    let publishable = ok(&ks
+        .call("list-keys", &alice(), r#"{"kind":"KEY_KIND_PUBLISHABLE"}"#)
+        .await)
+    .clone();
+    let kinds: Vec<_> = publishable["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds.len(), 3);
+    assert!(kinds.iter().all(|k| k == "KEY_KIND_PUBLISHABLE"));
+    let revoked = ok(&ks
+        .call("list-keys", &alice(), r#"{"state":"KEY_STATE_REVOKED"}"#)
+        .await)
+    .clone();
+    assert_eq!(revoked["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(revoked["keys"][0]["id"], ids[1]);
+    let active = ok(&ks
+        .call(
+            "list-keys",
+            &alice(),
+            r#"{"state":"KEY_STATE_ACTIVE","kind":"KEY_KIND_SECRET","pageSize":100}"#,
+        )
+        .await)
+    .clone();
+    assert_eq!(active["keys"].as_array().unwrap().len(), 3);
+    assert!(active.get("nextPageToken").is_none_or(|t| t == ""));
+}
+
+async fn a_caller_sees_only_its_own_tenants_keys(store: Store) {
+    let ks = store.service();
+    let bobs = create(
+        &ks,
+        &Who::user("globex", "bob"),
+        json!({"kind": "KEY_KIND_SECRET", "name": "globex"}),
+    )
+    .await;
+    let b_id = bobs["key"]["id"].as_str().unwrap().to_owned();
+    let mine = create(
+        &ks,
+        &alice(),
+        json!({"kind": "KEY_KIND_SECRET", "scopes": ["keys:manage"]}),
+    )
+    .await;
+    let manager = Who::key("acme", mine["key"]["id"].as_str().unwrap(), "keys:manage");
+    let before = store.backend.snapshot();
+
+    for who in [alice(), manager.clone()] {
+        let list = ok(&ks.call("list-keys", &who, "{}").await).clone();
+        assert!(
+            list["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|k| k["tenant"] == "acme"),
+            "{list}"
+        );
+        for (method, body) in [
+            ("get-key", json!({"id": b_id})),
+            ("update-key", json!({"id": b_id, "name": "mine now"})),
+            ("rotate-key", json!({"id": b_id})),
+            ("revoke-key", json!({"id": b_id})),
+        ] {
+            let theirs = ks.call(method, &who, &body.to_string()).await;
+            let mut missing_body = body.clone();
+            missing_body["id"] = json!("key_doesnotexist0000");
+            let missing = ks.call(method, &who, &missing_body.to_string()).await;
+            assert_eq!(theirs.status, 404, "{method}: {}", theirs.text);
+            assert_eq!(
+                (theirs.status, &theirs.body["reason"]),
+                (missing.status, &missing.body["reason"]),
+                "another tenant's key looks exactly like a missing one"
+            );
+        }
+    }
+    assert_eq!(
+        store.backend.snapshot(),
+        before,
+        "nothing of globex changed"
+    );
+    let still = ok(&ks
+        .call(
+            "get-key",
+            &Who::user("globex", "bob"),
+            &json!({"id": b_id}).to_string(),
+        )
+        .await)
+    .clone();
+    assert_eq!(still["key"]["state"], "KEY_STATE_ACTIVE");
+}
+
+async fn only_tenant_users_and_key_managers_may_call(store: Store) {
+    let ks = store.service();
+    let created = create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    let id = created["key"]["id"].as_str().unwrap().to_owned();
+    let before = store.backend.snapshot();
+    let refused = [
+        (Who::nobody(), 401),
+        (
+            Who(vec![
+                ("x-tenant-id", "acme".into()),
+                ("x-user-id", "alice".into()),
+            ]),
+            401,
+        ),
+        (
+            Who(vec![
+                ("x-auth-method", "publishable_key".into()),
+                ("x-tenant-id", "acme".into()),
+                ("x-user-id", "alice".into()),
+                ("x-api-key-id", "key_pk".into()),
+            ]),
+            403,
+        ),
+        (
+            Who::key("acme", "key_imp", "keys:manage users:impersonate")
+                .with("x-user-id", "alice")
+                .with("x-impersonated-by", "key_imp"),
+            403,
+        ),
+        (
+            Who(vec![
+                ("x-auth-method", "jwt".into()),
+                ("x-user-id", "newbie".into()),
+            ]),
+            403,
+        ),
+        (Who::key("acme", "key_plain", "threads:read"), 403),
+    ];
+    for (who, status) in refused {
+        for (method, body) in [
+            ("create-key", json!({"kind": "KEY_KIND_SECRET"})),
+            ("list-keys", json!({})),
+            ("get-key", json!({"id": id})),
+            ("update-key", json!({"id": id, "name": "x"})),
+            ("rotate-key", json!({"id": id})),
+            ("revoke-key", json!({"id": id})),
+        ] {
+            let a = ks.call(method, &who, &body.to_string()).await;
+            assert_eq!(a.status, status, "{method} by {who:?}: {}", a.text);
+            assert!(!a.text.contains("\"keys\""), "no keys shown");
+        }
+    }
+    assert_eq!(
+        store.backend.snapshot(),
+        before,
+        "a refused caller wrote nothing"
+    );
+    let refusals = ks.audit();
+    assert!(
+        refusals
+            .iter()
+            .filter(|a| a["outcome"] == "forbidden")
+            .count()
+            >= 6 * 4,
+        "refused changes are audited too"
+    );
+    // A key with keys:manage may; an unknown method is 404.
+    let manager = Who::key("acme", "key_m", "keys:manage");
+    ok(&ks.call("list-keys", &manager, "{}").await);
+    assert_eq!(
+        ks.call("delete-everything", &manager, "{}").await.status,
+        404
+    );
+}
+
+async fn a_key_cannot_mint_or_grant_a_scope_it_lacks(store: Store) {
+    let ks = store.service();
+    let manager = Who::key("acme", "key_m", "keys:manage threads:read");
+    let created = create(
+        &ks,
+        &manager,
+        json!({"kind": "KEY_KIND_SECRET", "scopes": ["threads:read"]}),
+    )
+    .await;
+    let id = created["key"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(ks.wait_audit(1)[0]["actor"], "key:key_m");
+    let before = store.backend.snapshot();
+
+    let mint = ks
+        .call(
+            "create-key",
+            &manager,
+            &json!({"kind": "KEY_KIND_SECRET", "scopes": ["users:impersonate"]}).to_string(),
+        )
+        .await;
+    assert_eq!(mint.status, 403, "{}", mint.text);
+    assert_eq!(mint.body["reason"], "scope_escalation");
+    let grant = ks
+        .call(
+            "update-key",
+            &manager,
+            &json!({"id": id, "scopes": {"values": ["threads:read", "users:impersonate"]}})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(grant.status, 403, "{}", grant.text);
+    assert_eq!(store.backend.snapshot(), before, "nothing written");
+
+    // A user of the tenant may grant it.
+    let by_user = ks
+        .call(
+            "update-key",
+            &alice(),
+            &json!({"id": id, "scopes": {"values": ["users:impersonate"]}}).to_string(),
+        )
+        .await;
+    assert_eq!(ok(&by_user)["key"]["scopes"], json!(["users:impersonate"]));
+}
+
+async fn idempotent_retries_and_concurrent_creates(store: Store) {
+    let ks = store.service();
+    let body = json!({"kind": "KEY_KIND_SECRET", "name": "retried"}).to_string();
+    let first = ks
+        .call_with(
+            "create-key",
+            &alice(),
+            &[("idempotency-key", "create-1")],
+            &body,
+        )
+        .await;
+    let first = ok(&first).clone();
+    let retry = ks
+        .call_with(
+            "create-key",
+            &alice(),
+            &[("idempotency-key", "create-1")],
+            &body,
+        )
+        .await;
+    assert_eq!(retry.headers["idempotent-replayed"], "true");
+    let retry = ok(&retry).clone();
+    assert_eq!(retry["key"]["id"], first["key"]["id"], "the same key");
+    assert!(
+        retry.get("secret").is_none_or(|s| s == ""),
+        "a replay never shows the secret again: {retry}"
+    );
+    let other_body = ks
+        .call_with(
+            "create-key",
+            &alice(),
+            &[("idempotency-key", "create-1")],
+            &json!({"kind": "KEY_KIND_PUBLISHABLE"}).to_string(),
+        )
+        .await;
+    assert_eq!(other_body.status, 422, "{}", other_body.text);
+    // The same Idempotency-Key in another tenant is another request.
+    let other_tenant = ks
+        .call_with(
+            "create-key",
+            &Who::user("globex", "bob"),
+            &[("idempotency-key", "create-1")],
+            &body,
+        )
+        .await;
+    assert_ne!(ok(&other_tenant)["key"]["id"], first["key"]["id"]);
+
+    let id = first["key"]["id"].as_str().unwrap();
+    let rot = json!({"id": id, "gracePeriod": "60s"}).to_string();
+    let r1 = ok(&ks
+        .call_with(
+            "rotate-key",
+            &alice(),
+            &[("idempotency-key", "rot-1")],
+            &rot,
+        )
+        .await)
+    .clone();
+    let r2 = ok(&ks
+        .call_with(
+            "rotate-key",
+            &alice(),
+            &[("idempotency-key", "rot-1")],
+            &rot,
+        )
+        .await)
+    .clone();
+    assert_eq!(r1["key"]["id"], r2["key"]["id"], "one rotation, not two");
+    assert_eq!(r2["replaced"]["id"], id);
+    assert!(r1["secret"].as_str().unwrap().starts_with("sk_"));
+    assert!(r2.get("secret").is_none_or(|s| s == ""));
+    let secrets_log = ks.log().join("\n");
+    assert!(!secrets_log.contains(r1["secret"].as_str().unwrap()));
+
+    // 20 concurrent creates: 20 distinct keys, none lost.
+    let client = reqwest::Client::new();
+    let url = ks.url("create-key");
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let a = support::key_service::call(
+                    &client,
+                    &url,
+                    &Who::user("initech", "peter"),
+                    &[],
+                    &json!({"kind": "KEY_KIND_SECRET", "name": format!("c{i}")}).to_string(),
+                )
+                .await;
+                assert_eq!(a.status, 200, "{}", a.text);
+                a.body["key"]["id"].as_str().unwrap().to_owned()
+            })
+        })
+        .collect();
+    let mut made = BTreeSet::new();
+    for t in tasks {
+        made.insert(t.await.unwrap());
+    }
+    assert_eq!(made.len(), 20);
+    let listed = ok(&ks
+        .call(
+            "list-keys",
+            &Who::user("initech", "peter"),
+            r#"{"pageSize":100}"#,
+        )
+        .await)
+    .clone();
+    let listed: BTreeSet<String> = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, made, "every concurrent create was kept");
+}
+
+async fn every_bad_input_is_a_400_naming_the_field_and_writes_nothing(store: Store) {
+    let ks = store.service();
+    let created = create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    let id = created["key"]["id"].as_str().unwrap().to_owned();
+    let before = store.backend.snapshot();
+    let long = "n".repeat(129);
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "create-key",
+            json!({"kind": "KEY_KIND_SECRET", "colour": "red"}),
+            "colour",
+        ),
+        (
+            "create-key",
+            json!({"kind": "KEY_KIND_SECRET", "rateLimit": "lots"}),
+            "rateLimit",
+        ),
+        (
+            "create-key",
+            json!({"kind": "KEY_KIND_SECRET", "scopes": ["root"]}),
+            "scopes",
+        ),
+        (
+            "create-key",
+            json!({"kind": "KEY_KIND_SECRET", "name": long}),
+            "name",
+        ),
+        (
+            "create-key",
+            json!({"kind": "KEY_KIND_SECRET", "expireTime": "2020-01-01T00:00:00Z"}),
+            "expireTime",
+        ),
+        ("create-key", json!({"kind": "KEY_KIND_MAGIC"}), "kind"),
+        ("create-key", json!({}), "kind"),
+        (
+            "create-key",
+            json!({"kind": "KEY_KIND_SECRET", "allowedOrigins": ["https://a.example"]}),
+            "allowedOrigins",
+        ),
+        (
+            "create-key",
+            json!({"kind": "KEY_KIND_PUBLISHABLE", "jwtProvider": "nobody"}),
+            "jwtProvider",
+        ),
+        ("list-keys", json!({"pageSize": 101}), "pageSize"),
+        (
+            "list-keys",
+            json!({"pageToken": "not-a-token"}),
+            "pageToken",
+        ),
+        (
+            "list-keys",
+            json!({"pageSize": 5, "sort": "oldest"}),
+            "sort",
+        ),
+        ("get-key", json!({"id": ""}), "id"),
+        (
+            "update-key",
+            json!({"id": id, "rateLimit": "100 per minute"}),
+            "rateLimit",
+        ),
+        ("update-key", json!({"id": id, "name": long}), "name"),
+        (
+            "update-key",
+            json!({"id": id, "scopes": {"values": ["root"]}}),
+            "scopes.values",
+        ),
+        (
+            "update-key",
+            json!({"id": id, "expireTime": "2020-01-01T00:00:00Z"}),
+            "expireTime",
+        ),
+        (
+            "update-key",
+            json!({"id": id, "tenant": "globex"}),
+            "tenant",
+        ),
+        (
+            "update-key",
+            json!({"id": id, "kind": "KEY_KIND_PUBLISHABLE"}),
+            "kind",
+        ),
+        (
+            "rotate-key",
+            json!({"id": id, "gracePeriod": "999999s"}),
+            "gracePeriod",
+        ),
+        (
+            "rotate-key",
+            json!({"id": id, "gracePeriod": "soon"}),
+            "gracePeriod",
+        ),
+        ("revoke-key", json!({"id": id, "reason": "x"}), "reason"),
+    ];
+    for (method, body, field) in cases {
+        let a = ks.call(method, &alice(), &body.to_string()).await;
+        assert_eq!(a.status, 400, "{method} {body}: {}", a.text);
+        assert_eq!(a.field(), field, "{method} {body}: {}", a.text);
+        assert_eq!(a.body["code"], "invalid_argument");
+        assert!(
+            a.body["message"].as_str().unwrap().contains(field),
+            "the message names the field: {}",
+            a.text
+        );
+    }
+    let not_json = ks.call("create-key", &alice(), "{nope").await;
+    assert_eq!((not_json.status, not_json.field()), (400, "body"));
+    let bad_idem = ks
+        .call_with(
+            "create-key",
+            &alice(),
+            &[("idempotency-key", "has spaces in it")],
+            &json!({"kind": "KEY_KIND_SECRET"}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        (bad_idem.status, bad_idem.field()),
+        (400, "Idempotency-Key")
+    );
+    assert_eq!(
+        store.backend.snapshot(),
+        before,
+        "no bad input wrote anything"
+    );
+}
