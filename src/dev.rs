@@ -35,6 +35,8 @@ pub struct DevCredentials {
 pub struct DevSetup {
     pub credentials: DevCredentials,
     pub store: Arc<FileStore>,
+    /// What `store` was built from: dev mode's key service starts from them.
+    pub records: Vec<KeyRecord>,
     pub jwks_json: Arc<str>,
 }
 
@@ -164,7 +166,7 @@ pub fn setup(cfg: &mut Config) -> Result<DevSetup, DevError> {
         jwt_provider: (kind == KeyKind::Publishable).then(|| DEV_PROVIDER.into()),
         identity_platform_tenant: None,
     };
-    let store = Arc::new(FileStore::from_records(vec![
+    let records = vec![
         record(
             "key_dev_secret",
             &secret_key,
@@ -177,7 +179,8 @@ pub fn setup(cfg: &mut Config) -> Result<DevSetup, DevError> {
             KeyKind::Publishable,
             vec![],
         ),
-    ]));
+    ];
+    let store = Arc::new(FileStore::from_records(records.clone()));
     let user_jwt = signing.sign(&firebase_claims(
         DEV_PROJECT,
         DEV_USER,
@@ -192,6 +195,7 @@ pub fn setup(cfg: &mut Config) -> Result<DevSetup, DevError> {
             user_jwt,
         },
         store,
+        records,
         jwks_json,
     })
 }
@@ -202,6 +206,7 @@ pub fn banner(
     exe: &str,
     grpc: std::net::SocketAddr,
     http: std::net::SocketAddr,
+    key_service: std::net::SocketAddr,
 ) -> String {
     format!(
         concat!(
@@ -222,8 +227,14 @@ pub fn banner(
             "  {exe} check --addr {grpc} -H 'authorization: Bearer {jwt}'\n",
             "  {exe} check --addr {grpc} -H 'x-api-key: {pk}' -H 'authorization: Bearer {jwt}'\n",
             "\n",
+            "Create a key with the key service (docs/key-service.md). Here it has no Envoy and no gybc-authz\n",
+            "in front, so the identity headers they would set are given by hand: dev mode only, on loopback.\n",
+            "  curl -sS -X POST http://{ks}/api/v1/iam/api-keys/create-key -H 'content-type: application/json' -H 'x-auth-method: jwt' -H 'x-tenant-id: {tenant}' -H 'x-user-id: {user}' -d '{{\"kind\": \"KEY_KIND_SECRET\", \"name\": \"my first key\"}}'\n",
+            "\n",
         ),
         tenant = DEV_TENANT,
+        user = DEV_USER,
+        ks = key_service,
         exe = exe,
         grpc = grpc,
         http = http,

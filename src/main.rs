@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gybc_authz::app::{self, Options};
-use gybc_authz::{cli, dev};
+use gybc_authz::{cli, dev, keyservice};
 use gybc_authz_engine::KeySource;
 use gybc_authz_engine::config::{Config, ProcessEnv};
+use gybc_authz_engine::store::admin::{AdminStore, MemoryAdmin};
 use gybc_authz_engine::telemetry;
 
 /// Exit code for a configuration that does not load (EX_USAGE).
@@ -114,9 +115,14 @@ async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
 
     let mut opts = Options::default();
     let mut credentials = None;
+    let mut dev_keys = None;
     if dev_mode {
         match dev::setup(&mut cfg) {
             Ok(setup) => {
+                dev_keys = Some(AdminStore::Memory(Box::new(MemoryAdmin::new(
+                    setup.store.clone(),
+                    setup.records,
+                ))));
                 opts.store = Some(KeySource::Memory(setup.store));
                 opts.dev_jwks = Some(setup.jwks_json);
                 credentials = Some(setup.credentials);
@@ -130,6 +136,16 @@ async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
         tracing::warn!("No JWT provider configured: bearer tokens are refused.");
     }
 
+    let key_service = match dev_keys {
+        Some(store) => match dev_key_service(&cfg, store).await {
+            Ok(ks) => Some(ks),
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot start the dev key service.");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let running = match app::start(cfg, opts).await {
         Ok(r) => r,
         Err(e) => {
@@ -137,13 +153,13 @@ async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(c) = &credentials {
+    if let (Some(c), Some(ks)) = (&credentials, &key_service) {
         let exe = std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "gybc-authz".into());
         print!(
             "{}",
-            dev::banner(c, &exe, running.grpc_addr, running.http_addr)
+            dev::banner(c, &exe, running.grpc_addr, running.http_addr, ks.addr)
         );
         use std::io::Write;
         let _ = std::io::stdout().flush();
@@ -152,7 +168,27 @@ async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
     wait_for_signal().await;
     tracing::info!("Shutting down: draining in-flight checks.");
     running.shutdown().await;
+    if let Some(ks) = key_service {
+        ks.shutdown().await;
+    }
     ExitCode::SUCCESS
+}
+
+/// Dev mode's key service: on loopback, over the dev keys in memory, so a key it creates works
+/// on the dev data path at once.
+async fn dev_key_service(cfg: &Config, store: AdminStore) -> std::io::Result<keyservice::Running> {
+    let service = keyservice::Service {
+        store,
+        policy: keyservice::validate::Policy {
+            allowed_scopes: keyservice::validate::DEFAULT_ALLOWED_SCOPES
+                .map(str::to_owned)
+                .to_vec(),
+            jwt_providers: cfg.jwt.providers.iter().map(|p| p.name.clone()).collect(),
+        },
+        headers: cfg.headers.clone(),
+        path_prefix: keyservice::DEFAULT_PATH_PREFIX.into(),
+    };
+    keyservice::start(service, ([127, 0, 0, 1], 0).into()).await
 }
 
 async fn wait_for_signal() {

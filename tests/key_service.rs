@@ -207,7 +207,11 @@ async fn every_method_works_and_only_create_and_rotate_show_the_secret(store: St
         .call("get-key", &alice(), &json!({"id": id}).to_string())
         .await;
     let log = ks.log().join("\n");
-    for s in [secret.as_str(), new_secret.as_str(), pk["secret"].as_str().unwrap()] {
+    for s in [
+        secret.as_str(),
+        new_secret.as_str(),
+        pk["secret"].as_str().unwrap(),
+    ] {
         assert!(!list.text.contains(s), "a secret in a list answer");
         assert!(!get.text.contains(s), "a secret in a get answer");
         assert!(!log.contains(s), "a secret in the log");
@@ -778,5 +782,66 @@ async fn every_bad_input_is_a_400_naming_the_field_and_writes_nothing(store: Sto
         store.backend.snapshot(),
         before,
         "no bad input wrote anything"
+    );
+}
+
+/// `serve --dev` prints one `create-key` curl command; run as printed, it makes a key that the
+/// dev data path allows at once.
+#[test]
+fn dev_mode_prints_a_create_key_command_that_works() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gybc-authz"))
+        .args(["serve", "--dev"])
+        .env("GYBC_AUTHZ__SERVER__GRPC_ADDR", "127.0.0.1:0")
+        .env("GYBC_AUTHZ__SERVER__HTTP_ADDR", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    let mut curl = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.trim_start().starts_with("curl ") {
+            curl = Some(line.trim().to_owned());
+            break;
+        }
+    }
+    let curl = curl.unwrap_or_else(|| panic!("no curl command in the banner:\n{banner}"));
+    assert!(curl.contains("/api/v1/iam/api-keys/create-key"), "{curl}");
+    let out = Command::new("sh").args(["-c", &curl]).output().unwrap();
+    let created: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("`{curl}` printed no JSON ({e}): {out:?}"));
+    let secret = created["secret"].as_str().unwrap();
+    assert!(secret.starts_with("sk_"), "{created}");
+    assert_eq!(created["key"]["tenant"], "dev-tenant");
+
+    let grpc = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("gRPC ext_authz"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no gRPC address in the banner:\n{banner}"));
+    let check = Command::new(env!("CARGO_BIN_EXE_gybc-authz"))
+        .args([
+            "check",
+            "--addr",
+            grpc,
+            "-H",
+            &format!("x-api-key: {secret}"),
+        ])
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let decision: Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(decision["allowed"], true, "{decision}");
+    assert_eq!(decision["upstream_headers"]["x-tenant-id"], "dev-tenant");
+    assert_eq!(
+        decision["upstream_headers"]["x-api-key-id"],
+        created["key"]["id"]
     );
 }

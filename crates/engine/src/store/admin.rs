@@ -6,6 +6,7 @@
 //! event (`admin/redis.rs`).
 
 mod file;
+mod memory;
 mod redis;
 
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use crate::proto::v1::KeyEventType;
 use crate::ratelimit::RateLimit;
 use crate::store::{KeyRecord, KeyStatus};
 
+pub use self::memory::MemoryAdmin;
 pub use self::redis::RedisAdmin;
 
 /// Why a key command failed; each maps to an exit code (and, in the key service, a status).
@@ -288,6 +290,8 @@ enum Claim {
 pub enum AdminStore {
     File(PathBuf),
     Redis(Box<RedisAdmin>),
+    /// Dev mode: in memory, behind the dev data path's store.
+    Memory(Box<MemoryAdmin>),
 }
 
 pub(crate) fn now_secs() -> u64 {
@@ -309,11 +313,22 @@ impl AdminStore {
         }
     }
 
+    /// Every record of a store read whole (the key file, or memory); Redis is never read whole
+    /// but by the CLI's `list`.
+    fn read_local(&self) -> Result<Vec<KeyRecord>, AdminError> {
+        match self {
+            AdminStore::File(path) => file::read(path),
+            AdminStore::Memory(m) => Ok(m.read()),
+            AdminStore::Redis(_) => Ok(Vec::new()),
+        }
+    }
+
     /// Every key of every tenant, by tenant and id (the operator's view).
     pub async fn list(&self) -> Result<Vec<KeyRecord>, AdminError> {
         let mut all = match self {
             AdminStore::File(path) => file::read(path)?,
             AdminStore::Redis(r) => r.all().await?,
+            AdminStore::Memory(_) => self.read_local()?,
         };
         all.sort_by(|a, b| {
             (a.tenant.as_str(), a.id.as_str()).cmp(&(b.tenant.as_str(), b.id.as_str()))
@@ -331,8 +346,10 @@ impl AdminStore {
     ) -> Result<Page, AdminError> {
         let now = now_secs();
         match self {
-            AdminStore::File(path) => {
-                let mut mine: Vec<KeyRecord> = file::read(path)?
+            AdminStore::Redis(r) => r.list_page(tenant, filter, page_size, after, now).await,
+            AdminStore::File(_) | AdminStore::Memory(_) => {
+                let mut mine: Vec<KeyRecord> = self
+                    .read_local()?
                     .into_iter()
                     .filter(|r| r.tenant == tenant)
                     .collect();
@@ -342,7 +359,6 @@ impl AdminStore {
                     .filter(|r| after.is_none_or(|c| c.before(r)));
                 Ok(page_of(rest, filter, page_size, now))
             }
-            AdminStore::Redis(r) => r.list_page(tenant, filter, page_size, after, now).await,
         }
     }
 
@@ -350,6 +366,7 @@ impl AdminStore {
     pub async fn find(&self, scope: Scope<'_>, id: &str) -> Result<KeyRecord, AdminError> {
         let found = match self {
             AdminStore::File(path) => file::read(path)?.into_iter().find(|r| r.id == id),
+            AdminStore::Memory(_) => self.read_local()?.into_iter().find(|r| r.id == id),
             AdminStore::Redis(r) => r.find(id, matches!(scope, Scope::All)).await?,
         };
         found
@@ -398,6 +415,10 @@ impl AdminStore {
                 Ok(())
             })?,
             AdminStore::Redis(r) => r.insert(&record).await?,
+            AdminStore::Memory(m) => m.update(|records| {
+                records.push(record.clone());
+                Ok(())
+            })?,
         }
         Ok(Created { key, record })
     }
@@ -545,9 +566,9 @@ impl AdminStore {
         f: impl Fn(&mut KeyRecord) -> Result<(), AdminError>,
     ) -> Result<KeyRecord, AdminError> {
         match self {
-            AdminStore::File(path) => {
+            AdminStore::File(_) | AdminStore::Memory(_) => {
                 let mut changed = None;
-                file::update(path, |records| {
+                let edit = |records: &mut Vec<KeyRecord>| {
                     let r = records
                         .iter_mut()
                         .find(|r| r.id == id && scope.allows(r))
@@ -555,8 +576,13 @@ impl AdminStore {
                     f(r)?;
                     changed = Some(r.clone());
                     Ok(())
-                })?;
-                Ok(changed.expect("set by the update"))
+                };
+                match self {
+                    AdminStore::Memory(m) => m.update(edit)?,
+                    AdminStore::File(path) => file::update(path, edit)?,
+                    AdminStore::Redis(_) => {}
+                }
+                changed.ok_or_else(|| AdminError::NotFound(id.to_owned()))
             }
             AdminStore::Redis(redis) => {
                 redis
@@ -583,6 +609,7 @@ impl AdminStore {
         let existing = match self {
             AdminStore::File(path) => file::claim(path, slot, &pending)?,
             AdminStore::Redis(r) => r.claim(slot, &pending).await?,
+            AdminStore::Memory(m) => m.claim(slot, &pending),
         };
         match existing {
             None => Ok(Claim::New),
@@ -610,6 +637,10 @@ impl AdminStore {
         match self {
             AdminStore::File(path) => file::put_idem(path, slot, Some(&done)),
             AdminStore::Redis(r) => r.put_idem(slot, Some(&done)).await,
+            AdminStore::Memory(m) => {
+                m.put_idem(slot, Some(&done));
+                Ok(())
+            }
         }
     }
 
@@ -619,6 +650,10 @@ impl AdminStore {
         let _ = match self {
             AdminStore::File(path) => file::put_idem(path, slot, None),
             AdminStore::Redis(r) => r.put_idem(slot, None).await,
+            AdminStore::Memory(m) => {
+                m.put_idem(slot, None);
+                Ok(())
+            }
         };
     }
 }

@@ -191,19 +191,28 @@ impl FileStore {
     /// A store over records built in memory (dev mode, tests); `reload` never changes it. A later
     /// record replaces an earlier one with the same hash.
     pub fn from_records(records: Vec<KeyRecord>) -> Self {
-        let mut interner = Interner::default();
-        let mut index = Index::with_capacity_and_hasher(records.len(), Default::default());
-        for r in &records {
-            index.replace(Entry(Arc::new(interner.key(r))));
-        }
         let (changed, _) = watch::channel(0);
-        Self {
+        let store = Self {
             kind: StoreKind::Memory,
             path: PathBuf::new(),
-            index: ArcSwap::from_pointee(index),
+            index: ArcSwap::from_pointee(Index::default()),
             stamp: std::sync::Mutex::new(None),
             changed,
+        };
+        store.replace_records(&records);
+        store
+    }
+
+    /// Serves `records` from now on, in place of the whole set: how dev mode's key service
+    /// changes a store built in memory.
+    pub fn replace_records(&self, records: &[KeyRecord]) {
+        let mut interner = Interner::default();
+        let mut index = Index::with_capacity_and_hasher(records.len(), Default::default());
+        for r in records {
+            index.replace(Entry(Arc::new(interner.key(r))));
         }
+        self.index.store(Arc::new(index));
+        self.changed.send_modify(|g| *g += 1);
     }
 
     /// `File` when loaded from a file, `Memory` when built in memory.
