@@ -184,6 +184,14 @@ impl RedisAdmin {
                             .arg(r.hash.to_hex()),
                     )
                     .await?;
+                let _: i64 = self
+                    .query(
+                        redis::cmd("ZADD")
+                            .arg(self.tenant_index(&r.tenant))
+                            .arg(r.created_at.unwrap_or(0))
+                            .arg(&r.id),
+                    )
+                    .await?;
                 self.publish(&r.hash, event).await?;
                 return Ok(r);
             }
