@@ -33,6 +33,7 @@ pub mod engine;
 pub mod config;
 pub mod proto;
 pub mod clock;
+pub mod event;
 pub mod telemetry;
 
 pub use answer::Answer;

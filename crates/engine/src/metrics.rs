@@ -12,7 +12,7 @@ use prometheus::{
 use std::sync::OnceLock;
 
 use crate::decision::{AuthMethod, Reason};
-use crate::store::{CacheOutcome, StoreKind};
+use crate::event::{CacheOutcome, StoreKind};
 
 const NAMESPACE: &str = "gybc_authz";
 

@@ -7,32 +7,12 @@ use std::time::Duration;
 
 use tracing::Level;
 
-use crate::authn::jwt::TokenLookup;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{DecisionLevel, LogConfig};
 use crate::decision::{Decision, Reason};
+use crate::event::{Backend, CacheOutcome, RedisFailure, StoreError, StoreKind, TokenLookup};
 use crate::metrics::Metrics;
-use crate::redis_conn::RedisFailure;
 use crate::request::RequestContext;
-use crate::store::{CacheOutcome, StoreError, StoreKind};
-
-/// Which dependency failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    KeyStore,
-    Jwks,
-    RateLimit,
-}
-
-impl Backend {
-    fn as_str(self) -> &'static str {
-        match self {
-            Backend::KeyStore => "key_store",
-            Backend::Jwks => "jwks",
-            Backend::RateLimit => "rate_limit",
-        }
-    }
-}
 
 /// The events sink every component reports to.
 pub struct Observer {

@@ -17,6 +17,8 @@ use crate::breaker::{Breaker, probe_delays};
 use crate::config::{BreakerConfig, RedisConfig};
 use crate::observe::Observer;
 
+pub use crate::event::RedisFailure;
+
 /// Names of everything the daemon reads or writes in Redis.
 #[derive(Debug, Clone)]
 pub struct Names {
@@ -120,29 +122,6 @@ struct RedisBreaker {
     probe_interval: Duration,
     max_probe_interval: Duration,
     observer: Arc<Observer>,
-}
-
-/// Why a command through [`Redis::run`] got no answer.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum RedisFailure {
-    /// Not sent: the breaker is open.
-    #[error("Redis circuit breaker open")]
-    BreakerOpen,
-    #[error("timed out after {0:?}")]
-    Timeout(Duration),
-    #[error("{0}")]
-    Error(String),
-}
-
-impl RedisFailure {
-    /// A bounded code for metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            RedisFailure::BreakerOpen => "breaker_open",
-            RedisFailure::Timeout(_) => "timeout",
-            RedisFailure::Error(_) => "error",
-        }
-    }
 }
 
 fn connection_info(url: &str, cfg: &RedisConfig) -> Result<redis::ConnectionInfo, RedisSetupError> {

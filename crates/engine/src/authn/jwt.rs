@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::authn::jwks::Jwks;
 use crate::clock::Clock;
+use crate::event::TokenLookup;
 use crate::observe::Observer;
 
 /// Longest `sub` accepted (Firebase's own limit).
@@ -147,17 +148,6 @@ type CacheKey = (usize, [u8; 32]);
 /// principle turn good if a provider republished different key material under the same `kid`.
 pub const REJECTED_TOKEN_TTL: Duration = Duration::from_secs(60);
 pub const REJECTED_TOKEN_MAX_ENTRIES: u64 = 10_000;
-
-/// How `JwtVerifier::verify` was answered, for the cache metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenLookup {
-    /// A verified token, from the cache.
-    Hit,
-    /// A token refused recently, refused again from the cache.
-    RejectedHit,
-    /// Verified (or refused) afresh.
-    Miss,
-}
 
 struct UntilExp;
 

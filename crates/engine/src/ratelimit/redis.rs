@@ -15,9 +15,10 @@ use super::{
 };
 use crate::clock::Clock;
 use crate::config::FailureMode;
+use crate::event::RedisFailure;
 use crate::observe::Observer;
 use crate::otel::{ChildSpan, REDIS_RATE_LIMIT_SPAN};
-use crate::redis_conn::{Redis, RedisFailure};
+use crate::redis_conn::Redis;
 
 /// GCRA in microseconds (exact in Lua's doubles until the year 2255). Returns
 /// `{allowed, tat_after_us, now_us}`; the key expires once its quota is fully back.

@@ -13,6 +13,7 @@ use moka::future::Cache;
 use super::{Key, KeyStore, StoreError};
 use crate::authn::apikey::KeyHash;
 use crate::config::KeyCacheConfig;
+use crate::event::CacheOutcome;
 use crate::observe::Observer;
 
 #[derive(Clone)]
@@ -44,14 +45,6 @@ impl Expiry<KeyHash, Entry> for EntryExpiry {
     ) -> Option<Duration> {
         self.expire_after_create(k, e, now)
     }
-}
-
-/// How a lookup was answered, for metrics and tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheOutcome {
-    Hit,
-    Stale,
-    Miss,
 }
 
 pub struct CachedStore {

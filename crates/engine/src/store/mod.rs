@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-pub use cached::{CacheOutcome, CachedStore};
+pub use crate::event::{CacheOutcome, StoreError, StoreKind};
+pub use cached::CachedStore;
 pub use file::{FileStore, KeyFile, KeyFileEntry, KeyFileError, parse_entries, parse_file};
 pub use key::{Interner, Key, Publishable, Scopes};
 pub use redis::RedisStore;
@@ -54,16 +55,6 @@ pub enum KeyStatus {
     Revoked,
 }
 
-/// Why a store could not answer. "Not found" is not an error: it is `Ok(None)`.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    #[error("key store unavailable: {0}")]
-    Unavailable(String),
-    /// Not asked: the Redis circuit breaker is open, so the answer is at once, not a timeout later.
-    #[error("key store unavailable: Redis circuit breaker open")]
-    BreakerOpen,
-}
-
 /// A remote source of keys, looked up by key hash: the seam the cache wraps (Redis; tests' failing
 /// and counting stores).
 pub trait KeyStore: Send + Sync {
@@ -71,37 +62,6 @@ pub trait KeyStore: Send + Sync {
         &'a self,
         hash: &'a KeyHash,
     ) -> BoxFuture<'a, Result<Option<Arc<Key>>, StoreError>>;
-}
-
-/// Which store answers lookups: the `store` label of `key_lookups_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreKind {
-    /// No store configured: every key is unknown.
-    None,
-    /// The key file.
-    File,
-    /// Keys built in memory (dev mode, tests).
-    Memory,
-    /// Redis (or a test's stand-in for a remote store), behind the key cache.
-    Redis,
-}
-
-impl StoreKind {
-    pub const ALL: [StoreKind; 4] = [
-        StoreKind::None,
-        StoreKind::File,
-        StoreKind::Memory,
-        StoreKind::Redis,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StoreKind::None => "none",
-            StoreKind::File => "file",
-            StoreKind::Memory => "memory",
-            StoreKind::Redis => "redis",
-        }
-    }
 }
 
 /// How the engine looks keys up. An in-memory store is its own index and is asked directly: a

@@ -11,9 +11,10 @@ use prost::Message;
 
 use super::{CachedStore, Interner, Key, KeyRecord, KeyStatus, KeyStore, StoreError};
 use crate::authn::apikey::{KeyHash, KeyKind};
+use crate::event::RedisFailure;
 use crate::proto::v1 as pb;
 use crate::ratelimit::RateLimit;
-use crate::redis_conn::{Redis, RedisFailure};
+use crate::redis_conn::Redis;
 
 pub struct RedisStore {
     redis: Redis,

@@ -1,0 +1,108 @@
+//! What the parts report to `observe`, as plain data: a token lookup's outcome, a key lookup's
+//! store and cache outcome, why a key store or Redis gave no answer, which dependency failed.
+//! Defined here, below every part that reports them and below the observer, so that `observe`
+//! and `metrics` import nothing they observe.
+
+use std::time::Duration;
+
+/// Which dependency failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    KeyStore,
+    Jwks,
+    RateLimit,
+}
+
+impl Backend {
+    /// The `backend` label of `backend_errors_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::KeyStore => "key_store",
+            Backend::Jwks => "jwks",
+            Backend::RateLimit => "rate_limit",
+        }
+    }
+}
+
+/// How `JwtVerifier::verify` was answered, for the cache metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenLookup {
+    /// A verified token, from the cache.
+    Hit,
+    /// A token refused recently, refused again from the cache.
+    RejectedHit,
+    /// Verified (or refused) afresh.
+    Miss,
+}
+
+/// Which store answers lookups: the `store` label of `key_lookups_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// No store configured: every key is unknown.
+    None,
+    /// The key file.
+    File,
+    /// Keys built in memory (dev mode, tests).
+    Memory,
+    /// Redis (or a test's stand-in for a remote store), behind the key cache.
+    Redis,
+}
+
+impl StoreKind {
+    pub const ALL: [StoreKind; 4] = [
+        StoreKind::None,
+        StoreKind::File,
+        StoreKind::Memory,
+        StoreKind::Redis,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::None => "none",
+            StoreKind::File => "file",
+            StoreKind::Memory => "memory",
+            StoreKind::Redis => "redis",
+        }
+    }
+}
+
+/// How a lookup through the key cache was answered, for metrics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Stale,
+    Miss,
+}
+
+/// Why a store could not answer. "Not found" is not an error: it is `Ok(None)`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("key store unavailable: {0}")]
+    Unavailable(String),
+    /// Not asked: the Redis circuit breaker is open, so the answer is at once, not a timeout later.
+    #[error("key store unavailable: Redis circuit breaker open")]
+    BreakerOpen,
+}
+
+/// Why a command through `Redis::run` got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedisFailure {
+    /// Not sent: the breaker is open.
+    #[error("Redis circuit breaker open")]
+    BreakerOpen,
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Error(String),
+}
+
+impl RedisFailure {
+    /// A bounded code for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RedisFailure::BreakerOpen => "breaker_open",
+            RedisFailure::Timeout(_) => "timeout",
+            RedisFailure::Error(_) => "error",
+        }
+    }
+}
