@@ -3,7 +3,7 @@
 //! loads or refreshes in the background (key file, signing keys, Redis events) is started here
 //! and owned by the caller.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -81,6 +81,8 @@ pub struct Engine {
     traces: Option<DecisionTracing>,
     /// Set once the key store and every provider's signing keys have loaded; never cleared.
     loaded: watch::Receiver<bool>,
+    /// What has not loaded yet, by name, for a door that must say why it is not ready.
+    loading: Arc<Mutex<Vec<String>>>,
     pub keys: Keys,
     pub jwt: Arc<JwtVerifier>,
     pub metrics: Arc<Metrics>,
@@ -90,12 +92,23 @@ impl Engine {
     /// Builds every part from the config and starts their background work on the current tokio
     /// runtime. Returns before the signing keys have loaded: until then every decision is 503.
     pub async fn start(cfg: &Config, opts: EngineOptions) -> Result<Started, StartError> {
+        Self::start_with_limiter(cfg, opts, None).await
+    }
+
+    /// `start` with the local limiter given (`None`: a new one), so the limits' state outlives
+    /// this engine: the Envoy module gives every engine of its process the same one, and a config
+    /// change never hands a key a fresh quota.
+    pub async fn start_with_limiter(
+        cfg: &Config,
+        opts: EngineOptions,
+        local: Option<Arc<LocalLimiter>>,
+    ) -> Result<Started, StartError> {
         let clock = opts.clock;
         let metrics = Arc::new(Metrics::new());
         let observer = Arc::new(Observer::new(metrics.clone(), &cfg.log).with_clock(clock.clone()));
 
-        // Readiness gates: each resolves once its dependency has loaded.
-        let mut gates: Vec<BoxFuture<'static, ()>> = Vec::new();
+        // Readiness gates, by name: each resolves once its dependency has loaded.
+        let mut gates: Vec<(String, BoxFuture<'static, ()>)> = Vec::new();
         let mut background = Vec::new();
 
         let needs_redis = opts.store.is_none() && cfg.key_store == KeyStoreConfig::Redis
@@ -104,11 +117,12 @@ impl Engine {
             (Some(r), true) => {
                 let redis = Redis::connect_observed(r, observer.clone()).await?;
                 let probe = redis.clone();
-                gates.push(Box::pin(async move {
+                let gate = async move {
                     while !probe.ping().await {
                         tokio::time::sleep(Duration::from_millis(250)).await;
                     }
-                }));
+                };
+                gates.push(("Redis".into(), Box::pin(gate)));
                 // The connection-state gauge.
                 let (probe, obs) = (redis.clone(), observer.clone());
                 background.push(tokio::spawn(async move {
@@ -161,7 +175,8 @@ impl Engine {
         }
 
         // Rate limits: this replica's own, or the fleet's in Redis with the local one standing in.
-        let local = Arc::new(LocalLimiter::new(clock.clone(), cfg.rate_limit.max_keys));
+        let local = local
+            .unwrap_or_else(|| Arc::new(LocalLimiter::new(clock.clone(), cfg.rate_limit.max_keys)));
         let limiter: Arc<dyn RateLimiter> = match (&redis, cfg.rate_limit.backend) {
             (Some(r), RateLimitBackend::Redis) => Arc::new(
                 RedisLimiter::new(
@@ -204,9 +219,11 @@ impl Engine {
                 observer.clone(),
             );
             let mut loaded = set.loaded();
-            gates.push(Box::pin(async move {
+            let gate = async move {
                 let _ = loaded.wait_for(|l| *l).await;
-            }));
+            };
+            let name = format!("signing keys of provider `{}`", p.name);
+            gates.push((name, Box::pin(gate)));
             background.push(set.spawn_refresher());
             providers.push(Provider::new(&p.name, &p.project_id, &p.tenant_claim, set));
         }
@@ -232,8 +249,20 @@ impl Engine {
         };
 
         let (set_loaded, loaded) = watch::channel(false);
+        let loading = Arc::new(Mutex::new(gates.iter().map(|(n, _)| n.clone()).collect()));
+        let waits: Vec<_> = gates
+            .into_iter()
+            .map(|(name, gate)| {
+                let loading: Arc<Mutex<Vec<String>>> = loading.clone();
+                async move {
+                    gate.await;
+                    let mut left = loading.lock().unwrap_or_else(|p| p.into_inner());
+                    left.retain(|n| *n != name);
+                }
+            })
+            .collect();
         background.push(tokio::spawn(async move {
-            futures_util::future::join_all(gates).await;
+            futures_util::future::join_all(waits).await;
             let _ = set_loaded.send(true);
             // Kept open so receivers never see the latch go away.
             set_loaded.closed().await;
@@ -254,6 +283,7 @@ impl Engine {
             observer,
             traces,
             loaded,
+            loading,
             keys,
             jwt,
             metrics,
@@ -269,6 +299,15 @@ impl Engine {
     /// True once the key store and every provider's signing keys have loaded.
     pub fn is_loaded(&self) -> bool {
         *self.loaded.borrow()
+    }
+
+    /// What has not loaded yet (`Redis`, ``signing keys of provider `name` ``); empty once
+    /// `is_loaded`.
+    pub fn not_loaded(&self) -> Vec<String> {
+        self.loading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Resolves once `is_loaded` is true.

@@ -25,7 +25,7 @@ pub const DEFAULT_KEYS_MIN_REFRESH_SECS: u64 = 10;
 /// Timeout of one key fetch.
 pub const DEFAULT_KEYS_FETCH_TIMEOUT_MS: u64 = 5_000;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JwtConfig {
     /// Token issuers. A plain `Authorization: Bearer` request is verified against the default
@@ -67,7 +67,7 @@ impl Default for JwtConfig {
 }
 
 /// One Firebase project (or any issuer following Firebase's token rules).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     /// Name that publishable keys refer to (`jwt_provider`).

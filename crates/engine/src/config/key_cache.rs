@@ -8,7 +8,7 @@ pub const DEFAULT_KEY_CACHE_TTL_SECS: u64 = 10;
 pub const DEFAULT_KEY_CACHE_NEGATIVE_TTL_SECS: u64 = 5;
 pub const DEFAULT_KEY_CACHE_MAX_STALE_SECS: u64 = 300;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeyCacheConfig {
     /// Most key lookups (positive and negative) held. Default 100000.

@@ -13,7 +13,7 @@ pub const DEFAULT_MAX_HEADERS: usize = 256;
 /// plus the credential headers must fit.
 pub const MIN_MAX_HEADERS: usize = 16;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest `Authorization` value parsed, bytes. Default 8192.

@@ -13,6 +13,7 @@ mod key_cache;
 mod key_store;
 mod limits;
 mod log;
+mod module;
 mod policy;
 mod rate_limit;
 mod redis;
@@ -35,6 +36,7 @@ pub use key_cache::*;
 pub use key_store::*;
 pub use limits::*;
 pub use log::*;
+pub use module::*;
 pub use policy::*;
 pub use rate_limit::*;
 pub use redis::*;
@@ -43,7 +45,9 @@ pub use server::*;
 pub use tracing_export::*;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize, Default)]
+/// Equality is the Envoy module's test for "the same config" (a reload that may keep its engine):
+/// every field by value, secrets included.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Listen addresses and shutdown.
@@ -70,6 +74,8 @@ pub struct Config {
     pub log: LogConfig,
     /// OpenTelemetry spans of decisions, sent to an OTLP collector. Off unless set.
     pub tracing_export: Option<TracingExportConfig>,
+    /// What only the Envoy module reads (config reloads); the daemon ignores it.
+    pub module: ModuleConfig,
 }
 
 // === loading ===
@@ -143,6 +149,7 @@ impl Config {
             t.validate(&mut err);
         }
         self.log.validate(&mut err);
+        self.module.validate(&mut err);
 
         if errs.is_empty() {
             Ok(())

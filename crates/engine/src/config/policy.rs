@@ -5,7 +5,7 @@ use serde::Deserialize;
 /// The one path where a JWT without a tenant is allowed: creating the user's first organisation.
 pub const DEFAULT_TENANTLESS_PATH: &str = "/api/v1/orgs/create";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// Exact paths (no query) where a JWT without a tenant claim is allowed.

@@ -9,7 +9,7 @@ pub const DEFAULT_RATE_LIMIT: &str = "100/60s";
 /// Keys whose rate-limit state is held in memory at once (least recently used are dropped).
 pub const DEFAULT_RATE_LIMIT_MAX_KEYS: u64 = 100_000;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
     /// Limit for keys whose metadata names none, `<requests>/<window>` (`100/60s`, `1000/1h`).

@@ -16,7 +16,7 @@ pub const DEFAULT_REDIS_CONNECT_TIMEOUT_MS: u64 = 1_000;
 
 /// Connection to the shared Redis. Credentials never sit in this file: they come from a mounted
 /// file or an environment variable.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:6379` or `rediss://host:6380` (TLS); with `cluster: true`, one or more

@@ -7,7 +7,7 @@ pub const DEFAULT_UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
 /// Realm in `WWW-Authenticate: Bearer realm="…"`.
 pub const DEFAULT_REALM: &str = "gybc";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResponseConfig {
     /// Realm in `WWW-Authenticate`. Default `gybc`.

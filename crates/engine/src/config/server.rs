@@ -13,7 +13,7 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8181";
 /// How long in-flight checks get to finish after SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// ext_authz gRPC (and gRPC health) listen address. Default `127.0.0.1:50051`.
@@ -28,7 +28,7 @@ pub struct ServerConfig {
 }
 
 /// The same decisions over plain HTTP: 2xx with the identity headers means allow.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpAuthzConfig {
     /// Listen address. Only the proxy may reach it: it trusts the proxy's forwarded headers.
