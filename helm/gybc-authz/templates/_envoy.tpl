@@ -6,11 +6,35 @@ render it with the shipped files' values and require them to be identical, and r
 `envoy --mode validate` on every rendering (module mode with the built module).
 */}}
 {{- define "gybc-authz.envoyConfig" -}}
-{{- $v := .Values }}
+{{- include "gybc-authz.envoyBootstrap" (dict "root" . "keyService" false) }}
+{{- end }}
+
+{{/*
+The key service's Envoy (keyService.enabled): deploy/envoy/key-service.yaml. The same
+listeners, filters, gybc-authz (ext_authz or the module, as `mode` says) and admin as the
+main workload's; only the routes and the upstream differ: the key API's prefix goes to the key
+service on 127.0.0.1:<keyService.port>, anything else gets 404. The chart tests require the
+shipped file from the shipped values, as for the others.
+*/}}
+{{- define "gybc-authz.keyServiceEnvoyConfig" -}}
+{{- include "gybc-authz.envoyBootstrap" (dict "root" . "keyService" true) }}
+{{- end }}
+
+{{/*
+Both bootstraps. Call with (dict "root" $ "keyService" <bool>).
+*/}}
+{{- define "gybc-authz.envoyBootstrap" -}}
+{{- $root := .root }}
+{{- $ks := .keyService }}
+{{- $v := $root.Values }}
 {{- $e := $v.envoy }}
 {{- $module := eq $v.mode "module" }}
-{{- $strip := concat (include "gybc-authz.identityHeaders" . | fromYamlArray) (list "x-api-key" "x-on-behalf-of") -}}
-{{- if $module -}}
+{{- $strip := concat (include "gybc-authz.identityHeaders" $root | fromYamlArray) (list "x-api-key" "x-on-behalf-of") -}}
+{{- if $ks -}}
+# Envoy in front of the key service (gybc-authz key-service), rendered by the gybc-authz Helm
+# chart{{ if $module }} with gybc-authz as a dynamic module{{ end }}; the annotated original is
+# deploy/envoy/key-service.yaml in the gybc-authz repository.
+{{- else if $module -}}
 # Envoy config with gybc-authz as a dynamic module, rendered by the gybc-authz Helm chart;
 # the annotated original is deploy/envoy/envoy-module.yaml in the gybc-authz repository.
 {{- else -}}
@@ -43,6 +67,19 @@ static_resources:
                 merge_slashes: true
                 path_with_escaped_slashes_action: KEEP_UNCHANGED
                 route_config:
+                  {{- if $ks }}
+                  name: key_service
+                  virtual_hosts:
+                    - name: key_service
+                      domains: ["*"]
+                      routes:
+                        # The key API, every request checked by gybc-authz (the filter below).
+                        - match: { prefix: {{ printf "%s/" $v.keyService.pathPrefix | quote }} }
+                          route: { cluster: key_service, timeout: {{ $v.keyService.routeTimeout }} }
+                        # Nothing else is served here.
+                        - match: { prefix: / }
+                          direct_response: { status: 404 }
+                  {{- else }}
                   name: local_app
                   virtual_hosts:
                     - name: app
@@ -81,7 +118,7 @@ static_resources:
                             {{- if $module }}
                             gybc_authz:
                               "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilterPerRoute
-                              dynamic_module_config: { name: {{ include "gybc-authz.moduleName" $ }} }
+                              dynamic_module_config: { name: {{ include "gybc-authz.moduleName" $root }} }
                               filter_name: gybc_authz
                               # The module takes the keys as a JSON object of strings.
                               filter_config:
@@ -99,19 +136,20 @@ static_resources:
                         {{- end }}
                         - match: { prefix: / }
                           route: { cluster: app, timeout: {{ $e.routeTimeout }} }
+                  {{- end }}
                 http_filters:
                   {{- if $module }}
                   - name: gybc_authz
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
                       # do_not_close: the engine's own threads must never see the library unloaded.
-                      dynamic_module_config: { name: {{ include "gybc-authz.moduleName" . }}, do_not_close: true, metrics_namespace: gybc }
+                      dynamic_module_config: { name: {{ include "gybc-authz.moduleName" $root }}, do_not_close: true, metrics_namespace: gybc }
                       filter_name: gybc_authz
                       # The config file's path (mounted into this container): the file the
                       # daemon would read, so both modes run one config.
                       filter_config:
                         "@type": type.googleapis.com/google.protobuf.StringValue
-                        value: {{ include "gybc-authz.configPath" . }}
+                        value: {{ include "gybc-authz.configPath" $root }}
                   {{- else }}
                   - name: envoy.filters.http.ext_authz
                     typed_config:
@@ -181,6 +219,19 @@ static_resources:
           explicit_http_config:
             http2_protocol_options: {}
     {{- end }}
+    {{- if $ks }}
+    # The key service, in the same pod, on loopback only.
+    - name: key_service
+      type: STATIC
+      connect_timeout: 1s
+      load_assignment:
+        cluster_name: key_service
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: { address: 127.0.0.1, port_value: {{ int $v.keyService.port }} }
+    {{- else }}
     - name: app
       {{- if $v.app.enabled }}
       type: STATIC
@@ -200,6 +251,7 @@ static_resources:
                     {{- else }}
                     socket_address: { address: {{ $e.upstream.address | quote }}, port_value: {{ int $e.upstream.port }} }
                     {{- end }}
+    {{- end }}
     - name: envoy_admin
       type: STATIC
       connect_timeout: 0.25s

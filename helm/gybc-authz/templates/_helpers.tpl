@@ -48,6 +48,35 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+The key service's resources (keyService.enabled): `<fullname>-key-service`.
+*/}}
+{{- define "gybc-authz.keyService.fullname" -}}
+{{- printf "%s-key-service" (include "gybc-authz.fullname" . | trunc 51 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+The key service's selector labels. Its own `app.kubernetes.io/name`, so the main workload's
+selectors (name and instance) never pick its pods: the main Service must not send the
+upstream's traffic to the key service's Envoy, nor count its pods in the main budget.
+*/}}
+{{- define "gybc-authz.keyService.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-key-service" (include "gybc-authz.name" . | trunc 51 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels on every resource of the key service.
+*/}}
+{{- define "gybc-authz.keyService.labels" -}}
+helm.sh/chart: {{ include "gybc-authz.chart" . }}
+{{ include "gybc-authz.keyService.selectorLabels" . }}
+app.kubernetes.io/component: key-service
+app.kubernetes.io/part-of: {{ include "gybc-authz.name" . }}
+app.kubernetes.io/version: {{ .Values.gybcAuthz.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
 Labels that pick out the `helm test` pod: the release's, but not the selector labels, so that
 the Service and the PodDisruptionBudget never select it.
 */}}
@@ -150,6 +179,9 @@ by every template that depends on these values, so `helm template` fails as `hel
 {{- if $v.app.enabled }}
 {{- include "gybc-authz.validateAppProbes" . }}
 {{- end }}
+{{- if $v.keyService.enabled }}
+{{- include "gybc-authz.validateKeyService" (dict "root" . "ports" $ports) }}
+{{- end }}
 {{- if and $module $v.serviceMonitor.enabled (not $v.serviceMonitor.scrapeEnvoy) }}
 {{- fail "serviceMonitor.scrapeEnvoy=false leaves nothing to scrape in module mode: gybc-authz's metrics are on Envoy's /stats/prometheus there" }}
 {{- end }}
@@ -176,6 +208,37 @@ by every template that depends on these values, so `helm template` fails as `hel
 {{- if le (int $v.terminationGracePeriodSeconds) (add (int $a.preStopSleepSeconds) (int $a.shutdownGraceSeconds)) }}
 {{- fail "terminationGracePeriodSeconds must exceed gybcAuthz.preStopSleepSeconds + gybcAuthz.shutdownGraceSeconds, or in-flight checks are killed" }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+keyService.enabled: what the key service's pod needs. Call with (dict "root" $ "ports" <the
+main pod's ports>): its pod has the same Envoy and gybc-authz ports, without the app's.
+*/}}
+{{- define "gybc-authz.validateKeyService" -}}
+{{- $v := .root.Values }}
+{{- $k := $v.keyService }}
+{{- $ks := $v.gybcAuthz.config.key_store | default dict }}
+{{- if ne (toString $ks.type) "redis" }}
+{{- fail "keyService.enabled needs the Redis key store (gybcAuthz.config.key_store.type: redis, and gybcAuthz.redis): the key service writes keys that every replica must see, and a key file mounted from a Secret or ConfigMap is read-only" }}
+{{- end }}
+{{- $ports := .ports }}
+{{- if $v.app.enabled }}{{ $ports = without $ports (int $v.app.port) }}{{ end }}
+{{- if has (int $k.port) $ports }}
+{{- fail (printf "keyService.port %d is taken in the key service's pod by another container (gybcAuthz.ports, envoy.ports): %v" (int $k.port) $ports) }}
+{{- end }}
+{{- if lt (int $k.preStopSleepSeconds) (int $v.envoy.preStopSleepSeconds) }}
+{{- fail "keyService.preStopSleepSeconds must be at least envoy.preStopSleepSeconds: otherwise the key service stops while Envoy still sends it requests, and clients get 503" }}
+{{- end }}
+{{- if le (int $v.terminationGracePeriodSeconds) (int $k.preStopSleepSeconds) }}
+{{- fail "terminationGracePeriodSeconds must exceed keyService.preStopSleepSeconds, or the key service is killed with requests in flight" }}
+{{- end }}
+{{- $pdb := $k.podDisruptionBudget }}
+{{- if and $pdb.enabled (not (kindIs "invalid" $pdb.minAvailable)) (not (kindIs "invalid" $pdb.maxUnavailable)) }}
+{{- fail "keyService.podDisruptionBudget: set minAvailable or maxUnavailable, not both (set the other to null)" }}
+{{- end }}
+{{- if and $pdb.enabled (kindIs "invalid" $pdb.minAvailable) (kindIs "invalid" $pdb.maxUnavailable) }}
+{{- fail "keyService.podDisruptionBudget.enabled needs minAvailable or maxUnavailable" }}
 {{- end }}
 {{- end }}
 
