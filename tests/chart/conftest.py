@@ -7,6 +7,7 @@ nothing is skipped. `./scripts/test.sh` installs all of them.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ CHART = REPO / "helm" / "gybc-authz"
 SHIPPED_ENVOY = REPO / "deploy" / "envoy" / "envoy.yaml"
 # The same Envoy config with gybc-authz as a dynamic module instead of ext_authz.
 SHIPPED_MODULE_ENVOY = REPO / "deploy" / "envoy" / "envoy-module.yaml"
+# gybc-authz in front of the key service (`gybc-authz key-service`).
+SHIPPED_KEY_SERVICE_ENVOY = REPO / "deploy" / "envoy" / "key-service.yaml"
 # The Envoy dynamic module's file name: Envoy loads lib<name>.so for the name `gybc_authz_envoy`.
 MODULE_FILE = "libgybc_authz_envoy.so"
 INSTALL_HINT = "run ./scripts/test.sh, which creates .venv and installs tests/requirements.txt"
@@ -80,6 +83,17 @@ def module_dir() -> Path:
     return candidate
 
 
+def redis_server_bin() -> Path:
+    found = shutil.which("redis-server")
+    if not found:
+        pytest.fail(
+            "redis-server is required: install it with `apt-get install redis-server` "
+            "(./scripts/test.sh does)",
+            pytrace=False,
+        )
+    return Path(found)
+
+
 @pytest.fixture(scope="session")
 def helm():
     try:
@@ -103,6 +117,11 @@ def envoy() -> Path:
 @pytest.fixture(scope="session")
 def daemon() -> Path:
     return daemon_bin()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Path:
+    return redis_server_bin()
 
 
 @pytest.fixture(scope="session")

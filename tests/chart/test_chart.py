@@ -78,9 +78,16 @@ def manifests(docs: dict[str, list[dict]]) -> list[dict]:
     return [d for ds in docs.values() for d in ds]
 
 
-def one(docs, kind: str, name_suffix: str = "") -> dict:
+def is_key_service(d: dict) -> bool:
+    """Whether a manifest is the key service's (keyService.enabled): tests/chart/test_key_service.py."""
+    return d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "key-service"
+
+
+def one(docs, kind: str, name_suffix: str = "", key_service: bool = False) -> dict:
+    """The one `kind` manifest named *name_suffix: the main workload's, or the key service's."""
     found = [
         d for d in manifests(docs) if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)
+        and is_key_service(d) == key_service
     ]
     assert len(found) == 1, f"expected one {kind} *{name_suffix}, got {[d['metadata']['name'] for d in found]}"
     return found[0]
@@ -207,6 +214,8 @@ def test_there_are_scenarios():
         "with-dashboard-and-alerts-values",
         "module-values",
         "module-with-routes-values",
+        "key-service-values",
+        "module-key-service-values",
     } <= names, names
 
 
@@ -300,6 +309,17 @@ def test_renders_the_expected_resources(chart, values_file):
     if v["prometheusRule"]["enabled"]:
         expected.add("PrometheusRule")
     assert kinds(docs) == expected
+    # The key service's resources, when it is on (tests/chart/test_key_service.py), and nothing
+    # of it otherwise.
+    ks_expected = {"ConfigMap", "Deployment", "Service"}
+    if v["networkPolicy"]["enabled"]:
+        ks_expected.add("NetworkPolicy")
+    if v["keyService"]["podDisruptionBudget"]["enabled"]:
+        ks_expected.add("PodDisruptionBudget")
+    assert {d["kind"] for d in manifests(docs) if is_key_service(d)} == (
+        ks_expected if v["keyService"]["enabled"] else set())
+    assert not any("key-service" in d["metadata"]["name"] for d in manifests(docs)
+                   if not is_key_service(d))
     dashboards = [d for d in manifests(docs) if d["metadata"]["name"].endswith("-dashboard")]
     assert len(dashboards) == (1 if v["grafanaDashboard"]["enabled"] else 0)
     for d in manifests(docs):
@@ -531,14 +551,14 @@ SECRET_STAND_INS = {
 }
 
 
-def pod_env(docs, secrets: dict | None = None) -> dict[str, str]:
+def pod_env(docs, secrets: dict | None = None, of: dict | None = None) -> dict[str, str]:
     """The engine's environment as the kubelet builds it (the gybc-authz container's, or in
-    module mode Envoy's): each Secret item from `secrets` (else SECRET_STAND_INS, else
-    "stand-in"), and `$(VAR)` in a value expanded from the variables defined before it (`$$`
-    escapes; an unknown reference stays as written)."""
+    module mode Envoy's; or container `of`'s): each Secret item from `secrets` (else
+    SECRET_STAND_INS, else "stand-in"), and `$(VAR)` in a value expanded from the variables
+    defined before it (`$$` escapes; an unknown reference stays as written)."""
     secrets = {**SECRET_STAND_INS, **(secrets or {})}
     env: dict[str, str] = {}
-    for e in engine_container(docs).get("env", []):
+    for e in (of or engine_container(docs)).get("env", []):
         if "value" in e:
             env[e["name"]] = re.sub(
                 r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
