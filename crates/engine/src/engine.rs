@@ -25,6 +25,7 @@ use crate::redis_conn::{Redis, RedisSetupError};
 use crate::request::RequestContext;
 use crate::store::redis::spawn_event_listener;
 use crate::store::{CachedStore, FileStore, KeyFileError, KeyStore, Keys, RedisStore};
+use crate::usage::Usage;
 
 /// How often the Redis connection-state gauge is refreshed.
 const REDIS_HEALTH_EVERY: Duration = Duration::from_secs(2);
@@ -86,6 +87,8 @@ pub struct Engine {
     pub keys: Keys,
     pub jwt: Arc<JwtVerifier>,
     pub metrics: Arc<Metrics>,
+    /// Each known key's decisions per hour; `None` when `usage.enabled` is false.
+    usage: Option<Arc<Usage>>,
 }
 
 impl Engine {
@@ -135,6 +138,19 @@ impl Engine {
             }
             _ => None,
         };
+
+        // Usage per key: into Redis when this engine has it, else this replica's memory.
+        let to_redis = redis.clone().zip(cfg.redis.as_ref());
+        let usage = Usage::start(
+            &cfg.usage,
+            to_redis.map(|(r, c)| (r, c.key_prefix.clone(), c.cluster)),
+            clock.clone(),
+            observer.clone(),
+        )
+        .map(|(usage, flush)| {
+            background.push(flush);
+            usage
+        });
 
         // Key store: an in-memory one is asked directly; a remote one (Redis) has the cache in
         // front, which follows the key events channel.
@@ -287,6 +303,7 @@ impl Engine {
             keys,
             jwt,
             metrics,
+            usage,
         });
         Ok(Started { engine, background })
     }
@@ -359,6 +376,14 @@ impl Engine {
     /// One decision made: its log line and metrics.
     pub fn observe(&self, req: &RequestContext, decision: &Decision, latency: Duration) {
         self.observer.decision(req, decision, latency);
+        if let Some(u) = &self.usage {
+            u.count(decision);
+        }
+    }
+
+    /// Usage counting, when enabled: to flush it on shutdown, or to read a replica's own counts.
+    pub fn usage(&self) -> Option<&Arc<Usage>> {
+        self.usage.as_ref()
     }
 
     /// The answer a door gives when deciding itself failed (a panic caught at the door): 503,

@@ -106,3 +106,28 @@ impl RedisFailure {
         }
     }
 }
+
+/// Why counted decisions of a key were lost before reaching the usage record: the `reason` label
+/// of `usage_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageDrop {
+    /// Not counted: `usage.max_keys_per_interval` distinct keys were counted in the interval.
+    KeyCap,
+    /// Counted, but `usage.max_held_entries` were held already (Redis unwritable for long, or
+    /// without Redis a full record).
+    HeldFull,
+    /// Sent to Redis without an answer, and retried for as long as a retry cannot count twice.
+    Expired,
+}
+
+impl UsageDrop {
+    pub const ALL: [UsageDrop; 3] = [UsageDrop::KeyCap, UsageDrop::HeldFull, UsageDrop::Expired];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageDrop::KeyCap => "key_cap",
+            UsageDrop::HeldFull => "held_full",
+            UsageDrop::Expired => "expired",
+        }
+    }
+}

@@ -6,8 +6,8 @@
 //! and `store`, apply `policy`, count in `ratelimit`) → `decision` (allow or deny) → `answer` (the
 //! answer as data: headers to set and remove, status, body) → `observe` (the decision's log line
 //! and metrics; with `tracing_export`, `otel` also makes it a span in the caller's trace, read
-//! by `trace_context`). The door writes the answer back in its own format. `engine` builds it all
-//! from a validated `config`.
+//! by `trace_context`; `usage` counts a known key's decision for its hourly usage). The door
+//! writes the answer back in its own format. `engine` builds it all from a validated `config`.
 #![forbid(unsafe_code)]
 
 // The request path, in order.
@@ -27,6 +27,7 @@ pub mod answer;
 pub mod observe;
 pub mod otel;
 pub mod metrics;
+pub mod usage;
 
 // Around it.
 pub mod engine;

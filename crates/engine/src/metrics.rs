@@ -12,7 +12,7 @@ use prometheus::{
 use std::sync::OnceLock;
 
 use crate::decision::{AuthMethod, Reason};
-use crate::event::{CacheOutcome, StoreKind};
+use crate::event::{CacheOutcome, StoreKind, UsageDrop};
 
 const NAMESPACE: &str = "gybc_authz";
 
@@ -54,6 +54,10 @@ pub struct Metrics {
     pub panics: IntCounter,
     trace_spans_exported: IntCounter,
     trace_spans_dropped: IntCounterVec,
+    /// Resolved once, in `UsageDrop::ALL` order.
+    usage_dropped: Vec<IntCounter>,
+    usage_flushes: IntCounterVec,
+    pub usage_entries: IntGauge,
 }
 
 impl Default for Metrics {
@@ -136,6 +140,24 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(trace_spans_exported.clone()))
+            .expect("unique metric");
+        let usage_dropped = counter(
+            "usage_dropped_total",
+            "Decisions of known keys missing from the usage record, by reason (key_cap: over usage.max_keys_per_interval keys in an interval; held_full: over usage.max_held_entries held; expired: sent to Redis without an answer and retried as long as safe).",
+            &["reason"],
+        );
+        let usage_flushes = counter(
+            "usage_flushes_total",
+            "Writes of the usage counts to Redis, by result (ok, failed: held for the next one).",
+            &["result"],
+        );
+        let usage_entries = IntGauge::new(
+            "usage_entries",
+            "Usage (key, hour) entries in memory after the last flush: counted since, held for a retry, or (without Redis) kept.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(usage_entries.clone()))
             .expect("unique metric");
         let panics = IntCounter::new(
             "panics_total",
@@ -234,6 +256,12 @@ impl Metrics {
             panics,
             trace_spans_exported,
             trace_spans_dropped,
+            usage_dropped: UsageDrop::ALL
+                .iter()
+                .map(|r| usage_dropped.with_label_values(&[r.as_str()]))
+                .collect(),
+            usage_flushes,
+            usage_entries,
         };
         // Every decision series exists from the start (above), so rates and ratios work at once.
         for (cache, result) in [("jwt", "hit"), ("jwt", "miss"), ("rejected_jwt", "hit")] {
@@ -241,6 +269,9 @@ impl Metrics {
         }
         for reason in ["queue_full", "export_failed"] {
             m.trace_spans_dropped.with_label_values(&[reason]);
+        }
+        for result in ["ok", "failed"] {
+            m.usage_flushes.with_label_values(&[result]);
         }
         for mode in ["local", "denied"] {
             m.rate_limit_fallbacks.with_label_values(&[mode]);
@@ -391,6 +422,18 @@ impl Metrics {
 
     pub fn route_config_error(&self, key: &str) {
         self.route_config_errors.with_label_values(&[key]).inc();
+    }
+
+    /// `decisions` of known keys lost before reaching the usage record.
+    pub fn usage_dropped(&self, reason: UsageDrop, decisions: u64) {
+        if let Some(i) = UsageDrop::ALL.iter().position(|r| *r == reason) {
+            self.usage_dropped[i].inc_by(decisions);
+        }
+    }
+
+    /// One write of the usage counts; `result` is `ok` or `failed`.
+    pub fn usage_flush(&self, result: &'static str) {
+        self.usage_flushes.with_label_values(&[result]).inc();
     }
 
     /// Every family this registry holds, including those with no series yet.

@@ -10,7 +10,9 @@ use tracing::Level;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{DecisionLevel, LogConfig};
 use crate::decision::{Decision, Reason};
-use crate::event::{Backend, CacheOutcome, RedisFailure, StoreError, StoreKind, TokenLookup};
+use crate::event::{
+    Backend, CacheOutcome, RedisFailure, StoreError, StoreKind, TokenLookup, UsageDrop,
+};
 use crate::metrics::Metrics;
 use crate::request::RequestContext;
 
@@ -244,6 +246,36 @@ impl Observer {
     pub fn panicked(&self) {
         self.metrics.panics.inc();
         tracing::error!("A check panicked; it was answered 503 unavailable.");
+    }
+
+    /// The usage counts were written to Redis: `entries` (key, hour) hashes added to.
+    pub fn usage_flushed(&self, entries: usize) {
+        self.metrics.usage_flush("ok");
+        tracing::debug!(entries, "Usage counts written.");
+    }
+
+    /// Writing the usage counts failed; `held` entries wait for the next flush. While the
+    /// breaker is open the failure is counted but not logged: the breaker logged once.
+    pub fn usage_flush_failed(&self, written: usize, held: usize, failure: &RedisFailure) {
+        self.metrics.usage_flush("failed");
+        if !matches!(failure, RedisFailure::BreakerOpen) {
+            tracing::warn!(written, held, kind = failure.kind(), error = %failure, "Usage counts not written; held for the next flush.");
+        }
+    }
+
+    /// `decisions` of known keys will never reach the usage record.
+    pub fn usage_dropped(&self, reason: UsageDrop, decisions: u64) {
+        self.metrics.usage_dropped(reason, decisions);
+        tracing::warn!(
+            reason = reason.as_str(),
+            decisions,
+            "Usage counts lost; they are counted in gybc_authz_usage_dropped_total."
+        );
+    }
+
+    /// (key, hour) usage entries in memory after a flush.
+    pub fn usage_entries(&self, entries: usize) {
+        self.metrics.usage_entries.set(entries as i64);
     }
 
     /// Result of a Redis health check; logs only changes.

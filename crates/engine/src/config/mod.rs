@@ -20,6 +20,7 @@ mod redis;
 mod response;
 mod server;
 mod tracing_export;
+mod usage;
 
 use std::path::Path;
 
@@ -43,6 +44,7 @@ pub use redis::*;
 pub use response::*;
 pub use server::*;
 pub use tracing_export::*;
+pub use usage::*;
 
 /// The whole configuration file.
 /// Equality is the Envoy module's test for "the same config" (a reload that may keep its engine):
@@ -76,6 +78,8 @@ pub struct Config {
     pub tracing_export: Option<TracingExportConfig>,
     /// What only the Envoy module reads (config reloads); the daemon ignores it.
     pub module: ModuleConfig,
+    /// Each key's decisions per hour, for billing and support.
+    pub usage: UsageConfig,
 }
 
 // === loading ===
@@ -150,6 +154,7 @@ impl Config {
         }
         self.log.validate(&mut err);
         self.module.validate(&mut err);
+        self.usage.validate(&mut err);
 
         if errs.is_empty() {
             Ok(())
