@@ -1,4 +1,5 @@
-//! `gybc-authz keys …`: create, list, show, revoke and rotate API keys in the configured store.
+//! `gybc-authz keys …`: create, list, show, revoke and rotate API keys in the configured store,
+//! and show a key's usage per hour.
 //! A new key is printed once; nothing else ever prints a key or a whole hash.
 
 use std::path::PathBuf;
@@ -9,8 +10,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use gybc_authz_engine::authn::apikey::KeyKind;
 use gybc_authz_engine::config::{Config, ProcessEnv};
 use gybc_authz_engine::ratelimit::RateLimit;
-use gybc_authz_engine::store::admin::{AdminError, AdminStore, Created, NewKey};
+use gybc_authz_engine::store::admin::{AdminError, AdminStore, Created, KeyUsage, NewKey, Scope};
 use gybc_authz_engine::store::{KeyRecord, KeyStatus};
+use gybc_authz_engine::usage::Counts;
 use serde_json::json;
 
 #[derive(Args)]
@@ -87,6 +89,17 @@ enum KeysCommand {
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         grace: Duration,
     },
+    /// A key's decisions per hour (allowed, rate limited, denied), summed over every replica;
+    /// needs the Redis key store.
+    Usage {
+        id: String,
+        /// Start: an RFC 3339 time, or how long ago (`48h`, `7d`). Default: a day before --until.
+        #[arg(long, value_parser = parse_when)]
+        since: Option<u64>,
+        /// End (excluded): an RFC 3339 time, or how long ago. Default: now.
+        #[arg(long, value_parser = parse_when)]
+        until: Option<u64>,
+    },
 }
 
 fn parse_rate_limit(s: &str) -> Result<RateLimit, String> {
@@ -100,6 +113,23 @@ fn parse_time(s: &str) -> Result<u64, String> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .map_err(|_| format!("`{s}` is before 1970"))
+}
+
+/// An RFC 3339 time, or a duration meaning that long ago.
+fn parse_when(s: &str) -> Result<u64, String> {
+    if let Ok(t) = parse_time(s) {
+        return Ok(t);
+    }
+    let ago = humantime::parse_duration(s)
+        .map_err(|_| format!("`{s}` is neither an RFC 3339 time nor a duration like 48h"))?;
+    Ok(now_secs().saturating_sub(ago.as_secs()))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -216,6 +246,20 @@ async fn execute(cfg: &Config, command: KeysCommand, output: Output) -> Result<(
             let (created, old) = store.rotate(&id, grace).await?;
             print_created(&created, output, Some(&old));
         }
+        KeysCommand::Usage { id, since, until } => {
+            let end = until.unwrap_or_else(now_secs);
+            let start = since.unwrap_or(end.saturating_sub(24 * 3600));
+            if start >= end {
+                return Err(AdminError::Invalid("--since must be before --until".into()));
+            }
+            if end - start > store.usage_retention_secs() {
+                return Err(AdminError::Invalid(format!(
+                    "the range spans more than the {} days usage is kept",
+                    store.usage_retention_secs() / 86_400
+                )));
+            }
+            print_usage(&store.usage(Scope::All, &id, start, end).await?, output);
+        }
     }
     Ok(())
 }
@@ -267,6 +311,55 @@ fn print_record(r: &KeyRecord, output: Output) {
                 };
                 println!("{k:<26}{v}");
             }
+        }
+    }
+}
+
+fn print_usage(u: &KeyUsage, output: Output) {
+    let counts = |c: &Counts| json!({ "allowed": c.allowed, "rate_limited": c.rate_limited, "denied": c.denied });
+    match output {
+        Output::Json => {
+            let buckets: Vec<_> = u
+                .buckets
+                .iter()
+                .map(|b| {
+                    let mut v = counts(&b.counts);
+                    v["start_time"] = time(b.hour_start).into();
+                    v
+                })
+                .collect();
+            println!(
+                "{}",
+                json!({
+                    "id": u.id,
+                    "start_time": time(u.start),
+                    "end_time": time(u.end),
+                    "buckets": buckets,
+                    "total": counts(&u.total),
+                })
+            );
+        }
+        Output::Text => {
+            println!(
+                "{:<22} {:>12} {:>12} {:>12}",
+                "HOUR (UTC)", "ALLOWED", "RATE_LIMITED", "DENIED"
+            );
+            let row = |label: &str, c: &Counts| {
+                println!(
+                    "{label:<22} {:>12} {:>12} {:>12}",
+                    c.allowed, c.rate_limited, c.denied
+                )
+            };
+            for b in &u.buckets {
+                row(&time(b.hour_start), &b.counts);
+            }
+            row("TOTAL", &u.total);
+            eprintln!(
+                "Key {}, {} to {}; hours without decisions left out.",
+                u.id,
+                time(u.start),
+                time(u.end)
+            );
         }
     }
 }

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use gybc_authz_engine::authn::apikey::KeyKind;
 use gybc_authz_engine::store::KeyRecord;
-use gybc_authz_engine::store::admin::{self, AdminError, Idempotency, Minted, Scope};
+use gybc_authz_engine::store::admin::{self, AdminError, Idempotency, KeyUsage, Minted, Scope};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -33,16 +33,18 @@ pub enum Method {
     UpdateKey,
     RotateKey,
     RevokeKey,
+    GetKeyUsage,
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 7] = [
         Method::CreateKey,
         Method::ListKeys,
         Method::GetKey,
         Method::UpdateKey,
         Method::RotateKey,
         Method::RevokeKey,
+        Method::GetKeyUsage,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +55,7 @@ impl Method {
             Method::UpdateKey => "update-key",
             Method::RotateKey => "rotate-key",
             Method::RevokeKey => "revoke-key",
+            Method::GetKeyUsage => "get-key-usage",
         }
     }
 
@@ -67,7 +70,7 @@ impl Method {
             Method::UpdateKey => Some("update"),
             Method::RotateKey => Some("rotate"),
             Method::RevokeKey => Some("revoke"),
-            Method::ListKeys | Method::GetKey => None,
+            Method::ListKeys | Method::GetKey | Method::GetKeyUsage => None,
         }
     }
 }
@@ -83,6 +86,8 @@ pub enum ApiError {
     Precondition(String),
     Conflict(String),
     IdempotencyMismatch,
+    /// A read this store cannot answer (usage needs Redis).
+    Unimplemented(String),
     Unavailable,
     Internal,
 }
@@ -96,7 +101,9 @@ impl ApiError {
             ApiError::Invalid(_) | ApiError::Precondition(_) => Outcome::Invalid,
             ApiError::NotFound | ApiError::UnknownMethod => Outcome::NotFound,
             ApiError::Conflict(_) | ApiError::IdempotencyMismatch => Outcome::Conflict,
-            ApiError::Unavailable | ApiError::Internal => Outcome::Error,
+            ApiError::Unavailable | ApiError::Internal | ApiError::Unimplemented(_) => {
+                Outcome::Error
+            }
         }
     }
 }
@@ -113,6 +120,7 @@ impl From<AdminError> for ApiError {
                 ApiError::Unavailable
             }
             AdminError::NoStore => ApiError::Internal,
+            e @ AdminError::NoUsage => ApiError::Unimplemented(e.to_string()),
         }
     }
 }
@@ -173,6 +181,13 @@ impl IntoResponse for ApiError {
                 "idempotency_key_reused",
                 "This Idempotency-Key was used for a different request.".to_owned(),
                 Some("Idempotency-Key".to_owned()),
+            ),
+            ApiError::Unimplemented(m) => (
+                StatusCode::NOT_IMPLEMENTED,
+                "unimplemented",
+                "usage_needs_redis",
+                format!("{m}."),
+                None,
             ),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -355,6 +370,17 @@ async fn dispatch(
                 replayed,
             })
         }
+        Method::GetKeyUsage => {
+            let req: pb::GetKeyUsageRequest = decode(body)?;
+            let (start, end) = validate::usage(&req, now, service.store.usage_retention_secs())
+                .map_err(ApiError::Invalid)?;
+            let u = service.store.usage(scope, &req.id, start, end).await?;
+            Ok(Answer {
+                body: encode(&usage_answer(&u)),
+                key_id: Some(u.id),
+                replayed: false,
+            })
+        }
         Method::RevokeKey => {
             let req: pb::RevokeKeyRequest = decode(body)?;
             let r = service
@@ -369,6 +395,35 @@ async fn dispatch(
                 replayed: false,
             })
         }
+    }
+}
+
+/// A usage answer: hours as RFC 3339 times, counts as protojson's int64 strings.
+fn usage_answer(u: &KeyUsage) -> pb::GetKeyUsageResponse {
+    let ts = |t: u64| pbjson_types::Timestamp {
+        seconds: t as i64,
+        nanos: 0,
+    };
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    pb::GetKeyUsageResponse {
+        id: u.id.clone(),
+        start_time: Some(ts(u.start)),
+        end_time: Some(ts(u.end)),
+        buckets: u
+            .buckets
+            .iter()
+            .map(|b| pb::UsageBucket {
+                start_time: Some(ts(b.hour_start)),
+                allowed: n(b.counts.allowed),
+                rate_limited: n(b.counts.rate_limited),
+                denied: n(b.counts.denied),
+            })
+            .collect(),
+        total: Some(pb::UsageCounts {
+            allowed: n(u.total.allowed),
+            rate_limited: n(u.total.rate_limited),
+            denied: n(u.total.denied),
+        }),
     }
 }
 

@@ -304,6 +304,45 @@ pub fn grace(req: &pb::RotateKeyRequest) -> Result<Duration, Invalid> {
     Ok(Duration::from_secs(d.seconds as u64))
 }
 
+/// The range `get-key-usage` reads when `startTime` is unset: the last day.
+pub const DEFAULT_USAGE_RANGE_SECS: u64 = 24 * 3600;
+
+/// A usage read's range, `[start, end)` in Unix seconds: `endTime` (default now) and
+/// `startTime` (default a day before it), in order, spanning at most `max_span_secs` (the
+/// retention: older hours are gone anyway) once widened to whole hours.
+pub fn usage(
+    req: &pb::GetKeyUsageRequest,
+    now: u64,
+    max_span_secs: u64,
+) -> Result<(u64, u64), Invalid> {
+    id(&req.id)?;
+    let secs = |field: &str, t: &pbjson_types::Timestamp| {
+        u64::try_from(t.seconds).map_err(|_| bad(field, format!("{field} is before 1970")))
+    };
+    let end = match &req.end_time {
+        Some(t) => secs("endTime", t)?,
+        None => now,
+    };
+    let start = match &req.start_time {
+        Some(t) => secs("startTime", t)?,
+        None => end.saturating_sub(DEFAULT_USAGE_RANGE_SECS),
+    };
+    if start >= end {
+        return Err(bad("startTime", "startTime is not before endTime"));
+    }
+    let hour = 3600;
+    if end.div_ceil(hour) * hour - start / hour * hour > max_span_secs {
+        return Err(bad(
+            "startTime",
+            format!(
+                "the range spans more than the {} days usage is kept",
+                max_span_secs / 86_400
+            ),
+        ));
+    }
+    Ok((start, end))
+}
+
 /// An `Idempotency-Key` header value: 1 to 255 visible ASCII characters.
 pub fn idempotency_key(value: &[u8]) -> Result<&str, Invalid> {
     let ok = !value.is_empty() && value.len() <= 255 && value.iter().all(|b| b.is_ascii_graphic());
@@ -539,5 +578,33 @@ mod tests {
         for bad in [&b""[..], b"has space", &[b'a'; 256], b"\xff"] {
             assert_eq!(field(idempotency_key(bad)), "Idempotency-Key");
         }
+    }
+
+    #[test]
+    fn usage_ranges_default_to_the_last_day_and_stay_within_the_retention() {
+        let req = |json: &str| serde_json::from_str::<pb::GetKeyUsageRequest>(json).unwrap();
+        let day = 86_400;
+        assert_eq!(
+            usage(&req(r#"{"id":"key_1"}"#), NOW, 35 * day),
+            Ok((NOW - day, NOW))
+        );
+        let explicit = req(
+            r#"{"id":"key_1","startTime":"2027-01-15T08:00:00Z","endTime":"2027-01-15T10:30:00Z"}"#,
+        );
+        assert_eq!(usage(&explicit, NOW, 35 * day), Ok((NOW, NOW + 9_000)));
+        assert_eq!(field(usage(&req(r#"{}"#), NOW, 35 * day)), "id");
+        let backwards = req(
+            r#"{"id":"k","startTime":"2027-01-15T10:00:00Z","endTime":"2027-01-15T09:00:00Z"}"#,
+        );
+        assert_eq!(field(usage(&backwards, NOW, 35 * day)), "startTime");
+        let too_long = req(r#"{"id":"k","startTime":"2026-01-01T00:00:00Z"}"#);
+        assert_eq!(field(usage(&too_long, NOW, 35 * day)), "startTime");
+        let negative = req(r#"{"id":"k","endTime":"1960-01-01T00:00:00Z"}"#);
+        assert_eq!(field(usage(&negative, NOW, 35 * day)), "endTime");
+        // Exactly the retention, once widened to whole hours, is accepted.
+        let whole = req(
+            r#"{"id":"k","startTime":"2026-12-11T08:00:00Z","endTime":"2027-01-15T08:00:00Z"}"#,
+        );
+        assert!(usage(&whole, NOW, 35 * day).is_ok());
     }
 }

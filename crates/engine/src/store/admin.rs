@@ -1,7 +1,7 @@
 //! Key changes against the configured store, the one implementation behind `gybc-authz keys …`
 //! and the key service (`gybc-authz key-service`), so the two can never disagree: create, find,
 //! list a tenant's keys a page at a time, update, rotate, revoke, and idempotent retries of a
-//! create or rotate. The stores: the key file, rewritten atomically under a lock
+//! create or rotate, and a key's usage per hour (Redis only). The stores: the key file, rewritten atomically under a lock
 //! (`admin/file.rs`), or Redis, written as docs/key-store.md says: record, indexes, then the
 //! event (`admin/redis.rs`).
 
@@ -15,10 +15,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 use crate::authn::apikey::{ApiKey, KeyHash, KeyKind, random_base62};
-use crate::config::{Config, KeyStoreConfig};
+use crate::config::{Config, DEFAULT_USAGE_RETENTION_DAYS, KeyStoreConfig};
 use crate::proto::v1::KeyEventType;
 use crate::ratelimit::RateLimit;
 use crate::store::{KeyRecord, KeyStatus};
+use crate::usage::read::hours_covering;
+use crate::usage::{Bucket, Counts, HOUR_SECS};
 
 pub use self::memory::MemoryAdmin;
 pub use self::redis::RedisAdmin;
@@ -42,6 +44,11 @@ pub enum AdminError {
     Write(String),
     #[error("no key store configured: set key_store.type to file or redis")]
     NoStore,
+    /// Usage is summed over the fleet in Redis; with a key file each replica keeps its own.
+    #[error(
+        "usage per key is read from Redis (key_store.type: redis); with a key file each replica counts its own, in memory"
+    )]
+    NoUsage,
 }
 
 impl AdminError {
@@ -50,7 +57,7 @@ impl AdminError {
         match self {
             AdminError::NotFound(_) => 3,
             AdminError::Invalid(_) | AdminError::IdempotencyMismatch => 65,
-            AdminError::NoStore => 64,
+            AdminError::NoStore | AdminError::NoUsage => 64,
             AdminError::Unavailable(_) => 69,
             AdminError::Write(_) => 74,
             AdminError::Conflict(_) => 75,
@@ -200,6 +207,18 @@ impl ListFilter {
     }
 }
 
+/// A key's decisions over a range of whole hours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub id: String,
+    /// Unix seconds: the first hour's start, and the end of the last hour (excluded).
+    pub start: u64,
+    pub end: u64,
+    /// Hours with at least one decision, oldest first.
+    pub buckets: Vec<Bucket>,
+    pub total: Counts,
+}
+
 /// Where a page ends: lists run newest first, by creation time and then id, both descending, so
 /// the next page starts after this key. Its text form is the key service's opaque page token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -307,7 +326,10 @@ impl AdminStore {
             KeyStoreConfig::File { path, .. } => Ok(AdminStore::File(path.clone())),
             KeyStoreConfig::Redis => {
                 let r = cfg.redis.as_ref().ok_or(AdminError::NoStore)?;
-                Ok(AdminStore::Redis(Box::new(RedisAdmin::connect(r).await?)))
+                let admin = RedisAdmin::connect(r).await?;
+                Ok(AdminStore::Redis(Box::new(
+                    admin.with_usage_retention_days(cfg.usage.retention_days),
+                )))
             }
             KeyStoreConfig::None => Err(AdminError::NoStore),
         }
@@ -372,6 +394,43 @@ impl AdminStore {
         found
             .filter(|r| scope.allows(r))
             .ok_or_else(|| AdminError::NotFound(id.to_owned()))
+    }
+
+    /// A key's decisions per hour over `[start, end)` (Unix seconds, widened to whole hours),
+    /// summed over every replica, if the scope may see the key.
+    pub async fn usage(
+        &self,
+        scope: Scope<'_>,
+        id: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<KeyUsage, AdminError> {
+        let r = self.find(scope, id).await?;
+        let AdminStore::Redis(redis) = self else {
+            return Err(AdminError::NoUsage);
+        };
+        let hours = hours_covering(start, end);
+        let buckets = redis.usage(&r.id, hours.clone()).await?;
+        let mut total = Counts::default();
+        for b in &buckets {
+            total.add(b.counts);
+        }
+        Ok(KeyUsage {
+            id: r.id,
+            start: hours.start * HOUR_SECS,
+            end: hours.end * HOUR_SECS,
+            buckets,
+            total,
+        })
+    }
+
+    /// How far back usage is kept (`usage.retention_days`): the longest range worth reading.
+    pub fn usage_retention_secs(&self) -> u64 {
+        let days = match self {
+            AdminStore::Redis(r) => r.usage_retention_days(),
+            AdminStore::File(_) | AdminStore::Memory(_) => DEFAULT_USAGE_RETENTION_DAYS,
+        };
+        u64::from(days) * 86_400
     }
 
     pub async fn get(&self, id: &str) -> Result<KeyRecord, AdminError> {

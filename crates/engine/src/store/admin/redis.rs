@@ -3,17 +3,21 @@
 //! the tenant's keys newest first in the sorted set `<prefix>:tenant-keys:<tenant>`), then the
 //! event. A change is a compare-and-set on the record, so concurrent changes never undo each other
 //! (an update racing a revoke cannot bring the key back). Idempotency records live under
-//! `<prefix>:idempotency:<digest>` with a TTL: digests and key ids only, never a secret.
+//! `<prefix>:idempotency:<digest>` with a TTL: digests and key ids only, never a secret. A key's
+//! usage is read from the hourly hashes the data path writes (`crate::usage::read`).
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 
 use super::{AdminError, Cursor, IdemEntry, ListFilter, Page, page_of};
 use crate::authn::apikey::KeyHash;
-use crate::config::RedisConfig;
+use crate::config::{DEFAULT_USAGE_RETENTION_DAYS, RedisConfig};
 use crate::proto::v1::KeyEventType;
 use crate::redis_conn::{Redis, RedisConn};
 use crate::store::KeyRecord;
 use crate::store::redis::{decode_record, encode_event, encode_record};
+use crate::usage::Bucket;
+use crate::usage::read::read;
 
 /// Compare-and-set of one record: the write happens only if nobody changed it since it was read.
 const CAS: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -28,6 +32,7 @@ const CAS_ATTEMPTS: usize = 8;
 pub struct RedisAdmin {
     redis: Redis,
     prefix: String,
+    usage_retention_days: u32,
 }
 
 fn unavailable(e: redis::RedisError) -> AdminError {
@@ -48,7 +53,29 @@ impl RedisAdmin {
         Ok(Self {
             redis,
             prefix: cfg.key_prefix.clone(),
+            usage_retention_days: DEFAULT_USAGE_RETENTION_DAYS,
         })
+    }
+
+    /// How long the data path keeps usage (`usage.retention_days`).
+    pub fn with_usage_retention_days(mut self, days: u32) -> Self {
+        self.usage_retention_days = days;
+        self
+    }
+
+    pub(super) fn usage_retention_days(&self) -> u32 {
+        self.usage_retention_days
+    }
+
+    /// The fleet's hourly counts of a key (`<prefix>:usage:{<id>}:<yyyymmddhh>`).
+    pub(super) async fn usage(
+        &self,
+        id: &str,
+        hours: Range<u64>,
+    ) -> Result<Vec<Bucket>, AdminError> {
+        read(&self.redis, &self.prefix, id, hours)
+            .await
+            .map_err(|e| AdminError::Unavailable(e.to_string()))
     }
 
     fn id_index(&self, id: &str) -> String {
