@@ -124,6 +124,13 @@ async fn every_method_works_and_only_create_and_rotate_show_the_secret(store: St
             .starts_with("2099-01-01T00:00:00")
     );
     assert!(key["createTime"].is_string());
+    // Protojson's canonical timestamps: UTC with `Z`, whole seconds without a fraction.
+    assert_eq!(key["expireTime"], "2099-01-01T00:00:00Z");
+    let created_at = key["createTime"].as_str().unwrap();
+    assert!(
+        created_at.len() == 20 && created_at.ends_with('Z') && created_at.as_bytes()[10] == b'T',
+        "{created_at}"
+    );
     assert_eq!(key["hashPrefix"].as_str().unwrap().len(), 8);
 
     let pk = create(

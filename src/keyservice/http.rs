@@ -400,7 +400,7 @@ async fn dispatch(
 
 /// A usage answer: hours as RFC 3339 times, counts as protojson's int64 strings.
 fn usage_answer(u: &KeyUsage) -> pb::GetKeyUsageResponse {
-    let ts = |t: u64| pbjson_types::Timestamp {
+    let ts = |t: u64| pb::Timestamp {
         seconds: t as i64,
         nanos: 0,
     };
@@ -509,7 +509,7 @@ fn requested_id(body: &[u8]) -> Option<String> {
 
 /// A record as callers see it: never the secret, only 8 hex digits of its hash.
 pub fn api_key(r: &KeyRecord, now: u64) -> pb::ApiKey {
-    let ts = |t: u64| pbjson_types::Timestamp {
+    let ts = |t: u64| pb::Timestamp {
         seconds: t as i64,
         nanos: 0,
     };

@@ -146,7 +146,7 @@ fn origins(field: &str, list: &[String]) -> Result<Vec<String>, Invalid> {
     Ok(list.to_vec())
 }
 
-fn expiry(field: &str, t: &pbjson_types::Timestamp, now: u64) -> Result<u64, Invalid> {
+fn expiry(field: &str, t: &pb::Timestamp, now: u64) -> Result<u64, Invalid> {
     if t.seconds <= now as i64 {
         return Err(bad(field, format!("{field} is not in the future")));
     }
@@ -316,7 +316,7 @@ pub fn usage(
     max_span_secs: u64,
 ) -> Result<(u64, u64), Invalid> {
     id(&req.id)?;
-    let secs = |field: &str, t: &pbjson_types::Timestamp| {
+    let secs = |field: &str, t: &pb::Timestamp| {
         u64::try_from(t.seconds).map_err(|_| bad(field, format!("{field} is before 1970")))
     };
     let end = match &req.end_time {
