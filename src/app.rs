@@ -72,8 +72,9 @@ pub struct Running {
     engine: Arc<Engine>,
 }
 
-/// On shutdown, how long queued decision spans get to reach the collector.
-const TRACE_FLUSH_WITHIN: Duration = Duration::from_secs(2);
+/// On shutdown, how long queued decision spans get to reach the collector, and unflushed usage
+/// counts to reach Redis (each bound separately).
+const FLUSH_WITHIN: Duration = Duration::from_secs(2);
 
 pub async fn start(cfg: Config, opts: Options) -> Result<Running, StartError> {
     let started = Engine::start(
@@ -244,7 +245,8 @@ impl Running {
         if tokio::time::timeout(self.grace, servers).await.is_err() {
             tracing::warn!("Drain took longer than the grace period; stopping anyway.");
         }
-        self.engine.flush_traces(TRACE_FLUSH_WITHIN).await;
+        self.engine.flush_traces(FLUSH_WITHIN).await;
+        self.engine.flush_usage(FLUSH_WITHIN).await;
         for task in self.background {
             task.abort();
         }

@@ -490,3 +490,30 @@ async fn with_a_key_file_usage_stays_per_replica_and_the_readers_say_why() {
     .await;
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_replica_that_stops_writes_the_counts_it_has_not_flushed_yet() {
+    let redis = RedisServer::start();
+    let keys = TestKeys::generate();
+    seed(&redis.url(), &keys.records()).await;
+    // A flush interval far longer than the test: only the shutdown can write these counts.
+    let a = replica(&redis, &keys, "usage: { flush_interval_ms: 60000 }\n").await;
+    let mut want = Expected::default();
+    for _ in 0..3 {
+        let outcome = send(&a, &keys.secret, false).await;
+        want.add(&a, "key_secret", outcome);
+    }
+    let start = a.now() / 3600 * 3600;
+    let store = admin(&redis.url()).await;
+    assert_eq!(
+        series(&store, "key_secret", start, start + 3600).await,
+        vec![],
+        "nothing is written before the interval ends"
+    );
+    a.stop().await;
+    assert_eq!(
+        series(&store, "key_secret", start, start + 3600).await,
+        want.of("key_secret"),
+        "the stopping replica wrote what it had counted"
+    );
+}

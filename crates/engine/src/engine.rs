@@ -363,6 +363,16 @@ impl Engine {
         }
     }
 
+    /// Writes the usage counts not yet flushed, waiting at most `within`; for shutdown, so a
+    /// stopping replica does not lose its last interval of counts.
+    pub async fn flush_usage(&self, within: Duration) {
+        if let Some(u) = &self.usage {
+            if tokio::time::timeout(within, u.flush_now()).await.is_err() {
+                tracing::warn!("Usage counts were not all written before shutdown.");
+            }
+        }
+    }
+
     /// Every request header an allow may set or remove upstream (see `Answers::upstream_names`).
     pub fn upstream_names(&self) -> [&str; 8] {
         self.answers.upstream_names()
