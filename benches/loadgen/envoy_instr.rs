@@ -27,6 +27,9 @@ pub(crate) struct EnvoyInstrResult {
     pub(crate) module_per_request: Option<f64>,
     /// The module's functions by their own (exclusive) instructions per request, most first.
     pub(crate) top: Vec<(String, f64)>,
+    /// Instructions per request by the shared object they ran in (`envoy`, the module, libc, …;
+    /// `???` where callgrind names none), most first.
+    pub(crate) by_object: Vec<(String, f64)>,
 }
 
 /// What Envoy runs in front of its `direct_response` route.
@@ -167,8 +170,30 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
     ];
     for v in variants {
         let t = Instant::now();
-        let first = count(ctx, &envoy_bin, &module_dir, &v, n1)?;
-        let second = count(ctx, &envoy_bin, &module_dir, &v, n2)?;
+        let runs = Runs {
+            dir: &ctx.dir,
+            jwks: &ctx.jwks_json,
+            warmup: ctx.plan.envoy_instr_warmup,
+            envoy_bin: &envoy_bin,
+            module_dir: &module_dir,
+        };
+        let (first, second) = if ctx.plan.smoke {
+            // Side by side, to keep the smoke run short (Envoy and a debug module start slowly
+            // under valgrind); the counts do not depend on it. The full run keeps them apart.
+            std::thread::scope(|s| {
+                let first = s.spawn(|| runs.count(&v, n1));
+                let second = runs.count(&v, n2);
+                (
+                    first
+                        .join()
+                        .unwrap_or_else(|_| Err("a counting thread panicked".into())),
+                    second,
+                )
+            })
+        } else {
+            (runs.count(&v, n1), runs.count(&v, n2))
+        };
+        let (first, second) = (first?, second?);
         let slope = |a: u64, b: u64| (b as f64 - a as f64) / (n2 - n1) as f64;
         let per_request = slope(first.worker, second.worker);
         let so = match v.filter {
@@ -197,6 +222,23 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
                 (Some(total), top)
             }
         };
+        let objects = |c: &Count| {
+            let mut by: HashMap<String, u64> = HashMap::new();
+            for ((ob, _), ir) in &c.functions {
+                let file = Path::new(ob)
+                    .file_name()
+                    .map_or(ob.clone(), |f| f.to_string_lossy().into_owned());
+                *by.entry(file).or_default() += ir;
+            }
+            by
+        };
+        let (a, b) = (objects(&first), objects(&second));
+        let mut by_object: Vec<(String, f64)> = b
+            .iter()
+            .map(|(o, ir)| (o.clone(), slope(a.get(o).copied().unwrap_or(0), *ir)))
+            .filter(|(_, ir)| ir.abs() >= 1.0)
+            .collect();
+        by_object.sort_by(|x, y| y.1.total_cmp(&x.1));
         eprintln!(
             "  {:<12} {:>9.0} instructions per request{}  ({:.0} s)",
             v.name,
@@ -213,6 +255,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             per_request,
             module_per_request,
             top,
+            by_object,
         });
     }
     Ok(())
@@ -224,107 +267,126 @@ struct Count {
     functions: HashMap<(String, String), u64>,
 }
 
-/// Envoy under callgrind for `n` counted requests of `v`.
-fn count(ctx: &Ctx, envoy_bin: &Path, module_dir: &Path, v: &Variant, n: u64) -> Res<Count> {
-    let run = format!("instr-{}-{n}", v.name);
-    let out = ctx.dir.join(format!("callgrind.envoy-{}-{n}.out", v.name));
-    let prefix = out.file_name().map(|f| f.to_string_lossy().into_owned());
-    for old in std::fs::read_dir(&ctx.dir)?.flatten() {
-        if prefix
-            .as_deref()
-            .is_some_and(|p| old.file_name().to_string_lossy().starts_with(p))
-        {
-            std::fs::remove_file(old.path())?;
+/// What every run of a variant shares.
+struct Runs<'a> {
+    dir: &'a Path,
+    jwks: &'a str,
+    warmup: u64,
+    envoy_bin: &'a Path,
+    module_dir: &'a Path,
+}
+
+impl Runs<'_> {
+    /// Envoy under callgrind for `n` counted requests of `v`.
+    fn count(&self, v: &Variant, n: u64) -> Res<Count> {
+        let run = format!("instr-{}-{n}", v.name);
+        let out = self.dir.join(format!("callgrind.envoy-{}-{n}.out", v.name));
+        let prefix = out.file_name().map(|f| f.to_string_lossy().into_owned());
+        for old in std::fs::read_dir(self.dir)?.flatten() {
+            if prefix
+                .as_deref()
+                .is_some_and(|p| old.file_name().to_string_lossy().starts_with(p))
+            {
+                std::fs::remove_file(old.path())?;
+            }
         }
-    }
-    let wrapper = [
-        "valgrind".to_owned(),
-        "--tool=callgrind".to_owned(),
-        "--separate-threads=yes".to_owned(),
-        "--instr-atstart=no".to_owned(),
-        format!("--callgrind-out-file={}", out.display()),
-    ];
-    let filter = match &v.filter {
-        Filter::None => EnvoyFilter::None,
-        Filter::Floor => EnvoyFilter::Floor,
-        Filter::Module(config) => EnvoyFilter::Module(config.clone()),
-    };
-    let loads_module = !matches!(v.filter, Filter::None);
-    let mut envoy = start_envoy_wrapped(
-        &wrapper,
-        envoy_bin,
-        &ctx.dir,
-        &run,
-        &envoy_config(filter, &ctx.jwks_json),
-        loads_module.then_some(module_dir),
-    )?;
-    let pid = envoy.proc.pid();
-    let mut conn = KeepAlive::open(envoy.ingress, &v.headers)?;
-    // Caches filled, the limited key spent, the code paths translated: nothing of it is counted.
-    for _ in 0..ctx.plan.envoy_instr_warmup {
-        conn.send()?;
-    }
-    callgrind_control(pid, "on")?;
-    for i in 0..n {
-        let status = conn.send()?;
-        if status != v.status {
+        let wrapper = [
+            "valgrind".to_owned(),
+            "--tool=callgrind".to_owned(),
+            "--separate-threads=yes".to_owned(),
+            "--instr-atstart=no".to_owned(),
+            format!("--callgrind-out-file={}", out.display()),
+        ];
+        let filter = match &v.filter {
+            Filter::None => EnvoyFilter::None,
+            Filter::Floor => EnvoyFilter::Floor,
+            Filter::Module(config) => EnvoyFilter::Module(config.clone()),
+        };
+        let loads_module = !matches!(v.filter, Filter::None);
+        let mut envoy = start_envoy_wrapped(
+            &wrapper,
+            self.envoy_bin,
+            self.dir,
+            &run,
+            &envoy_config(filter, self.jwks),
+            loads_module.then_some(self.module_dir),
+        )?;
+        let pid = envoy.proc.pid();
+        let mut conn = KeepAlive::open(envoy.ingress, &v.headers)?;
+        // Caches filled, the limited key spent, the code paths translated: nothing of it is counted.
+        for _ in 0..self.warmup {
+            conn.send()?;
+        }
+        callgrind_control(pid, "on")?;
+        for i in 0..n {
+            let status = conn.send()?;
+            if status != v.status {
+                return Err(format!(
+                    "{}: request {i} got {status}, expected {}",
+                    v.name, v.status
+                )
+                .into());
+            }
+        }
+        drop(conn);
+        let threads = thread_names(pid)?;
+        quit(&mut envoy)?;
+
+        // One worker (`--concurrency 1`), so one thread carried every request.
+        let workers = threads
+            .iter()
+            .filter(|n| n.starts_with("wrk:worker"))
+            .count();
+        if workers != 1 {
             return Err(format!(
-                "{}: request {i} got {status}, expected {}",
-                v.name, v.status
+                "{}: {workers} Envoy worker threads among {threads:?}",
+                v.name
             )
             .into());
         }
-    }
-    drop(conn);
-    let threads = thread_names(pid)?;
-    quit(&mut envoy)?;
-
-    // callgrind numbers threads in the order they were created, as Linux's thread ids rise.
-    let worker = threads
-        .iter()
-        .position(|name| name.starts_with("wrk:worker"))
-        .ok_or_else(|| format!("no Envoy worker thread among {threads:?}"))?
-        + 1;
-    let dumps: Vec<(usize, PathBuf)> = std::fs::read_dir(&ctx.dir)?
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let tid = name.strip_prefix(prefix.as_deref()?)?.strip_prefix('-')?;
-            Some((tid.parse().ok()?, e.path()))
-        })
-        .collect();
-    // A thread that ran nothing while counted gets no file; one numbered past the threads seen
-    // would mean a thread came and went, and the numbering is not what this assumes.
-    if dumps.iter().any(|(tid, _)| *tid > threads.len()) {
-        return Err(format!(
-            "{}: callgrind numbered more threads than the {} seen: cannot tell which is the worker",
-            v.name,
-            threads.len()
-        )
-        .into());
-    }
-    let mut totals = Vec::new();
-    let mut worker_count = None;
-    for (tid, path) in dumps {
-        let text = std::fs::read_to_string(&path)?;
-        if tid == worker {
-            worker_count = Some(parse_callgrind(&text)?);
-        } else if tid != 1 {
-            // The main thread's shutdown is counted too (the same in both runs).
-            totals.push(summary(&text)?);
+        // Which file is the worker's: callgrind numbers threads by the slot they got (1 is the main
+        // thread; a slot freed by a thread that ended is given to the next one), so the numbers cannot
+        // be matched to /proc's thread names. The worker is the thread that did the counted work:
+        // besides the main thread (which also shuts Envoy down), the busiest, by far.
+        let mut others = Vec::new();
+        let mut busiest: Option<(usize, u64, PathBuf)> = None;
+        for entry in std::fs::read_dir(self.dir)?.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(tid) = prefix.as_deref().and_then(|p| {
+                file.strip_prefix(p)?
+                    .strip_prefix('-')?
+                    .parse::<usize>()
+                    .ok()
+            }) else {
+                continue;
+            };
+            if tid == 1 {
+                continue;
+            }
+            let total = summary(&std::fs::read_to_string(entry.path())?)?;
+            match &busiest {
+                Some((_, most, _)) if *most >= total => others.push(total),
+                _ => {
+                    if let Some((_, most, _)) = busiest.replace((tid, total, entry.path())) {
+                        others.push(most);
+                    }
+                }
+            }
         }
-    }
-    let counted = worker_count.ok_or("no callgrind file for the worker thread")?;
-    // Beside the main thread's shutdown, the requests are the bulk of what was counted: another
-    // thread busier than the worker means the thread numbering was not what this assumes.
-    if let Some(busier) = totals.iter().find(|&&t| t > counted.worker) {
-        return Err(format!(
-            "{}: another thread ({busier} instructions) was busier than the worker ({})",
-            v.name, counted.worker
+        let (_, worker, path) =
+            busiest.ok_or("no callgrind file for any thread but the main one")?;
+        let runner_up = others.iter().copied().max().unwrap_or(0);
+        if worker < 10 * runner_up.max(1) {
+            return Err(format!(
+            "{}: the busiest thread ({worker} instructions) is not ten times the next ({runner_up}): \
+             cannot tell which is the worker",
+            v.name
         )
         .into());
+        }
+        let counted = parse_callgrind(&std::fs::read_to_string(path)?)?;
+        Ok(counted)
     }
-    Ok(counted)
 }
 
 /// The Envoy binary itself: valgrind must run it, not the pip package's Python launcher.

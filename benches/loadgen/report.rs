@@ -282,6 +282,33 @@ fn render_envoy_instructions(s: &mut String, results: &[EnvoyInstrResult]) {
         );
     }
     let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Where they ran, per request, by shared object (`envoy` includes Envoy's allocator, which \
+         the module's allocations use too; `???`: code callgrind places in no object):\n\n\
+         | variant | `envoy` | the module | `libc.so.6` | `???` | other |\n|---|---:|---:|---:|---:|---:|"
+    );
+    for e in results {
+        let of = |name: &str| {
+            e.by_object
+                .iter()
+                .filter(|(o, _)| o == name)
+                .map(|(_, ir)| ir)
+                .sum::<f64>()
+        };
+        let module = e.module_per_request.unwrap_or(0.0);
+        let (envoy, libc, unknown) = (of("envoy"), of("libc.so.6"), of("???"));
+        let other =
+            e.by_object.iter().map(|(_, ir)| ir).sum::<f64>() - envoy - libc - unknown - module;
+        let _ = writeln!(
+            s,
+            "| {} | {envoy:.0} | {} | {libc:.0} | {unknown:.0} | {other:.0} |",
+            e.name,
+            e.module_per_request
+                .map_or("–".into(), |m| format!("{m:.0}"))
+        );
+    }
+    let _ = writeln!(s);
     for e in results.iter().filter(|e| !e.top.is_empty()) {
         let _ = writeln!(
             s,

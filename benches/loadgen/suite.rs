@@ -41,7 +41,7 @@ impl Plan {
                 soak: Duration::from_secs(6),
                 soak_rate: 400,
                 soak_samples_per_sec: 5.0,
-                envoy_instr_requests: [10, 40],
+                envoy_instr_requests: [20, 80],
                 envoy_instr_warmup: 3,
             }
         } else {
