@@ -89,6 +89,12 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
     );
 
     let base = std::path::absolute(ctx.config("base", &ctx.small_keys, "")?)?;
+    // (a) again with per-key usage counting off: the counting's share of (a) is the difference.
+    let no_usage = std::path::absolute(ctx.config(
+        "envoy-instr-no-usage",
+        &ctx.small_keys,
+        "usage: { enabled: false }",
+    )?)?;
     // (f) needs the key cache, which sits in front of Redis only. Its negative entries live longer
     // than the run, so every counted request is a negative-cache hit, never a Redis lookup.
     let (_redis, redis_port) = start_redis(&ctx.dir)?;
@@ -128,6 +134,14 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             headers: vec![sk.clone()],
             status: 200,
             target: Some(1.25),
+        },
+        Variant {
+            name: "module-a-no-usage",
+            what: "Envoy + gybc-authz module, (a) with usage counting off (usage.enabled: false)",
+            filter: module(&no_usage),
+            headers: vec![sk.clone()],
+            status: 200,
+            target: None,
         },
         Variant {
             name: "module-c",
