@@ -366,10 +366,10 @@ impl Engine {
     /// Writes the usage counts not yet flushed, waiting at most `within`; for shutdown, so a
     /// stopping replica does not lose its last interval of counts.
     pub async fn flush_usage(&self, within: Duration) {
-        if let Some(u) = &self.usage {
-            if tokio::time::timeout(within, u.flush_now()).await.is_err() {
-                tracing::warn!("Usage counts were not all written before shutdown.");
-            }
+        if let Some(u) = &self.usage
+            && tokio::time::timeout(within, u.flush_now()).await.is_err()
+        {
+            tracing::warn!("Usage counts were not all written before shutdown.");
         }
     }
 
