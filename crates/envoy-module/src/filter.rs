@@ -17,18 +17,17 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use gybc_authz_engine::answer::{Answer, Header};
-use gybc_authz_engine::clock::{Clock, SystemClock};
 use gybc_authz_engine::config::{Config, ProcessEnv};
 use gybc_authz_engine::decision::{Decision, Reason};
 use gybc_authz_engine::request::RequestContext;
 use gybc_authz_engine::route::{PREFIX, RouteError, RouteSettings};
-use gybc_authz_engine::{Engine, EngineOptions, otel, telemetry};
-use tokio::task::JoinHandle;
+use gybc_authz_engine::{Engine, otel, telemetry};
 
+use crate::engines::{self, Running};
 use crate::ffi::{
     ChildSpan, EnvoyConfig, EnvoyFilter, HeadersStatus, HttpFilter, HttpFilterConfig,
     HttpRouteConfig,
@@ -42,48 +41,51 @@ crate::ffi::declare_filter!(FilterConfig, RouteConfig);
 /// The only event a filter schedules: its decision is ready.
 const DECIDED: u64 = 1;
 
-/// One filter config: an engine started from the daemon's config file format. Shared by every
-/// worker; a config reload makes a new one and drops the old.
+/// One filter config: the engine for the daemon's config file format, and the stats Envoy defined
+/// for it. Shared by every worker; a config reload makes a new one and drops the old, and the
+/// engine (`engines`) is the old one's when the config is equal.
 pub struct FilterConfig {
     shared: Arc<Shared>,
-    background: Vec<JoinHandle<()>>,
 }
 
 struct Shared {
+    /// `running.engine`, at hand.
     engine: Arc<Engine>,
+    running: Arc<Running>,
     stats: Stats,
-    #[cfg(feature = "test-hooks")]
-    clock: Option<Arc<gybc_authz_engine::clock::ManualClock>>,
+}
+
+impl Shared {
+    /// One decision's latency, and the engine's metrics copied into Envoy's stats if it is time.
+    fn decided(&self, envoy: &EnvoyFilter, latency: Duration) {
+        let (metrics, copies) = (&self.engine.metrics, &self.running.copies);
+        (self.stats).decided(envoy, metrics, copies, engines::lifecycle, latency);
+    }
+
+    /// The engine's metrics copied into Envoy's stats if it is time.
+    fn sync_stats(&self, envoy: &EnvoyFilter) {
+        let (metrics, copies) = (&self.engine.metrics, &self.running.copies);
+        (self.stats).sync(envoy, metrics, copies, engines::lifecycle);
+    }
 }
 
 impl HttpFilterConfig for FilterConfig {
     type Filter = Filter;
 
     /// `config` is the daemon's YAML config, or the absolute path of a file holding it. Errors
-    /// carry the same field paths `gybc-authz check-config` prints, and fail Envoy's config load.
+    /// carry the same field paths `gybc-authz check-config` prints, and fail Envoy's config load;
+    /// so does a changed config whose engine does not load in time (`engines`).
     fn new(envoy: &mut EnvoyConfig, _name: &str, config: &[u8]) -> Result<FilterConfig, String> {
         let cfg = load_config(config)?;
         telemetry::init(&cfg.log);
-        let runtime = runtime::get()?;
-        let clock = clock();
-        let started = runtime
-            .block_on(Engine::start(
-                &cfg,
-                EngineOptions {
-                    clock: clock.0,
-                    store: None,
-                },
-            ))
-            .map_err(|e| e.to_string())?;
-        let stats = Stats::declare(envoy, &started.engine.metrics)?;
+        let running = engines::engine_for(&cfg, runtime::get()?)?;
+        let stats = Stats::declare(envoy, &running.engine.metrics)?;
         Ok(FilterConfig {
             shared: Arc::new(Shared {
-                engine: started.engine,
+                engine: running.engine.clone(),
+                running,
                 stats,
-                #[cfg(feature = "test-hooks")]
-                clock: clock.1,
             }),
-            background: started.background,
         })
     }
 
@@ -95,15 +97,6 @@ impl HttpFilterConfig for FilterConfig {
             to_client: Vec::new(),
             sent: 0,
             span: None,
-        }
-    }
-}
-
-impl Drop for FilterConfig {
-    fn drop(&mut self) {
-        // The runtime outlives every config; this engine's refreshers and watchers must not.
-        for task in &self.background {
-            task.abort();
         }
     }
 }
@@ -121,32 +114,6 @@ fn load_config(raw: &[u8]) -> Result<Config, String> {
         ))
     } else {
         Config::from_yaml(text, &ProcessEnv).map_err(|e| format!("filter_config: {e}"))
-    }
-}
-
-#[cfg(not(feature = "test-hooks"))]
-fn clock() -> (Arc<dyn Clock>, ()) {
-    (Arc::new(SystemClock), ())
-}
-
-/// Under test, the engine's clock can be one the test drives, as the daemon's tests inject one:
-/// it starts at `GYBC_AUTHZ_TEST_CLOCK_NANOS` and moves by each `x-gybc-test-advance-ms`.
-#[cfg(feature = "test-hooks")]
-fn clock() -> (
-    Arc<dyn Clock>,
-    Option<Arc<gybc_authz_engine::clock::ManualClock>>,
-) {
-    use gybc_authz_engine::clock::ManualClock;
-    match std::env::var("GYBC_AUTHZ_TEST_CLOCK_NANOS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        Some(nanos) => {
-            let clock = Arc::new(ManualClock::at_secs(0));
-            clock.set_nanos(nanos);
-            (clock.clone(), Some(clock))
-        }
-        None => (Arc::new(SystemClock), None),
     }
 }
 
@@ -302,7 +269,7 @@ impl HttpFilter for Filter {
         {
             send_denial(envoy, reason, status, &headers, body);
         }
-        self.shared.stats.sync(envoy, &engine.metrics);
+        self.shared.sync_stats(envoy);
     }
 }
 
@@ -407,7 +374,7 @@ impl Filter {
         };
         let latency = started.elapsed();
         engine.observe(ctx, decision, latency);
-        self.shared.stats.decided(envoy, &engine.metrics, latency);
+        self.shared.decided(envoy, latency);
         status
     }
 
@@ -417,7 +384,7 @@ impl Filter {
         let by = envoy
             .request_header(ADVANCE)
             .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok());
-        if let (Some(ms), Some(clock)) = (by, &self.shared.clock) {
+        if let (Some(ms), Some(clock)) = (by, engines::test_clock()) {
             clock.advance(std::time::Duration::from_millis(ms));
         }
         envoy.remove_request_header(ADVANCE);

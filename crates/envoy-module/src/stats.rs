@@ -7,10 +7,18 @@
 //! `envoy_gybc_authz_*`, the daemon's family names behind Envoy's `envoy_` prefix. The check
 //! latency is recorded per request as `authz_check_duration_microseconds` (Envoy histograms hold
 //! integers).
+//!
+//! Stat ids belong to one filter config, while Envoy keeps a stat by name, for as long as some
+//! config's scope holds it: one that only a draining listener's config ever touched goes with
+//! that config. Configs share engines (`engines`), so what of an engine's registry has been added
+//! to Envoy is kept per engine ([`Copies`]: each increase added once, whichever config copies it),
+//! and every config touches each series it copies at least once (adding nothing if there is
+//! nothing new), so the series outlives the configs before it. The module's own engine counts
+//! (`authz_engines_live`, `authz_engine_configs_total`) are the process's, copied the same way.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gybc_authz_engine::metrics::{Metrics, proto::MetricType};
@@ -35,15 +43,47 @@ struct Declared {
     labels: Vec<String>,
 }
 
+/// One filter config's ids for the stats it defined, and what it has touched of them.
 pub struct Stats {
     by_family: HashMap<String, Declared>,
     check_duration: HistogramId,
+    engines_live: GaugeId,
+    engine_configs: CounterId,
     epoch: Instant,
     /// Milliseconds since `epoch` of the last copy.
     synced_at: AtomicU64,
-    /// What each counter series stood at when last copied, so only the increase is added.
-    copied: Mutex<HashMap<(String, Vec<String>), u64>>,
+    /// Counter series this config has touched, and so holds in Envoy.
+    held: Mutex<HashSet<Series>>,
+    /// This config has touched the lifecycle counters.
+    lifecycle_held: AtomicBool,
 }
+
+/// A series: its family and label values.
+type Series = (String, Vec<String>);
+
+/// How much of one engine's registry is in Envoy's stats: what each counter series stood at when
+/// last copied, so only the increase is added.
+#[derive(Default)]
+pub struct Copies(Mutex<HashMap<Series, u64>>);
+
+/// The process's engines, as `engines` counts them.
+#[derive(Clone, Copy)]
+pub struct Lifecycle {
+    /// Engines running now (a draining listener's included).
+    pub live: u64,
+    /// Filter configs that started an engine, reused a running one, or were refused because
+    /// their new engine did not load in time.
+    pub started: u64,
+    pub reused: u64,
+    pub refused: u64,
+}
+
+/// `authz_engine_configs_total`'s `outcome` values, in `Lifecycle`'s order.
+const OUTCOMES: [&str; 3] = ["started", "reused", "refused"];
+
+/// The lifecycle counters as last copied (one Envoy counter per process, whichever config
+/// copies): `None` until first copied.
+static LIFECYCLE_COPIED: Mutex<[u64; 3]> = Mutex::new([0; 3]);
 
 impl Stats {
     pub fn declare(envoy: &mut EnvoyConfig, metrics: &Metrics) -> Result<Self, String> {
@@ -99,23 +139,46 @@ impl Stats {
         let check_duration = envoy
             .define_histogram(name, &[])
             .ok_or_else(|| refused(name))?;
+        let name = "authz_engines_live";
+        let engines_live = envoy.define_gauge(name, &[]).ok_or_else(|| refused(name))?;
+        let name = "authz_engine_configs_total";
+        let engine_configs = envoy
+            .define_counter(name, &["outcome"])
+            .ok_or_else(|| refused(name))?;
         Ok(Self {
             by_family,
             check_duration,
+            engines_live,
+            engine_configs,
             epoch: Instant::now(),
             synced_at: AtomicU64::new(0),
-            copied: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashSet::new()),
+            lifecycle_held: AtomicBool::new(false),
         })
     }
 
     /// One decision's latency, and the registry copied over if it is time.
-    pub fn decided(&self, envoy: &EnvoyFilter, metrics: &Metrics, latency: Duration) {
+    pub fn decided(
+        &self,
+        envoy: &EnvoyFilter,
+        metrics: &Metrics,
+        copies: &Copies,
+        lifecycle: fn() -> Lifecycle,
+        latency: Duration,
+    ) {
         envoy.record_histogram(self.check_duration, &[], latency.as_micros() as u64);
-        self.sync(envoy, metrics);
+        self.sync(envoy, metrics, copies, lifecycle);
     }
 
-    /// Copies the engine's registry into Envoy's stats, from one worker at a time.
-    pub fn sync(&self, envoy: &EnvoyFilter, metrics: &Metrics) {
+    /// Copies the engine's registry (and the process's engine counts) into Envoy's stats, at
+    /// most once per `SYNC_EVERY` for each config, from one worker at a time.
+    pub fn sync(
+        &self,
+        envoy: &EnvoyFilter,
+        metrics: &Metrics,
+        copies: &Copies,
+        lifecycle: fn() -> Lifecycle,
+    ) {
         let now = self.epoch.elapsed().as_millis() as u64;
         let last = self.synced_at.load(Ordering::Relaxed);
         if last != 0 && now < last + SYNC_EVERY.as_millis() as u64 {
@@ -128,7 +191,14 @@ impl Stats {
         {
             return;
         }
-        let Ok(mut copied) = self.copied.try_lock() else {
+        // Another worker copying: the next request tries again, so a new config touches what
+        // it holds without waiting a whole period.
+        let retry = || self.synced_at.store(last, Ordering::Relaxed);
+        if !self.sync_lifecycle(envoy, lifecycle()) {
+            retry();
+        }
+        let (Ok(mut copied), Ok(mut held)) = (copies.0.try_lock(), self.held.try_lock()) else {
+            retry();
             return;
         };
         for family in metrics.gather() {
@@ -152,18 +222,14 @@ impl Stats {
                     Stat::Counter(id) => {
                         let now = series.get_counter().get_value() as u64;
                         let key = (family.name().to_owned(), values.clone());
-                        match copied.get_mut(&key) {
-                            Some(before) if now > *before => {
-                                envoy.increment_counter(id, &labels, now - *before);
-                                *before = now;
-                            }
-                            Some(_) => {}
-                            // First sight, zero or not: the series appears in Envoy as it does on
-                            // the daemon's page, so rates and alerts work from the start.
-                            None => {
-                                envoy.increment_counter(id, &labels, now);
-                                copied.insert(key, now);
-                            }
+                        let before = copied.get(&key).copied();
+                        let by = now.saturating_sub(before.unwrap_or(0));
+                        // First sight, zero or not: the series appears in Envoy as it does on the
+                        // daemon's page, so rates and alerts work from the start.
+                        if by > 0 || before.is_none() || !held.contains(&key) {
+                            envoy.increment_counter(id, &labels, by);
+                            held.insert(key.clone());
+                            copied.insert(key, now.max(before.unwrap_or(0)));
                         }
                     }
                     Stat::Gauge(id) => {
@@ -176,5 +242,26 @@ impl Stats {
                 }
             }
         }
+    }
+
+    /// The process's engine counts: the gauge as it stands, each counter by its increase since
+    /// any config last copied it (and touched once by each config, even with nothing to add).
+    /// False if another worker was copying them.
+    fn sync_lifecycle(&self, envoy: &EnvoyFilter, lifecycle: Lifecycle) -> bool {
+        envoy.set_gauge(self.engines_live, &[], lifecycle.live);
+        let Ok(mut copied) = LIFECYCLE_COPIED.try_lock() else {
+            return false;
+        };
+        let first = !self.lifecycle_held.swap(true, Ordering::Relaxed);
+        let now = [lifecycle.started, lifecycle.reused, lifecycle.refused];
+        for ((outcome, now), before) in OUTCOMES.iter().zip(now).zip(copied.iter_mut()) {
+            // `lifecycle` may have been read before another worker's newer copy.
+            let by = now.saturating_sub(*before);
+            if by > 0 || first {
+                envoy.increment_counter(self.engine_configs, &[outcome], by);
+                *before = now.max(*before);
+            }
+        }
+        true
     }
 }
