@@ -347,6 +347,33 @@ impl Envoy {
 
     /// Envoy with these extra environment variables.
     pub async fn start_with_env(cfg: &EnvoyConfig, env: &[(&str, String)]) -> Self {
+        Self::start_with_args(cfg, env, &["--concurrency", "1"]).await
+    }
+
+    /// The module's test build as `start_module` loads it, with Envoy's command-line options
+    /// `args` instead of the default one worker (e.g. `--concurrency 2 --drain-time-s 1`).
+    pub async fn start_module_with_args(
+        cfg: &EnvoyConfig,
+        clock_nanos: u64,
+        args: &[&str],
+    ) -> Self {
+        let dir = test_module_dir();
+        Self::start_with_args(
+            cfg,
+            &[
+                (
+                    "ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
+                    dir.display().to_string(),
+                ),
+                ("GYBC_AUTHZ_TEST_CLOCK_NANOS", clock_nanos.to_string()),
+            ],
+            args,
+        )
+        .await
+    }
+
+    /// Envoy with these extra environment variables and command-line options.
+    pub async fn start_with_args(cfg: &EnvoyConfig, env: &[(&str, String)], args: &[&str]) -> Self {
         // The admin port must be known before start (the stats listener routes to it), so it is
         // reserved by binding :0 and released; should another process take it in between, Envoy
         // exits at once and the start is retried with a fresh port.
@@ -355,7 +382,7 @@ impl Envoy {
             let admin = free_loopback_port();
             let mut cfg = cfg.clone();
             cfg.set_admin(admin);
-            match Self::try_start(&cfg, admin, env).await {
+            match Self::try_start(&cfg, admin, env, args).await {
                 Ok(envoy) => return envoy,
                 Err(log) => last_log = log,
             }
@@ -367,6 +394,7 @@ impl Envoy {
         cfg: &EnvoyConfig,
         admin: SocketAddr,
         env: &[(&str, String)],
+        args: &[&str],
     ) -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("envoy.yaml");
@@ -375,13 +403,8 @@ impl Envoy {
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&config)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "--log-level",
-                "info",
-            ])
+            .args(["--disable-hot-restart", "--log-level", "info"])
+            .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -466,6 +489,35 @@ impl Envoy {
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .map_or(0, |v| v.trim().parse().unwrap())
     }
+}
+
+impl Envoy {
+    /// Envoy's process id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Envoy's resident memory (kB) and thread count, from `/proc/<pid>/status`.
+    pub fn rss_and_threads(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|e| panic!("Envoy's /proc status: {e}\n{}", self.log()));
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc status:\n{status}"))
+        };
+        (field("VmRSS:"), field("Threads:"))
+    }
+}
+
+/// Replaces `path` with `contents` at once (written beside it, then renamed over it), as
+/// Envoy's `watched_directory` expects a file-based xDS update to arrive.
+pub fn replace_file(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 impl Drop for Envoy {
