@@ -216,3 +216,52 @@ pub fn test_clock() -> Option<&'static Arc<gybc_authz_engine::clock::ManualClock
         })
         .as_ref()
 }
+
+// Envoy's side (config_new, LDS) is tested through the real binary: tests/envoy_reload.rs.
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        Config::from_yaml(yaml, &BTreeMap::<String, String>::new()).unwrap()
+    }
+
+    #[test]
+    fn an_equal_config_shares_its_engine_and_a_changed_one_must_load_in_time() {
+        let runtime = crate::runtime::get().unwrap();
+        let same = config("policy: { tenantless_paths: [/unit-a] }\n");
+        let first = engine_for(&same, runtime).unwrap();
+        runtime.block_on(first.engine.wait_loaded());
+        // Written otherwise, the same settings: the same engine.
+        let again = engine_for(
+            &config("policy:\n  tenantless_paths: [\"/unit-a\"] # same\n"),
+            runtime,
+        );
+        assert!(Arc::ptr_eq(&first, &again.unwrap()));
+        // A changed config whose signing keys cannot load, while a loaded engine serves: refused,
+        // naming what did not load, and not kept.
+        let slow = config(
+            "policy: { tenantless_paths: [/unit-b] }\nmodule: { ready_timeout_ms: 50 }\n\
+             jwt: { providers: [{ name: unit, project_id: p, keys: { type: url, url: \"http://127.0.0.1:1/keys\" } }] }\n",
+        );
+        let err = engine_for(&slow, runtime).err().unwrap();
+        assert!(
+            err.contains("within 50 ms") && err.contains("provider `unit`"),
+            "{err}"
+        );
+        assert!(find(&slow).is_none());
+        // The last holder gone, the engine is gone.
+        drop(first);
+        assert!(find(&same).is_none());
+    }
+
+    #[test]
+    fn engines_share_the_local_limiter_of_their_bound() {
+        let clock = clock();
+        let a = local_limiter(1_000, &clock);
+        assert!(Arc::ptr_eq(&a, &local_limiter(1_000, &clock)));
+        assert!(!Arc::ptr_eq(&a, &local_limiter(2_000, &clock)));
+    }
+}
