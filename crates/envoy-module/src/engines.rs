@@ -36,6 +36,12 @@ pub struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // The counts of its last flush interval are written on the runtime, which outlives every
+        // engine: a listener update must not lose a key's usage.
+        if let Ok(runtime) = crate::runtime::get() {
+            let engine = self.engine.clone();
+            runtime.spawn(async move { engine.flush_usage(FINAL_FLUSH_WITHIN).await });
+        }
         // The runtime outlives every engine; this one's refreshers and watchers must not.
         for task in &self.background {
             task.abort();
@@ -48,6 +54,9 @@ impl Drop for Running {
         );
     }
 }
+
+/// How long a stopping engine's last usage counts get to reach Redis.
+const FINAL_FLUSH_WITHIN: Duration = Duration::from_secs(2);
 
 struct Entry {
     config: Config,
