@@ -110,6 +110,12 @@ impl RedisAdmin {
                 "a record with this hash exists already".into(),
             ));
         }
+        self.index(r).await?;
+        self.publish(&r.hash, KeyEventType::Created).await
+    }
+
+    /// The id index and the tenant's list, both pointing at `r`.
+    async fn index(&self, r: &KeyRecord) -> Result<(), AdminError> {
         let _: () = self
             .query(
                 redis::cmd("SET")
@@ -125,7 +131,7 @@ impl RedisAdmin {
                     .arg(&r.id),
             )
             .await?;
-        self.publish(&r.hash, KeyEventType::Created).await
+        Ok(())
     }
 
     /// After the write: a replica hearing the event reads the new record.
@@ -204,21 +210,7 @@ impl RedisAdmin {
                 .map_err(unavailable)?;
             if set == 1 {
                 // Indexes a record written before they existed, so the key service finds it.
-                let _: () = self
-                    .query(
-                        redis::cmd("SET")
-                            .arg(self.id_index(&r.id))
-                            .arg(r.hash.to_hex()),
-                    )
-                    .await?;
-                let _: i64 = self
-                    .query(
-                        redis::cmd("ZADD")
-                            .arg(self.tenant_index(&r.tenant))
-                            .arg(r.created_at.unwrap_or(0))
-                            .arg(&r.id),
-                    )
-                    .await?;
+                self.index(&r).await?;
                 self.publish(&r.hash, event).await?;
                 return Ok(r);
             }
