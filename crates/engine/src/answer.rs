@@ -5,6 +5,8 @@
 
 use std::borrow::Cow;
 
+use smallvec::SmallVec;
+
 use crate::config::{Config, HeaderNames};
 use crate::decision::{Decision, Denial, Grant, Reason};
 use crate::ratelimit::RateStatus;
@@ -15,27 +17,103 @@ use crate::request::{X_API_KEY, X_ON_BEHALF_OF};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header<'a> {
     pub name: &'a str,
-    pub value: Cow<'a, str>,
+    pub value: Value<'a>,
+}
+
+/// An answer's headers: at most 8 (a denial's content type, challenge, rate-limit headers and
+/// retry delay), held inline so that building an answer needs no heap allocation for them.
+pub type Headers<'a> = SmallVec<[Header<'a>; 8]>;
+
+/// A header's value as text: borrowed from the config or the decision, a number written in
+/// place (the rate-limit headers of every allow, without a heap allocation), or text built for
+/// this answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value<'a> {
+    Text(Cow<'a, str>),
+    Number(Digits),
+}
+
+/// A `u64` in decimal, held inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digits {
+    bytes: [u8; 20],
+    len: u8,
+}
+
+impl Digits {
+    pub fn new(n: u64) -> Self {
+        let mut buffer = itoa::Buffer::new();
+        let text = buffer.format(n).as_bytes();
+        let mut bytes = [0; 20];
+        bytes[..text.len()].copy_from_slice(text);
+        Self {
+            bytes,
+            len: text.len() as u8,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).expect("digits are ASCII")
+    }
+}
+
+impl Value<'_> {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Value::Text(t) => t,
+            Value::Number(n) => n.as_str(),
+        }
+    }
+
+    pub fn into_owned(self) -> String {
+        match self {
+            Value::Text(t) => t.into_owned(),
+            Value::Number(n) => n.as_str().to_owned(),
+        }
+    }
+}
+
+impl std::ops::Deref for Value<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Value<'_> {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for Value<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What a door does with a request.
+// An allow's lists are inline and large: an answer lives on the stack for the request that made
+// it and is consumed there, and boxing it would be the heap allocation the lists avoid.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer<'a> {
     /// Let it through to the service.
     Allow {
         /// Set on the request upstream, replacing every client copy.
-        upstream: Vec<Header<'a>>,
+        upstream: Headers<'a>,
         /// Removed from the request upstream: identity headers this answer does not set, and the
         /// credentials that stop here.
-        remove_upstream: Vec<&'a str>,
+        remove_upstream: SmallVec<[&'a str; 8]>,
         /// Added to the response the client gets (the rate-limit headers).
-        downstream: Vec<Header<'a>>,
+        downstream: Headers<'a>,
     },
     /// Answer the client directly; the service never sees the request.
     Deny {
         reason: Reason,
         status: u16,
-        headers: Vec<Header<'a>>,
+        headers: Headers<'a>,
         body: &'a str,
     },
 }
@@ -151,13 +229,16 @@ impl Answers {
                     .map(Cow::Borrowed),
             ),
         ];
-        let mut upstream = Vec::with_capacity(6);
+        let mut upstream = SmallVec::new();
         // Only headers the answer does not set are listed for removal: a set header already
         // replaces the client's copy, and a door may apply removals after additions.
-        let mut remove_upstream = Vec::with_capacity(8);
+        let mut remove_upstream = SmallVec::new();
         for (name, value) in values {
             match value {
-                Some(value) => upstream.push(Header { name, value }),
+                Some(value) => upstream.push(Header {
+                    name,
+                    value: Value::Text(value),
+                }),
                 None => remove_upstream.push(name),
             }
         }
@@ -165,7 +246,7 @@ impl Answers {
             remove_upstream.push(X_API_KEY);
         }
         remove_upstream.push(X_ON_BEHALF_OF);
-        let mut downstream = Vec::with_capacity(if self.ietf_headers { 6 } else { 4 });
+        let mut downstream = SmallVec::new();
         if let Some(rate) = &grant.rate {
             self.rate_headers(rate, &mut downstream);
         }
@@ -179,7 +260,7 @@ impl Answers {
     fn deny<'a>(&'a self, denial: &'a Denial) -> Answer<'a> {
         let reason = denial.reason;
         let prepared = self.prepared(reason);
-        let mut headers = vec![header("content-type", "application/json")];
+        let mut headers = smallvec::smallvec![header("content-type", "application/json")];
         if let Some(challenge) = &prepared.www_authenticate {
             headers.push(header("www-authenticate", challenge));
         }
@@ -197,10 +278,10 @@ impl Answers {
         }
     }
 
-    fn rate_headers<'a>(&self, r: &RateStatus, out: &mut Vec<Header<'a>>) {
+    fn rate_headers<'a>(&self, r: &RateStatus, out: &mut Headers<'a>) {
         let number = |name: &'a str, n: u64| Header {
             name,
-            value: Cow::Owned(itoa::Buffer::new().format(n).to_owned()),
+            value: Value::Number(Digits::new(n)),
         };
         out.push(number("x-ratelimit-limit", r.limit.into()));
         out.push(number("x-ratelimit-remaining", r.remaining.into()));
@@ -222,7 +303,7 @@ impl Answers {
             }
             out.push(Header {
                 name: "ratelimit",
-                value: Cow::Owned(value),
+                value: Value::Text(Cow::Owned(value)),
             });
             let mut value = String::with_capacity(24);
             value.push_str(n.format(r.limit));
@@ -230,7 +311,7 @@ impl Answers {
             value.push_str(n.format(r.window_secs));
             out.push(Header {
                 name: "ratelimit-policy",
-                value: Cow::Owned(value),
+                value: Value::Text(Cow::Owned(value)),
             });
         }
     }
@@ -239,7 +320,7 @@ impl Answers {
 fn header<'a>(name: &'a str, value: &'a str) -> Header<'a> {
     Header {
         name,
-        value: Cow::Borrowed(value),
+        value: Value::Text(Cow::Borrowed(value)),
     }
 }
 

@@ -2,15 +2,34 @@
 //! it sees plain data: method, path without query, the few headers that carry credentials, each
 //! already bounded in size and checked for duplicates, and the caller's trace context.
 
+use std::borrow::Cow;
+
 use crate::config::LimitsConfig;
 use crate::route::{RouteError, RouteSettings};
-use crate::trace_context::{TraceHeaders, TraceParent};
+use crate::trace_context::{self, TraceHeaders, TraceParent};
 
 pub const AUTHORIZATION: &str = "authorization";
 pub const X_API_KEY: &str = "x-api-key";
 pub const X_ON_BEHALF_OF: &str = "x-on-behalf-of";
 pub const ORIGIN: &str = "origin";
 pub const X_REQUEST_ID: &str = "x-request-id";
+
+/// Every header whose value a request's reading looks at (names lower case); any other line is
+/// only counted against `limits.max_headers`.
+pub const READ_HEADERS: [&str; 12] = [
+    AUTHORIZATION,
+    X_API_KEY,
+    X_ON_BEHALF_OF,
+    ORIGIN,
+    X_REQUEST_ID,
+    trace_context::TRACEPARENT,
+    trace_context::TRACESTATE,
+    trace_context::B3,
+    trace_context::X_B3_TRACE_ID,
+    trace_context::X_B3_SPAN_ID,
+    trace_context::X_B3_SAMPLED,
+    trace_context::X_B3_FLAGS,
+];
 
 /// Longest `X-On-Behalf-Of` the contract allows; longer is `invalid_on_behalf_of`.
 pub const MAX_ON_BEHALF_OF_CHARS: usize = 128;
@@ -91,6 +110,40 @@ impl RequestContext {
                 break;
             }
             reader.header(name, value.as_ref());
+        }
+        let trace = reader.trace.finish();
+        ctx.trace = trace;
+        ctx
+    }
+
+    /// [`RequestContext::read`] for a door whose transport hands out header lines as bytes
+    /// (Envoy's): the same rules, but only the values of [`READ_HEADERS`] are turned into text
+    /// (invalid UTF-8 replaced, as a raw header map's reader would), the rest only counted. A
+    /// name that is not UTF-8 is no header the engine reads.
+    pub fn read_bytes<'h>(
+        method: &str,
+        target: &str,
+        host: &str,
+        headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
+        limits: &LimitsConfig,
+    ) -> Self {
+        let mut ctx = RequestContext {
+            method: method.to_owned(),
+            path: strip_query(target).to_owned(),
+            host: host.to_owned(),
+            ..Default::default()
+        };
+        let mut reader = Reader::new(&mut ctx, limits);
+        for (name, value) in headers {
+            if !reader.count() {
+                break;
+            }
+            if let Some(name) = READ_HEADERS
+                .iter()
+                .find(|n| n.as_bytes().eq_ignore_ascii_case(name))
+            {
+                reader.header(name, &text(value));
+            }
         }
         let trace = reader.trace.finish();
         ctx.trace = trace;
@@ -191,8 +244,21 @@ impl<'a> Reader<'a> {
 
 /// Envoy's `path` is the request target, query included (its `query` field is left empty).
 fn strip_query(path: &str) -> &str {
-    let end = path.find(['?', '#']).unwrap_or(path.len());
+    // Bytes, not a `char` pattern: both are ASCII, and this runs on every request.
+    let end = path
+        .bytes()
+        .position(|b| b == b'?' || b == b'#')
+        .unwrap_or(path.len());
     &path[..end]
+}
+
+/// A header value as text: borrowed when it is UTF-8 (checked a word at a time; the lossy
+/// conversion walks it a byte at a time), otherwise with U+FFFD for each invalid sequence.
+pub fn text(value: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(value) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(value),
+    }
 }
 
 #[cfg(test)]
@@ -317,6 +383,54 @@ mod tests {
         assert_eq!(trace.trace_state.as_deref(), Some("vendor=1"));
         assert_eq!(ctx.api_key, HeaderField::Present("sk_x".into()));
         assert!(read("/", &[("traceparent", "garbage")]).trace.is_none());
+    }
+
+    #[test]
+    fn bytes_read_as_text() {
+        let lines: &[(&[u8], &[u8])] = &[
+            (b"X-Api-Key", b"sk_x"),
+            (b"origin", b"https://\xffa"),
+            (b"x-other", b"\xff\xfe"),
+            (b"\xffname", b"v"),
+            (
+                b"traceparent",
+                b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        ];
+        let limits = LimitsConfig::default();
+        let ctx = RequestContext::read_bytes("GET", "/a?b", "h", lines.iter().copied(), &limits);
+        let text: Vec<(String, String)> = lines
+            .iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect();
+        let same = read_with(
+            "/a?b",
+            &text
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
+            &limits,
+        );
+        assert_eq!(ctx.path, "/a");
+        assert_eq!(ctx.api_key, same.api_key);
+        assert_eq!(ctx.origin.as_deref(), Some("https://\u{fffd}a"));
+        assert_eq!(ctx.origin, same.origin);
+        assert_eq!(ctx.trace, same.trace);
+        assert!(ctx.trace.is_some());
+
+        // The cap counts every line, read or not.
+        let capped = LimitsConfig {
+            max_headers: 4,
+            ..Default::default()
+        };
+        let ctx = RequestContext::read_bytes("GET", "/", "h", lines.iter().copied(), &capped);
+        assert!(ctx.too_many_headers);
+        assert!(ctx.trace.is_none(), "the fifth line is past the cap");
     }
 
     #[test]

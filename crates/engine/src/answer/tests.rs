@@ -18,7 +18,11 @@ fn allowed<'a>(a: Answer<'a>) -> (Vec<Header<'a>>, Vec<&'a str>, Vec<Header<'a>>
             upstream,
             remove_upstream,
             downstream,
-        } => (upstream, remove_upstream, downstream),
+        } => (
+            upstream.into_vec(),
+            remove_upstream.into_vec(),
+            downstream.into_vec(),
+        ),
         other => panic!("not an allow: {other:?}"),
     }
 }
@@ -31,7 +35,7 @@ fn denied<'a>(a: Answer<'a>) -> (Reason, u16, Vec<Header<'a>>, &'a str) {
             status,
             headers,
             body,
-        } => (reason, status, headers, body),
+        } => (reason, status, headers.into_vec(), body),
         other => panic!("not a denial: {other:?}"),
     }
 }
