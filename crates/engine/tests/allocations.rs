@@ -1,0 +1,187 @@
+//! Heap allocations per request on the inline path, counted by a counting global allocator (a
+//! test binary of its own, so nothing else shares the allocator): a cached `sk_` key, read from
+//! header lines as the Envoy module hands them over (`RequestContext::read_bytes`), decided,
+//! answered and observed, exactly the engine's part of the module's `on_request_headers`.
+//!
+//! The budget is what the path needs today, listed below; a change that adds an allocation per
+//! request fails here and has to say why in the budget.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use gybc_authz_engine::Engine;
+use gybc_authz_engine::answer::Answer;
+use gybc_authz_engine::authn::apikey::{ApiKey, KeyHash, KeyKind};
+use gybc_authz_engine::config::Config;
+use gybc_authz_engine::decision::Decision;
+use gybc_authz_engine::engine::{EngineOptions, KeySource};
+use gybc_authz_engine::request::RequestContext;
+use gybc_authz_engine::store::{FileStore, KeyRecord, KeyStatus};
+
+/// Allocations per request of the cached `sk_` path, at most:
+/// - the request: method, path and host (3), the key's copy (1);
+/// - the decision: the limiter's boxed future (1).
+///
+/// The key lookup, the usage count, the metrics and the answer (its header lists and rate-limit
+/// numbers are inline) allocate nothing.
+const BUDGET: usize = 5;
+
+struct Counting;
+
+thread_local! {
+    /// Counting is on for this thread only: the engine's background tasks allocate as they please.
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static COUNT: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: every call is passed to `System` unchanged; the count is a thread-local `Cell` with a
+// const initialiser, which never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+fn count() {
+    let _ = COUNTING.try_with(|on| {
+        if on.get() {
+            COUNT.with(|c| c.set(c.get() + 1));
+        }
+    });
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Allocations `f` makes on this thread.
+fn allocations(f: impl FnOnce()) -> usize {
+    COUNT.with(|c| c.set(0));
+    COUNTING.with(|on| on.set(true));
+    f();
+    COUNTING.with(|on| on.set(false));
+    COUNT.with(Cell::get)
+}
+
+fn record(key: &str) -> KeyRecord {
+    KeyRecord {
+        id: "key_secret".into(),
+        hash: KeyHash::of(key),
+        kind: KeyKind::Secret,
+        tenant: "t1".into(),
+        scopes: vec!["threads:read".into()],
+        rate_limit: Some("10000000/60s".parse().expect("valid limit")),
+        status: KeyStatus::Active,
+        expires_at: None,
+        name: None,
+        created_at: None,
+        allowed_origins: vec![],
+        jwt_provider: None,
+        identity_platform_tenant: None,
+    }
+}
+
+/// The engine's part of one request as the module makes it inline: read, decide (polled once),
+/// answer, observe. The answer's headers are looked at as a door writes them out.
+fn one_request(engine: &Engine, lines: &[(&[u8], &[u8])]) -> usize {
+    let ctx = RequestContext::read_bytes(
+        "GET",
+        "/api/v1/threads?page=2",
+        "api.example.com",
+        lines.iter().copied(),
+        engine.limits(),
+    );
+    let mut decide = pin!(engine.decide(&ctx));
+    let Poll::Ready(decision) = decide
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    else {
+        panic!("a cached key is decided without waiting");
+    };
+    assert!(matches!(decision, Decision::Allow(_)), "{decision:?}");
+    let written = match engine.answer(&decision) {
+        Answer::Allow {
+            upstream,
+            remove_upstream,
+            downstream,
+        } => upstream.len() + remove_upstream.len() + downstream.len(),
+        Answer::Deny { .. } => unreachable!("allowed above"),
+    };
+    engine.observe(&ctx, &decision, Duration::from_micros(20));
+    written
+}
+
+#[test]
+fn a_cached_secret_key_allocates_a_handful_of_times_per_request() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = ApiKey::generate(KeyKind::Secret);
+    let store = Arc::new(FileStore::from_records(vec![record(&key)]));
+    let opts = EngineOptions {
+        store: Some(KeySource::Memory(store)),
+        ..Default::default()
+    };
+    let started = rt
+        .block_on(Engine::start(&Config::default(), opts))
+        .expect("the engine starts");
+    let engine = started.engine;
+    rt.block_on(async {
+        while !engine.is_loaded() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let _entered = rt.enter();
+
+    // As Envoy holds them: pseudo-headers first, a few ordinary ones, the key.
+    let lines: &[(&[u8], &[u8])] = &[
+        (b":authority", b"api.example.com"),
+        (b":path", b"/api/v1/threads?page=2"),
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b"user-agent", b"client/1"),
+        (b"accept", b"*/*"),
+        (b"x-api-key", key.as_bytes()),
+    ];
+    // The first requests fill what is filled once per key: limiter cell, usage slot.
+    for _ in 0..3 {
+        one_request(&engine, lines);
+    }
+    const REQUESTS: usize = 200;
+    let mut written = 0;
+    let total = allocations(|| {
+        for _ in 0..REQUESTS {
+            written += one_request(&engine, lines);
+        }
+    });
+    assert!(written >= REQUESTS * 8, "the answers carried their headers");
+    let per_request = total as f64 / REQUESTS as f64;
+    assert!(
+        per_request <= BUDGET as f64,
+        "{per_request} allocations per request, over the budget of {BUDGET}"
+    );
+}
