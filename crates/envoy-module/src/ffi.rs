@@ -28,6 +28,7 @@ use std::cell::{Cell, UnsafeCell};
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void};
 use std::io::{self, Write as _};
+use std::marker::PhantomData;
 use std::mem::{self, ManuallyDrop};
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
@@ -293,6 +294,43 @@ pub struct EnvoyFilter {
     continue_requested: bool,
 }
 
+/// How many request header lines [`EnvoyFilter::request_headers`] holds without a heap allocation.
+const INLINE_HEADERS: usize = 32;
+
+/// A request's header lines, borrowed from Envoy for as long as the filter handle they came from.
+pub struct HeaderLines<'a> {
+    inline: [EnvoyHttpHeader; INLINE_HEADERS],
+    /// Used instead of `inline` when the request has more lines.
+    heap: Vec<EnvoyHttpHeader>,
+    len: usize,
+    _filter: PhantomData<&'a EnvoyFilter>,
+}
+
+impl<'a> HeaderLines<'a> {
+    /// The lines as (name, value) bytes. Values are bytes: Envoy does not promise UTF-8.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + '_ {
+        let lines = if self.heap.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.heap[..self.len]
+        };
+        lines.iter().map(|line| {
+            let key = EnvoyBuffer {
+                ptr: line.key_ptr,
+                length: line.key_length,
+            };
+            let value = EnvoyBuffer {
+                ptr: line.value_ptr,
+                length: line.value_length,
+            };
+            // SAFETY: as in `request_header`: valid until the hook ends or a header changes,
+            // and `'a` borrows the `EnvoyFilter`, which lives only for the hook and must be
+            // `&mut` to change a header.
+            unsafe { (key.as_bytes(), value.as_bytes()) }
+        })
+    }
+}
+
 impl EnvoyFilter {
     fn new(raw: *mut c_void, hook: Hook, responded: bool) -> Self {
         Self {
@@ -330,47 +368,40 @@ impl EnvoyFilter {
     }
 
     /// Every request header line as Envoy holds it, pseudo-headers (`:authority`, `:path`,
-    /// `:method`, `:scheme`) first, then the rest in arrival order; names are lower case.
-    pub fn request_headers(&self) -> Vec<(&[u8], &[u8])> {
+    /// `:method`, `:scheme`) first, then the rest in arrival order; names are lower case. One
+    /// Envoy call; no heap allocation for up to `INLINE_HEADERS` lines.
+    pub fn request_headers(&self) -> HeaderLines<'_> {
+        let mut lines = HeaderLines {
+            inline: [EnvoyHttpHeader::EMPTY; INLINE_HEADERS],
+            heap: Vec::new(),
+            len: 0,
+            _filter: PhantomData,
+        };
         if self.responded {
-            return Vec::new();
+            return lines;
         }
         // SAFETY: `raw` is the live filter of the running hook.
         let count = unsafe {
             envoy_dynamic_module_callback_http_get_headers_size(self.raw, HEADER_TYPE_REQUEST)
         };
         if count == 0 {
-            return Vec::new();
+            return lines;
         }
-        let mut lines = vec![EnvoyHttpHeader::EMPTY; count];
-        // SAFETY: `lines` has room for `count` entries, the size of the same map Envoy now walks
+        let out = if count <= INLINE_HEADERS {
+            lines.inline.as_mut_ptr()
+        } else {
+            lines.heap = vec![EnvoyHttpHeader::EMPTY; count];
+            lines.heap.as_mut_ptr()
+        };
+        // SAFETY: `out` has room for `count` entries, the size of the same map Envoy now walks
         // (nothing runs on this worker between the two calls to change it).
         let ok = unsafe {
-            envoy_dynamic_module_callback_http_get_headers(
-                self.raw,
-                HEADER_TYPE_REQUEST,
-                lines.as_mut_ptr(),
-            )
+            envoy_dynamic_module_callback_http_get_headers(self.raw, HEADER_TYPE_REQUEST, out)
         };
-        if !ok {
-            return Vec::new();
+        if ok {
+            lines.len = count;
         }
         lines
-            .iter()
-            .map(|line| {
-                let key = EnvoyBuffer {
-                    ptr: line.key_ptr,
-                    length: line.key_length,
-                };
-                let value = EnvoyBuffer {
-                    ptr: line.value_ptr,
-                    length: line.value_length,
-                };
-                // SAFETY: as in `request_header`: valid until the hook ends or a header changes,
-                // and the slices borrow `self`.
-                unsafe { (key.as_bytes(), value.as_bytes()) }
-            })
-            .collect()
     }
 
     /// Sets request header `name` to `value`, replacing every copy the client sent. Envoy

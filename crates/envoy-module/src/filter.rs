@@ -11,6 +11,7 @@
 //! with the attributes the engine lists; the engine's own `tracing_export` then records nothing
 //! for it, so each decision is one span. Requests Envoy does not trace keep `tracing_export`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -23,7 +24,7 @@ use futures_util::FutureExt;
 use gybc_authz_engine::answer::{Answer, Header};
 use gybc_authz_engine::config::{Config, ProcessEnv};
 use gybc_authz_engine::decision::{Decision, Reason};
-use gybc_authz_engine::request::RequestContext;
+use gybc_authz_engine::request::{self, RequestContext};
 use gybc_authz_engine::route::{PREFIX, RouteError, RouteSettings};
 use gybc_authz_engine::{Engine, otel, telemetry};
 
@@ -93,8 +94,8 @@ impl HttpFilterConfig for FilterConfig {
         Filter {
             shared: self.shared.clone(),
             started: None,
-            decided: Arc::new(Mutex::new(None)),
-            to_client: Vec::new(),
+            decided: None,
+            to_client: ToClient::default(),
             sent: 0,
             span: None,
         }
@@ -154,9 +155,10 @@ pub struct Filter {
     /// When a held request's decision started.
     started: Option<Instant>,
     /// Filled by the runtime when a held request's decision is ready; `Err` if it panicked.
-    decided: Arc<Mutex<Option<Decided>>>,
+    /// Made only for a held request: an inline one needs no slot.
+    decided: Option<Arc<Mutex<Option<Decided>>>>,
     /// The rate-limit headers an allow sends back to the client.
-    to_client: Vec<(String, String)>,
+    to_client: ToClient,
     /// Bit `i`: the request carries `Engine::upstream_names()[i]`.
     sent: u8,
     /// The decision's span in Envoy's trace, from the decision's start until it is applied.
@@ -207,7 +209,7 @@ impl HttpFilter for Filter {
                     return HeadersStatus::StopIteration;
                 };
                 self.started = Some(started);
-                let decided = self.decided.clone();
+                let decided = self.decided.insert(Arc::default()).clone();
                 runtime.spawn(async move {
                     let out = AssertUnwindSafe(decide).catch_unwind().await;
                     *decided.lock().unwrap_or_else(|p| p.into_inner()) = Some(out);
@@ -222,9 +224,8 @@ impl HttpFilter for Filter {
     fn on_scheduled(&mut self, envoy: &mut EnvoyFilter, _event_id: u64) {
         let Some(decided) = self
             .decided
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+            .as_ref()
+            .and_then(|d| d.lock().unwrap_or_else(|p| p.into_inner()).take())
         else {
             return;
         };
@@ -245,7 +246,7 @@ impl HttpFilter for Filter {
         envoy: &mut EnvoyFilter,
         _end_of_stream: bool,
     ) -> HeadersStatus {
-        for (name, value) in &self.to_client {
+        for (name, value) in self.to_client.iter() {
             envoy.set_response_header(name, value);
         }
         HeadersStatus::Continue
@@ -285,32 +286,24 @@ impl Filter {
                 .position(|n| n.as_bytes().eq_ignore_ascii_case(k))
                 .map_or(sent, |i| sent | 1 << i)
         });
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         let pseudo = |name: &[u8]| {
             lines
                 .iter()
                 .find(|(k, _)| *k == name)
-                .map(|(_, v)| text(v))
-                .unwrap_or_default()
+                .map_or(Cow::Borrowed(""), |(_, v)| request::text(v))
         };
         let (method, target, host) = (pseudo(b":method"), pseudo(b":path"), pseudo(b":authority"));
-        // Header names are tokens (ASCII); a value may be any bytes, read as the sidecar's
-        // raw header map reads them.
-        let headers = lines.iter().map(|(k, v)| {
-            (
-                std::str::from_utf8(k).unwrap_or(""),
-                String::from_utf8_lossy(v),
-            )
-        });
         let route = match envoy.route_config::<RouteConfig>() {
             Some(r) => r.settings.clone(),
             None => Ok(RouteSettings::default()),
         };
-        RequestContext::read(
+        // Values are bytes (Envoy does not promise UTF-8), read as the sidecar's raw header map
+        // reads them; only the values the engine looks at are turned into text.
+        RequestContext::read_bytes(
             &method,
             &target,
             &host,
-            headers,
+            lines.iter(),
             self.shared.engine.limits(),
         )
         .with_route(route)
@@ -356,10 +349,9 @@ impl Filter {
                 for name in remove_upstream.into_iter().filter(|n| sent(n)) {
                     envoy.remove_request_header(name);
                 }
-                self.to_client = downstream
-                    .into_iter()
-                    .map(|h| (h.name.to_owned(), h.value.into_owned()))
-                    .collect();
+                for h in &downstream {
+                    self.to_client.push(h.name, &h.value);
+                }
                 HeadersStatus::Continue
             }
             Answer::Deny {
@@ -388,6 +380,39 @@ impl Filter {
             clock.advance(std::time::Duration::from_millis(ms));
         }
         envoy.remove_request_header(ADVANCE);
+    }
+}
+
+/// The headers an allow sends back to the client, kept from the request-headers hook to the
+/// response's: a few short lines, written one after the other into one buffer (two allocations
+/// for them all, not two per line).
+#[derive(Default)]
+struct ToClient {
+    text: String,
+    /// Each line's name and value, as the offsets where they end in `text`.
+    ends: Vec<(usize, usize)>,
+}
+
+impl ToClient {
+    fn push(&mut self, name: &str, value: &str) {
+        if self.text.is_empty() {
+            // Room for the rate-limit headers, the IETF ones included.
+            self.text.reserve(256);
+            self.ends.reserve(6);
+        }
+        self.text.push_str(name);
+        let name_end = self.text.len();
+        self.text.push_str(value);
+        self.ends.push((name_end, self.text.len()));
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(name_end, end)| {
+            let line = (&self.text[start..name_end], &self.text[name_end..end]);
+            start = end;
+            line
+        })
     }
 }
 
