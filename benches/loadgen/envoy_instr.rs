@@ -361,7 +361,9 @@ impl Runs<'_> {
         // Which file is the worker's: callgrind numbers threads by the slot they got (1 is the main
         // thread; a slot freed by a thread that ended is given to the next one), so the numbers cannot
         // be matched to /proc's thread names. The worker is the thread that did the counted work:
-        // besides the main thread (which also shuts Envoy down), the busiest, by far.
+        // besides the main thread (which also shuts Envoy down), the busiest, by far: at least twice
+        // the next (in the smoke run's debug build, 20 requests, the engine's runtime thread
+        // loading signing keys reaches about 40 % of the worker; in a full run, a few per cent).
         let mut others = Vec::new();
         let mut busiest: Option<(usize, u64, PathBuf)> = None;
         for entry in std::fs::read_dir(self.dir)?.flatten() {
@@ -390,9 +392,9 @@ impl Runs<'_> {
         let (_, worker, path) =
             busiest.ok_or("no callgrind file for any thread but the main one")?;
         let runner_up = others.iter().copied().max().unwrap_or(0);
-        if worker < 10 * runner_up.max(1) {
+        if worker < 2 * runner_up.max(1) {
             return Err(format!(
-            "{}: the busiest thread ({worker} instructions) is not ten times the next ({runner_up}): \
+            "{}: the busiest thread ({worker} instructions) is not twice the next ({runner_up}): \
              cannot tell which is the worker",
             v.name
         )
