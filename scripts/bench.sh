@@ -10,8 +10,8 @@
 #   ./scripts/bench.sh --only envoy-instructions       # Envoy + module instructions per request (~15 min)
 #
 # The smoke run reuses the debug builds `cargo test --all-targets` has just made, so it compiles
-# nothing but the floor module (a dependency-free cdylib, seconds); it checks that each part ran
-# and produced numbers, never how fast they are.
+# nothing but the floor module (the module crate again, with its `floor` door); it checks that each
+# part ran and produced numbers, never how fast they are.
 # Extra arguments go to the suite, e.g. `--only a,c,envoy` or `--concurrency 64`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,18 @@ fi
 OUT="${BENCH_OUT:-target/bench}"
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# The floor module Envoy loads in envoy-instructions: the module crate with its `floor` door
+# (crates/envoy-module/src/floor.rs), copied to libgybc_authz_envoy_floor.so, the file Envoy loads
+# for the name `gybc_authz_envoy_floor`. Both builds write libgybc_authz_envoy.so, so the real
+# module is built again afterwards. $1: the profile's directory under target/; the rest go to cargo.
+build_floor() {
+  local dir="${CARGO_TARGET_DIR:-target}/$1"
+  shift
+  cargo build --locked "$@" -p gybc-authz-envoy --features floor
+  cp "$dir/libgybc_authz_envoy.so" "$dir/libgybc_authz_envoy_floor.so"
+  cargo build --locked "$@" -p gybc-authz-envoy
+}
 
 step "tools: wrk, redis-server, valgrind, Envoy"
 missing=()
@@ -58,8 +70,8 @@ echo
 if [ "$SMOKE" = 1 ]; then
   step "bench smoke (debug builds, short runs)"
   start=$(date +%s)
-  # Not a dependency of anything cargo test builds: the floor module Envoy loads in envoy-instructions.
-  cargo build --locked -p gybc-authz-envoy-floor
+  # Not something cargo test builds: the floor module Envoy loads in envoy-instructions.
+  build_floor debug
   cargo test --locked --bench loadgen -- suite --smoke --out "$OUT/smoke" "$@"
   echo "bench smoke took $(($(date +%s) - start)) s"
   exit 0
@@ -71,7 +83,7 @@ start=$(date +%s)
 cargo build --release --locked -p gybc-authz -p gybc-authz-envoy
 # The same module (and the floor module) with symbols kept, for callgrind to name functions
 # (envoy-instructions loads them from target/profiling).
-cargo build --profile profiling --locked -p gybc-authz-envoy -p gybc-authz-envoy-floor
+build_floor profiling --profile profiling
 cargo bench --locked --no-run --bench loadgen --bench decision
 echo "build took $(($(date +%s) - start)) s"
 

@@ -24,7 +24,8 @@ pub(crate) enum EnvoyFilter {
     },
     /// The engine inside Envoy, reading this daemon config.
     Module(PathBuf),
-    /// The floor module (`crates/envoy-floor/`): sets one request header, nothing else.
+    /// The floor module (`crates/envoy-module` built with its `floor` door): sets one request
+    /// header, nothing else.
     Floor,
 }
 

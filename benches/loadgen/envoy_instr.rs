@@ -51,7 +51,10 @@ struct Variant {
     target: Option<f64>,
 }
 
-/// The floor module's shared object (`crates/envoy-floor/`).
+/// The floor module's shared object: the module crate built with its `floor` door
+/// (`crates/envoy-module/src/floor.rs`), copied beside the module under this name by
+/// ./scripts/bench.sh. Envoy loads `lib<name>.so` for `dynamic_module_config.name`
+/// `gybc_authz_envoy_floor` (envoy.rs).
 const FLOOR_SO: &str = "libgybc_authz_envoy_floor.so";
 const MODULE_SO: &str = "libgybc_authz_envoy.so";
 /// Functions listed per module variant.
@@ -74,8 +77,9 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
     for so in [MODULE_SO, FLOOR_SO] {
         if !module_dir.join(so).is_file() {
             return Err(format!(
-                "{} is missing: `cargo build --profile profiling -p gybc-authz-envoy -p gybc-authz-envoy-floor` \
-                 (./scripts/bench.sh does; --smoke uses the debug builds)",
+                "{} is missing: ./scripts/bench.sh builds both (the floor is `cargo build \
+                 --profile profiling -p gybc-authz-envoy --features floor`, copied to \
+                 {FLOOR_SO}); --smoke uses the debug builds",
                 module_dir.join(so).display()
             )
             .into());
@@ -121,7 +125,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
         },
         Variant {
             name: "envoy+floor",
-            what: "Envoy + floor module (crates/envoy-floor: sets one request header)",
+            what: "Envoy + floor module (--features floor: sets one request header)",
             filter: Filter::Floor,
             headers: vec![sk.clone()],
             status: 200,
