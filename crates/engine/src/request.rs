@@ -98,22 +98,14 @@ impl RequestContext {
         headers: impl IntoIterator<Item = (&'h str, V)>,
         limits: &LimitsConfig,
     ) -> Self {
-        let mut ctx = RequestContext {
-            method: method.to_owned(),
-            path: strip_query(target).to_owned(),
-            host: host.to_owned(),
-            ..Default::default()
-        };
-        let mut reader = Reader::new(&mut ctx, limits);
-        for (name, value) in headers {
-            if !reader.count() {
-                break;
-            }
-            reader.header(name, value.as_ref());
-        }
-        let trace = reader.trace.finish();
-        ctx.trace = trace;
-        ctx
+        Self::read_lines(
+            method,
+            target,
+            host,
+            headers,
+            limits,
+            |reader, (name, value)| reader.header(name, value.as_ref()),
+        )
     }
 
     /// [`RequestContext::read`] for a door whose transport hands out header lines as bytes
@@ -127,6 +119,33 @@ impl RequestContext {
         headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
         limits: &LimitsConfig,
     ) -> Self {
+        Self::read_lines(
+            method,
+            target,
+            host,
+            headers,
+            limits,
+            |reader, (name, value)| {
+                if let Some(name) = READ_HEADERS
+                    .iter()
+                    .find(|n| n.as_bytes().eq_ignore_ascii_case(name))
+                {
+                    reader.header(name, &text(value));
+                }
+            },
+        )
+    }
+
+    /// What both readers share: the request line, then each header line, counted against
+    /// `limits.max_headers` before `read_line` sees it.
+    fn read_lines<L>(
+        method: &str,
+        target: &str,
+        host: &str,
+        lines: impl IntoIterator<Item = L>,
+        limits: &LimitsConfig,
+        mut read_line: impl FnMut(&mut Reader<'_>, L),
+    ) -> Self {
         let mut ctx = RequestContext {
             method: method.to_owned(),
             path: strip_query(target).to_owned(),
@@ -134,16 +153,11 @@ impl RequestContext {
             ..Default::default()
         };
         let mut reader = Reader::new(&mut ctx, limits);
-        for (name, value) in headers {
+        for line in lines {
             if !reader.count() {
                 break;
             }
-            if let Some(name) = READ_HEADERS
-                .iter()
-                .find(|n| n.as_bytes().eq_ignore_ascii_case(name))
-            {
-                reader.header(name, &text(value));
-            }
+            read_line(&mut reader, line);
         }
         let trace = reader.trace.finish();
         ctx.trace = trace;
