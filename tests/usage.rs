@@ -18,7 +18,7 @@ use gybc_authz_engine::config::Config;
 use gybc_authz_engine::store::admin::{AdminError, AdminStore, Scope};
 use gybc_authz_engine::usage::Counts;
 use serde_json::Value;
-use support::key_service::{Backend, KeyService, Who};
+use support::key_service::{Backend, KeyService, Who, usage_counts};
 use support::redis::{RedisServer, redis_yaml, seed};
 use support::*;
 
@@ -83,20 +83,6 @@ async fn series(store: &AdminStore, key_id: &str, start: u64, end: u64) -> Vec<(
         .into_iter()
         .map(|b| (b.hour_start, b.counts))
         .collect()
-}
-
-fn counts(v: &Value) -> Counts {
-    let n = |f: &str| match &v[f] {
-        Value::String(s) => s.parse().unwrap(),
-        Value::Number(n) => n.as_u64().unwrap(),
-        Value::Null => 0,
-        other => panic!("{f} is {other}"),
-    };
-    Counts {
-        allowed: n("allowed"),
-        rate_limited: n("rateLimited").max(n("rate_limited")),
-        denied: n("denied"),
-    }
 }
 
 fn rfc3339(t: u64) -> String {
@@ -239,7 +225,7 @@ async fn two_replicas_add_up_per_key_and_hour_and_every_reader_says_the_same() {
         .map(|b| {
             let t = humantime::parse_rfc3339(b["startTime"].as_str().unwrap()).unwrap();
             let t = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-            (t, counts(b))
+            (t, usage_counts(b, "rateLimited"))
         })
         .collect();
     assert_eq!(buckets, want.of("key_secret"));
@@ -294,7 +280,7 @@ async fn two_replicas_add_up_per_key_and_hour_and_every_reader_says_the_same() {
         .map(|b| {
             let t = humantime::parse_rfc3339(b["start_time"].as_str().unwrap()).unwrap();
             let t = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-            (t, counts(b))
+            (t, usage_counts(b, "rate_limited"))
         })
         .collect();
     assert_eq!(from_cli, want.of("key_limited"));

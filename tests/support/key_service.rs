@@ -281,3 +281,20 @@ pub async fn call(
         text,
     }
 }
+
+/// A usage bucket or total as either reader writes it: the key service's protojson (int64 as
+/// strings, `rateLimited`) or the CLI's JSON (numbers, `rate_limited`); `rate_limited` names
+/// the field.
+pub fn usage_counts(v: &Value, rate_limited: &str) -> gybc_authz_engine::usage::Counts {
+    let n = |f: &str| match &v[f] {
+        Value::String(s) => s.parse().unwrap(),
+        Value::Number(n) => n.as_u64().unwrap(),
+        Value::Null => 0,
+        other => panic!("{f} is {other}"),
+    };
+    gybc_authz_engine::usage::Counts {
+        allowed: n("allowed"),
+        rate_limited: n(rate_limited),
+        denied: n("denied"),
+    }
+}
