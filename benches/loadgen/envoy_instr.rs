@@ -8,6 +8,9 @@
 //! what is counted is N requests, the worker's idle work and its shutdown, and the slope between
 //! N1 and N2 cancels whatever does not grow with N. (Switching instrumentation off again before
 //! the shutdown would be tidier, but callgrind then writes zero counts.)
+//!
+//! `--variants` runs some of the variants only; the baselines their ratios are taken against
+//! (`envoy`, and `envoy-c` for (c) and (d)) run with them all the same.
 
 use super::*;
 
@@ -18,6 +21,11 @@ pub(crate) struct EnvoyInstrResult {
     pub(crate) what: String,
     /// The ceiling as a multiple of Envoy alone's count, where issue 21 sets one.
     pub(crate) target: Option<f64>,
+    /// The Envoy-alone variant sent this variant's very request (`envoy-c` for (c) and (d)),
+    /// where `envoy`'s differs: Envoy's own cost of the credential headers then cancels out.
+    pub(crate) same_request_baseline: Option<String>,
+    /// `per_request` as a multiple of that baseline's.
+    pub(crate) same_request_ratio: Option<f64>,
     /// Requests in the two runs, and Envoy's worker thread's instructions in each.
     pub(crate) requests: [u64; 2],
     pub(crate) worker_instructions: [u64; 2],
@@ -49,6 +57,41 @@ struct Variant {
     /// The status every counted request must get.
     status: u16,
     target: Option<f64>,
+    /// The Envoy-alone variant sent the same credential headers, where `envoy` is not.
+    same_request: Option<&'static str>,
+}
+
+/// Every variant, in the order they run; `--variants` names some of them.
+pub(crate) const VARIANTS: [&str; 9] = [
+    "envoy",
+    "envoy-c",
+    "envoy+floor",
+    "module-a",
+    "module-a-no-usage",
+    "module-c",
+    "module-d",
+    "module-f",
+    "module-h",
+];
+/// What every variant's ratio is taken against: it runs whatever `--variants` says.
+const ALONE: &str = "envoy";
+
+/// `--variants NAME,NAME`: names from [`VARIANTS`], checked before anything runs.
+pub(crate) fn parse_variants(list: &str) -> Res<Vec<String>> {
+    let names: Vec<String> = list.split(',').map(|n| n.trim().to_owned()).collect();
+    let unknown: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !VARIANTS.contains(n))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(format!(
+            "--variants: unknown {unknown:?}; the envoy-instructions variants are {}",
+            VARIANTS.join(", ")
+        )
+        .into());
+    }
+    Ok(names)
 }
 
 /// The floor module's shared object: the module crate built with its `floor` door
@@ -73,25 +116,6 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             .into());
         }
     }
-    let module_dir = ctx.module_dir();
-    for so in [MODULE_SO, FLOOR_SO] {
-        if !module_dir.join(so).is_file() {
-            return Err(format!(
-                "{} is missing: ./scripts/bench.sh builds both (the floor is `cargo build \
-                 --profile profiling -p gybc-authz-envoy --features floor`, copied to \
-                 {FLOOR_SO}); --smoke uses the debug builds",
-                module_dir.join(so).display()
-            )
-            .into());
-        }
-    }
-    let [n1, n2] = ctx.plan.envoy_instr_requests;
-    eprintln!(
-        "== Envoy's worker thread under callgrind: {n1} and {n2} requests on one keep-alive \
-         connection (modules from {})",
-        module_dir.display()
-    );
-
     let base = std::path::absolute(ctx.config("base", &ctx.small_keys, "")?)?;
     // (a) again with per-key usage counting off: the counting's share of (a) is the difference.
     let no_usage = std::path::absolute(ctx.config(
@@ -122,6 +146,16 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             headers: vec![sk.clone()],
             status: 200,
             target: None,
+            same_request: None,
+        },
+        Variant {
+            name: "envoy-c",
+            what: "Envoy alone (no filter) sent (c)'s request (authorization: Bearer, no x-api-key)",
+            filter: Filter::None,
+            headers: vec![bearer.clone()],
+            status: 200,
+            target: None,
+            same_request: None,
         },
         Variant {
             name: "envoy+floor",
@@ -130,6 +164,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             headers: vec![sk.clone()],
             status: 200,
             target: Some(1.15),
+            same_request: None,
         },
         Variant {
             name: "module-a",
@@ -138,6 +173,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             headers: vec![sk.clone()],
             status: 200,
             target: Some(1.25),
+            same_request: None,
         },
         Variant {
             name: "module-a-no-usage",
@@ -146,6 +182,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             headers: vec![sk.clone()],
             status: 200,
             target: None,
+            same_request: None,
         },
         Variant {
             name: "module-c",
@@ -154,10 +191,11 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             headers: vec![bearer.clone()],
             status: 200,
             target: Some(1.35),
+            same_request: Some("envoy-c"),
         },
         Variant {
             name: "module-d",
-            what: "Envoy + gybc-authz module, (d) pk_ key + cached JWT",
+            what: "Envoy + gybc-authz module, (d) pk_ key + cached JWT (one header more than envoy-c's request: x-api-key)",
             filter: module(&base),
             headers: vec![
                 format!("x-api-key: {}", ctx.fx.publishable_key),
@@ -165,6 +203,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             ],
             status: 200,
             target: None,
+            same_request: Some("envoy-c"),
         },
         Variant {
             name: "module-f",
@@ -176,6 +215,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             )],
             status: 401,
             target: None,
+            same_request: None,
         },
         Variant {
             name: "module-h",
@@ -184,8 +224,41 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             headers: vec![format!("x-api-key: {}", ctx.fx.limited_key)],
             status: 429,
             target: None,
+            same_request: None,
         },
     ];
+    if variants.iter().map(|v| v.name).ne(VARIANTS) {
+        return Err(
+            "envoy-instructions: VARIANTS does not list the variants in their order".into(),
+        );
+    }
+    let variants = selected(variants, ctx.variants.as_deref());
+    let module_dir = ctx.module_dir();
+    let mut shared_objects: Vec<&str> = variants
+        .iter()
+        .filter_map(|v| shared_object(&v.filter))
+        .collect();
+    shared_objects.sort_unstable();
+    shared_objects.dedup();
+    for so in shared_objects {
+        if !module_dir.join(so).is_file() {
+            return Err(format!(
+                "{} is missing: ./scripts/bench.sh builds both (the floor is `cargo build \
+                 --profile profiling -p gybc-authz-envoy --features floor`, copied to \
+                 {FLOOR_SO}); --smoke uses the debug builds",
+                module_dir.join(so).display()
+            )
+            .into());
+        }
+    }
+    let [n1, n2] = ctx.plan.envoy_instr_requests;
+    eprintln!(
+        "== Envoy's worker thread under callgrind: {n1} and {n2} requests on one keep-alive \
+         connection (modules from {})",
+        module_dir.display()
+    );
+
+    let first_result = report.envoy_instructions.len();
     for v in variants {
         let t = Instant::now();
         let runs = Runs {
@@ -214,12 +287,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
         let (first, second) = (first?, second?);
         let slope = |a: u64, b: u64| (b as f64 - a as f64) / (n2 - n1) as f64;
         let per_request = slope(first.worker, second.worker);
-        let so = match v.filter {
-            Filter::None => None,
-            Filter::Floor => Some(FLOOR_SO),
-            Filter::Module(_) => Some(MODULE_SO),
-        };
-        let (module_per_request, top) = match so {
+        let (module_per_request, top) = match shared_object(&v.filter) {
             None => (None, Vec::new()),
             Some(so) => {
                 let own = |c: &Count| -> HashMap<String, u64> {
@@ -268,6 +336,8 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             name: v.name.into(),
             what: v.what.into(),
             target: v.target,
+            same_request_baseline: v.same_request.map(str::to_owned),
+            same_request_ratio: None,
             requests: [n1, n2],
             worker_instructions: [first.worker, second.worker],
             per_request,
@@ -276,7 +346,60 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             by_object,
         });
     }
+    let ran = &mut report.envoy_instructions[first_result..];
+    let per_request = |name: &str| {
+        ran.iter()
+            .find(|e| e.name == name)
+            .map(|e| e.per_request)
+            .filter(|p| *p > 0.0)
+    };
+    let ratios: Vec<Option<f64>> = ran
+        .iter()
+        .map(|e| {
+            let base = per_request(e.same_request_baseline.as_deref()?)?;
+            Some(e.per_request / base)
+        })
+        .collect();
+    for (e, ratio) in ran.iter_mut().zip(ratios) {
+        e.same_request_ratio = ratio;
+    }
     Ok(())
+}
+
+/// The variants `--variants` names (all without it), plus the baselines their ratios are taken
+/// against, each added with a line on stderr.
+fn selected(variants: [Variant; VARIANTS.len()], names: Option<&[String]>) -> Vec<Variant> {
+    let Some(names) = names else {
+        return variants.into();
+    };
+    let named = |n: &str| names.iter().any(|w| w == n);
+    let mut added: Vec<&str> = Vec::new();
+    if !named(ALONE) {
+        eprintln!("  --variants: {ALONE} runs too (every variant's ratio is against Envoy alone)");
+        added.push(ALONE);
+    }
+    for v in variants.iter().filter(|v| named(v.name)) {
+        if let Some(base) = v.same_request.filter(|b| !named(b) && !added.contains(b)) {
+            eprintln!(
+                "  --variants: {base} runs too ({}'s same-request ratio is against it)",
+                v.name
+            );
+            added.push(base);
+        }
+    }
+    variants
+        .into_iter()
+        .filter(|v| named(v.name) || added.contains(&v.name))
+        .collect()
+}
+
+/// The shared object a variant's filter loads, if any.
+fn shared_object(filter: &Filter) -> Option<&'static str> {
+    match filter {
+        Filter::None => None,
+        Filter::Floor => Some(FLOOR_SO),
+        Filter::Module(_) => Some(MODULE_SO),
+    }
 }
 
 /// One run's count: the worker thread's total, and its exclusive cost per (object, function).

@@ -131,6 +131,11 @@ struct SuiteArgs {
     /// Comma-separated sections or scenario names to run (default: all).
     #[arg(long)]
     only: Option<String>,
+    /// Comma-separated envoy-instructions variants to run (default: all): `envoy`, `envoy-c`,
+    /// `envoy+floor`, `module-a`, … The baselines their ratios need (`envoy`; `envoy-c` for
+    /// `module-c` and `module-d`) run too.
+    #[arg(long)]
+    variants: Option<String>,
     /// Connections to the server.
     #[arg(long, default_value_t = 2)]
     connections: usize,
