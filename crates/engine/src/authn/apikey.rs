@@ -2,9 +2,11 @@
 //! CRC32 checksum. A key that fails this check is rejected before any cache or store lookup, and
 //! secret scanners can recognise leaked keys by their shape.
 
+use std::cell::RefCell;
 use std::fmt;
 
 use sha2::{Digest, Sha256};
+use siphasher::sip128::{Hasher128, SipHasher13};
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// Random characters in a generated key: 32 × log2(62) ≈ 190 bits.
@@ -89,8 +91,11 @@ impl<'a> ApiKey<'a> {
         self.kind
     }
 
+    /// The key's SHA-256, which the store is indexed by. The same key arrives over and over,
+    /// and a SHA-256 in software is thousands of instructions per request, so each thread
+    /// remembers the hashes of the keys it saw last (`RecentHashes`).
     pub fn hash(&self) -> KeyHash {
-        KeyHash::of(self.text)
+        RECENT_HASHES.with_borrow_mut(|recent| recent.hash(self.text))
     }
 
     pub fn expose(&self) -> &'a str {
@@ -105,6 +110,49 @@ impl<'a> ApiKey<'a> {
         let sum = checksum(&out);
         out.push_str(std::str::from_utf8(&sum).expect("base62 is ASCII"));
         out
+    }
+}
+
+thread_local! {
+    static RECENT_HASHES: RefCell<RecentHashes> = RefCell::new(RecentHashes::new());
+}
+
+/// The SHA-256 of the last key seen in each of `RECENT_SLOTS` slots, found by a keyed 128-bit
+/// SipHash of the key (a random key per thread, so no client can aim two keys at one slot or
+/// forge a match). The slot keeps that SipHash, never the key: two different keys share an entry
+/// only if their 128-bit SipHashes collide, as for the token caches (`authn::jwt`). Bounded:
+/// a flood of random keys only overwrites slots.
+struct RecentHashes {
+    sip: SipHasher13,
+    slots: Box<[Option<(u128, KeyHash)>]>,
+}
+
+/// Per thread: 64 KiB for 1,024 keys.
+const RECENT_SLOTS: usize = 1024;
+
+impl RecentHashes {
+    fn new() -> Self {
+        let mut key = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut key).expect("the system CSPRNG is available");
+        Self {
+            sip: SipHasher13::new_with_key(&key),
+            slots: vec![None; RECENT_SLOTS].into_boxed_slice(),
+        }
+    }
+
+    fn hash(&mut self, key: &str) -> KeyHash {
+        let mut h = self.sip;
+        std::hash::Hasher::write(&mut h, key.as_bytes());
+        let id = h.finish128().as_u128();
+        let slot = &mut self.slots[id as usize % RECENT_SLOTS];
+        match slot {
+            Some((seen, hash)) if *seen == id => *hash,
+            _ => {
+                let hash = KeyHash::of(key);
+                *slot = Some((id, hash));
+                hash
+            }
+        }
     }
 }
 
@@ -169,6 +217,22 @@ impl fmt::Debug for KeyHash {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remembered_hash_is_always_the_keys_own() {
+        // More keys than slots, each hashed while others overwrite slots: every answer is the
+        // SHA-256 of the key asked about, first time or remembered.
+        let keys: Vec<String> = (0..3 * RECENT_SLOTS)
+            .map(|_| ApiKey::generate(KeyKind::Secret))
+            .collect();
+        for round in 0..2 {
+            for k in keys.iter().chain(keys.iter().take(16)) {
+                let parsed = ApiKey::parse(k).unwrap();
+                assert_eq!(parsed.hash(), KeyHash::of(k), "round {round}");
+                assert_eq!(parsed.hash(), KeyHash::of(k), "round {round}, remembered");
+            }
+        }
+    }
 
     #[test]
     fn generated_keys_parse_and_carry_their_kind() {
