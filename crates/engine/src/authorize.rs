@@ -228,7 +228,11 @@ impl Authorizer {
     /// Counts the request against the key's limit; the status rides on the allow or the 429.
     async fn rate_limited(&self, record: &Key, identity: Identity) -> Result<Grant, Denial> {
         let limit = record.rate_limit().unwrap_or(self.default_rate_limit);
-        match self.limiter.check(record.id(), limit).await {
+        let checked = match self.limiter.check_in_memory(record.id(), limit) {
+            Some(status) => Ok(status),
+            None => self.limiter.check(record.id(), limit).await,
+        };
+        match checked {
             Ok(status) if status.allowed => Ok(Grant {
                 identity: Some(identity),
                 rate: Some(status),

@@ -31,6 +31,9 @@ pub const READ_HEADERS: [&str; 12] = [
     trace_context::X_B3_FLAGS,
 ];
 
+/// The first bytes of [`READ_HEADERS`], lower case.
+const READ_FIRST_BYTES: [u8; 5] = [b'a', b'x', b'o', b't', b'b'];
+
 /// Longest `X-On-Behalf-Of` the contract allows; longer is `invalid_on_behalf_of`.
 pub const MAX_ON_BEHALF_OF_CHARS: usize = 128;
 /// Longer `Origin` or `x-request-id` values are ignored rather than copied.
@@ -104,7 +107,11 @@ impl RequestContext {
             host,
             headers,
             limits,
-            |reader, (name, value)| reader.header(name, value.as_ref()),
+            |reader, (name, value)| {
+                if let Some(name) = read_header(name.as_bytes()) {
+                    reader.header(name, value.as_ref());
+                }
+            },
         )
     }
 
@@ -126,10 +133,7 @@ impl RequestContext {
             headers,
             limits,
             |reader, (name, value)| {
-                if let Some(name) = READ_HEADERS
-                    .iter()
-                    .find(|n| n.as_bytes().eq_ignore_ascii_case(name))
-                {
+                if let Some(name) = read_header(name) {
                     reader.header(name, &text(value));
                 }
             },
@@ -209,36 +213,38 @@ impl<'a> Reader<'a> {
         true
     }
 
-    fn header(&mut self, name: &str, value: &str) {
-        let (slot, cap, comma_means_duplicate) = if name.eq_ignore_ascii_case(AUTHORIZATION) {
-            (
+    /// One line of a header the engine reads, by its name as [`READ_HEADERS`] spells it.
+    fn header(&mut self, name: &'static str, value: &str) {
+        let (slot, cap, comma_means_duplicate) = match name {
+            AUTHORIZATION => (
                 &mut self.ctx.authorization,
                 self.limits.max_authorization_bytes,
                 true,
-            )
-        } else if name.eq_ignore_ascii_case(X_API_KEY) {
-            (&mut self.ctx.api_key, self.limits.max_api_key_bytes, true)
-        } else if name.eq_ignore_ascii_case(X_ON_BEHALF_OF) {
+            ),
+            X_API_KEY => (&mut self.ctx.api_key, self.limits.max_api_key_bytes, true),
             // A comma here is judged by the impersonation rules (`invalid_on_behalf_of`).
-            (
+            X_ON_BEHALF_OF => (
                 &mut self.ctx.on_behalf_of,
                 MAX_ON_BEHALF_OF_CHARS * 4,
                 false,
-            )
-        } else if name.eq_ignore_ascii_case(ORIGIN) {
-            if value.len() <= MAX_ORIGIN_BYTES {
-                self.ctx.origin = Some(value.to_owned());
+            ),
+            ORIGIN => {
+                if value.len() <= MAX_ORIGIN_BYTES {
+                    self.ctx.origin = Some(value.to_owned());
+                }
+                return;
             }
-            return;
-        } else if name.eq_ignore_ascii_case(X_REQUEST_ID) {
-            if value.len() <= MAX_REQUEST_ID_BYTES && !value.contains(char::is_control) {
-                self.ctx.request_id = Some(value.to_owned());
+            X_REQUEST_ID => {
+                if value.len() <= MAX_REQUEST_ID_BYTES && !has_control(value) {
+                    self.ctx.request_id = Some(value.to_owned());
+                }
+                return;
             }
-            return;
-        } else {
-            // Trace headers are parsed as they come, each bounded; anything else is not looked at.
-            self.trace.header(name, value);
-            return;
+            // Trace headers are parsed as they come, each bounded.
+            _ => {
+                self.trace.header(name, value);
+                return;
+            }
         };
 
         *slot = if !slot.is_absent() {
@@ -259,11 +265,32 @@ impl<'a> Reader<'a> {
 /// Envoy's `path` is the request target, query included (its `query` field is left empty).
 fn strip_query(path: &str) -> &str {
     // Bytes, not a `char` pattern: both are ASCII, and this runs on every request.
-    let end = path
-        .bytes()
-        .position(|b| b == b'?' || b == b'#')
-        .unwrap_or(path.len());
+    let end = memchr::memchr2(b'?', b'#', path.as_bytes()).unwrap_or(path.len());
     &path[..end]
+}
+
+/// The header `name` is, as [`READ_HEADERS`] spells it, if the engine reads it (any case).
+fn read_header(name: &[u8]) -> Option<&'static str> {
+    // Most lines are none of these (pseudo-headers, user-agent, …): their first byte says so
+    // without comparing names.
+    let first = name.first()?.to_ascii_lowercase();
+    if !READ_FIRST_BYTES.contains(&first) {
+        return None;
+    }
+    READ_HEADERS
+        .iter()
+        .find(|n| n.as_bytes().eq_ignore_ascii_case(name))
+        .copied()
+}
+
+/// Whether `value` holds a control character (`char::is_control`), looked at a byte at a time
+/// when it is ASCII, as request ids are: one runs on every request.
+fn has_control(value: &str) -> bool {
+    if value.is_ascii() {
+        value.bytes().any(|b| b.is_ascii_control())
+    } else {
+        value.contains(char::is_control)
+    }
 }
 
 /// A header value as text: borrowed when it is UTF-8 (checked a word at a time; the lossy
@@ -285,6 +312,15 @@ mod tests {
 
     fn read(path: &str, headers: &[(&str, &str)]) -> RequestContext {
         read_with(path, headers, &LimitsConfig::default())
+    }
+
+    #[test]
+    fn every_header_read_starts_with_one_of_the_first_bytes_looked_for() {
+        for name in READ_HEADERS {
+            assert!(READ_FIRST_BYTES.contains(&name.as_bytes()[0]), "{name}");
+        }
+        assert!(has_control("id\u{7f}") && has_control("id\u{85}") && has_control("a\nb"));
+        assert!(!has_control("2f1c-é") && !has_control("0b6e3c1e-uuid"));
     }
 
     #[test]

@@ -21,13 +21,13 @@ use gybc_authz_engine::engine::{EngineOptions, KeySource};
 use gybc_authz_engine::request::RequestContext;
 use gybc_authz_engine::store::{FileStore, KeyRecord, KeyStatus};
 
-/// Allocations per request of the cached `sk_` path, at most:
-/// - the request: method, path and host (3), the key's copy (1);
-/// - the decision: the limiter's boxed future (1).
+/// Allocations per request of the cached `sk_` path, at most the request's: method, path and
+/// host (3), the key's copy (1).
 ///
-/// The key lookup, the usage count, the metrics and the answer (its header lists and rate-limit
-/// numbers are inline) allocate nothing.
-const BUDGET: usize = 5;
+/// The key lookup (its hash remembered per thread), the local limiter (answered without a
+/// future), the usage count, the metrics and the answer (its header lists and rate-limit numbers
+/// are inline) allocate nothing.
+const BUDGET: usize = 4;
 
 /// Allocations `f` makes on this thread (the engine's background tasks, on others, are not
 /// counted).

@@ -3,7 +3,9 @@
 //! fixed window allows at its edge.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+
+use foldhash::fast::RandomState;
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::{BoxFuture, FutureExt};
@@ -24,7 +26,8 @@ pub struct LocalLimiter {
     clock: Arc<dyn Clock>,
     shards: Box<[Mutex<Cells>]>,
     per_shard: usize,
-    /// Keyed per process: which key ids share a shard or a hash cannot be aimed at.
+    /// Seeded per process. Key ids come from the key store, not from clients, so a fast hash
+    /// (foldhash, not SipHash) is enough to spread them.
     hasher: RandomState,
 }
 
@@ -62,7 +65,7 @@ impl LocalLimiter {
             // Tables grow with use: an idle daemon holds none of it.
             shards: (0..shards).map(|_| Mutex::default()).collect(),
             per_shard: (max_keys as usize / shards).max(1),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 
@@ -120,6 +123,10 @@ impl RateLimiter for LocalLimiter {
         limit: RateLimit,
     ) -> BoxFuture<'a, Result<RateStatus, RateLimitError>> {
         futures_util::future::ready(Ok(self.check_now(key_id, limit))).boxed()
+    }
+
+    fn check_in_memory(&self, key_id: &str, limit: RateLimit) -> Option<RateStatus> {
+        Some(self.check_now(key_id, limit))
     }
 }
 

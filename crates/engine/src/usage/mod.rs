@@ -13,11 +13,12 @@ mod flush;
 pub mod read;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use foldhash::fast::RandomState;
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
@@ -154,7 +155,7 @@ impl Slot {
 }
 
 /// One shard of the live counts: each key counted since the last flush.
-type Shard = Mutex<HashMap<Arc<str>, Slot>>;
+type Shard = Mutex<HashMap<Arc<str>, Slot, RandomState>>;
 
 /// One (key, hour) entry taken from the live counts.
 pub type Entry = (Arc<str>, u64, Counts);
@@ -212,7 +213,7 @@ impl Usage {
     ) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            pick: RandomState::new(),
+            pick: RandomState::default(),
             clock,
             keys: AtomicUsize::new(0),
             max_keys: cfg.max_keys_per_interval,
