@@ -205,6 +205,32 @@ async fn row_06_known_active_secret_key_is_allowed_as_api_key_and_rate_limited(m
     s.stop().await;
 }
 
+/// The client gets each rate-limit header once, ours, whether or not the upstream sent one too.
+async fn an_upstreams_own_rate_limit_header_is_replaced_not_repeated(mode: Mode) {
+    let s = Stack::start(mode).await;
+    let key = s.env.keys.secret.clone();
+    let own = ("x-echo-response-header", "x-ratelimit-limit: 999");
+    let r = s.post(API_PATH, &[("x-api-key", &key), own]).await;
+    r.allowed();
+    let all = |r: &Reply, h: &str| -> Vec<String> {
+        (r.headers.get_all(h).iter())
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(all(&r, "x-ratelimit-limit"), ["5"], "{r:?}");
+    assert_eq!(all(&r, "x-ratelimit-remaining"), ["4"], "{r:?}");
+    // The upstream's headers do reach the client (so the one above was replaced, not lost on
+    // the way); and without one from the upstream, each still comes exactly once.
+    let other = ("x-echo-response-header", "x-upstream-own: 1");
+    let r = s.post(API_PATH, &[("x-api-key", &key), other]).await;
+    r.allowed();
+    assert_eq!(all(&r, "x-upstream-own"), ["1"], "{r:?}");
+    assert_eq!(all(&r, "x-ratelimit-limit"), ["5"], "{r:?}");
+    assert_eq!(all(&r, "x-ratelimit-remaining"), ["3"], "{r:?}");
+    assert_eq!(all(&r, "x-ratelimit-reset").len(), 1, "{r:?}");
+    s.stop().await;
+}
+
 async fn row_07_secret_key_with_impersonate_scope_and_on_behalf_of_acts_as_that_user(mode: Mode) {
     let s = Stack::start(mode).await;
     let r = s
@@ -912,6 +938,7 @@ both_modes!(
     row_04_valid_jwt_without_tenant_on_any_other_path_is_403_tenant_required,
     row_05_invalid_jwt_is_401_invalid_token,
     row_06_known_active_secret_key_is_allowed_as_api_key_and_rate_limited,
+    an_upstreams_own_rate_limit_header_is_replaced_not_repeated,
     row_07_secret_key_with_impersonate_scope_and_on_behalf_of_acts_as_that_user,
     row_08_on_behalf_of_without_the_scope_is_403_impersonation_not_allowed,
     row_09_on_behalf_of_with_a_jwt_or_a_publishable_key_is_403_impersonation_not_allowed,

@@ -573,6 +573,8 @@ impl Seen {
 }
 
 /// An echo server on 127.0.0.1:0: answers 200 with the request it received as JSON, and records it.
+/// A request carrying `x-echo-response-header: <name>: <value>` gets that header on its answer,
+/// as an upstream that sends headers of its own.
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -611,7 +613,7 @@ async fn echo(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-) -> axum::Json<Seen> {
+) -> axum::response::Response {
     let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (k, v) in &headers {
         map.entry(k.as_str().to_owned())
@@ -626,7 +628,17 @@ async fn echo(
         headers: map,
     };
     seen.lock().unwrap().push(s.clone());
-    axum::Json(s)
+    let mut answer = axum::response::IntoResponse::into_response(axum::Json(s));
+    let asked = headers
+        .get("x-echo-response-header")
+        .and_then(|v| v.to_str().ok()?.split_once(": "));
+    if let Some((name, value)) = asked {
+        answer.headers_mut().append(
+            HeaderName::try_from(name).expect("a header name"),
+            HeaderValue::try_from(value).expect("a header value"),
+        );
+    }
+    answer
 }
 
 // === the whole path ===

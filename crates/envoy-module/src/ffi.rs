@@ -172,6 +172,12 @@ unsafe extern "C" {
         key: ModuleBuffer,
         value: ModuleBuffer,
     ) -> bool;
+    fn envoy_dynamic_module_callback_http_add_header(
+        filter_envoy: *mut c_void,
+        header_type: u32,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
     fn envoy_dynamic_module_callback_http_send_response(
         filter_envoy: *mut c_void,
         status_code: u32,
@@ -371,6 +377,16 @@ impl EnvoyFilter {
     /// `:method`, `:scheme`) first, then the rest in arrival order; names are lower case. One
     /// Envoy call; no heap allocation for up to `INLINE_HEADERS` lines.
     pub fn request_headers(&self) -> HeaderLines<'_> {
+        self.header_lines(HEADER_TYPE_REQUEST)
+    }
+
+    /// Every response header line as Envoy holds it; only in the response-headers hook (there
+    /// is no response map before).
+    pub fn response_headers(&self) -> HeaderLines<'_> {
+        self.header_lines(HEADER_TYPE_RESPONSE)
+    }
+
+    fn header_lines(&self, header_type: u32) -> HeaderLines<'_> {
         let mut lines = HeaderLines {
             inline: [EnvoyHttpHeader::EMPTY; INLINE_HEADERS],
             heap: Vec::new(),
@@ -381,9 +397,8 @@ impl EnvoyFilter {
             return lines;
         }
         // SAFETY: `raw` is the live filter of the running hook.
-        let count = unsafe {
-            envoy_dynamic_module_callback_http_get_headers_size(self.raw, HEADER_TYPE_REQUEST)
-        };
+        let count =
+            unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.raw, header_type) };
         if count == 0 {
             return lines;
         }
@@ -395,9 +410,8 @@ impl EnvoyFilter {
         };
         // SAFETY: `out` has room for `count` entries, the size of the same map Envoy now walks
         // (nothing runs on this worker between the two calls to change it).
-        let ok = unsafe {
-            envoy_dynamic_module_callback_http_get_headers(self.raw, HEADER_TYPE_REQUEST, out)
-        };
+        let ok =
+            unsafe { envoy_dynamic_module_callback_http_get_headers(self.raw, header_type, out) };
         if ok {
             lines.len = count;
         }
@@ -412,6 +426,33 @@ impl EnvoyFilter {
             name,
             ModuleBuffer::new(value.as_bytes()),
         )
+    }
+
+    /// Adds request header `name` beside any copy already there: for a header the request is
+    /// known not to carry, the same as setting it without Envoy's search for copies to replace.
+    /// Envoy adds nothing for an empty value.
+    pub fn add_request_header(&mut self, name: &str, value: &str) -> bool {
+        self.add_header(HEADER_TYPE_REQUEST, name, value)
+    }
+
+    /// Adds response header `name` beside any copy already there (see `add_request_header`).
+    pub fn add_response_header(&mut self, name: &str, value: &str) -> bool {
+        self.add_header(HEADER_TYPE_RESPONSE, name, value)
+    }
+
+    fn add_header(&mut self, header_type: u32, name: &str, value: &str) -> bool {
+        if self.responded {
+            return false;
+        }
+        // SAFETY: as in `set_header`.
+        unsafe {
+            envoy_dynamic_module_callback_http_add_header(
+                self.raw,
+                header_type,
+                ModuleBuffer::new(name.as_bytes()),
+                ModuleBuffer::new(value.as_bytes()),
+            )
+        }
     }
 
     /// Removes every copy of request header `name`.

@@ -27,6 +27,7 @@ use gybc_authz_engine::decision::{Decision, Reason};
 use gybc_authz_engine::request::{self, RequestContext};
 use gybc_authz_engine::route::{PREFIX, RouteError, RouteSettings};
 use gybc_authz_engine::{Engine, otel, telemetry};
+use smallvec::SmallVec;
 
 use crate::engines::{self, Running};
 use crate::ffi::{
@@ -159,7 +160,8 @@ pub struct Filter {
     decided: Option<Arc<Mutex<Option<Decided>>>>,
     /// The rate-limit headers an allow sends back to the client.
     to_client: ToClient,
-    /// Bit `i`: the request carries `Engine::upstream_names()[i]`.
+    /// Bit `i`: the request carries `Engine::upstream_names()[i]` (all bits when its header
+    /// lines could not be read).
     sent: u8,
     /// The decision's span in Envoy's trace, from the decision's start until it is applied.
     span: Option<ChildSpan>,
@@ -246,8 +248,28 @@ impl HttpFilter for Filter {
         envoy: &mut EnvoyFilter,
         _end_of_stream: bool,
     ) -> HeadersStatus {
-        for (name, value) in self.to_client.iter() {
-            envoy.set_response_header(name, value);
+        if self.to_client.is_empty() {
+            return HeadersStatus::Continue;
+        }
+        // Each replaces a copy the upstream sent; one it did not send is added, which spares
+        // Envoy a search per header (one read of the response's lines costs less). Unread lines
+        // (a response always has `:status`) count as sent.
+        let lines = envoy.response_headers();
+        let unread = lines.iter().next().is_none();
+        let sent = |name: &str| {
+            unread
+                || lines
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
+        };
+        let sent: SmallVec<[bool; 8]> = self.to_client.iter().map(|(n, _)| sent(n)).collect();
+        drop(lines);
+        for ((name, value), sent) in self.to_client.iter().zip(sent) {
+            if sent {
+                envoy.set_response_header(name, value);
+            } else {
+                envoy.add_response_header(name, value);
+            }
         }
         HeadersStatus::Continue
     }
@@ -280,12 +302,21 @@ impl Filter {
         // Which of the headers an allow may remove the client sent: removing one that is not
         // there is a header-map scan in Envoy for nothing.
         let names = self.shared.engine.upstream_names();
-        self.sent = lines.iter().fold(0, |sent, (k, _)| {
-            names
-                .iter()
-                .position(|n| n.as_bytes().eq_ignore_ascii_case(k))
-                .map_or(sent, |i| sent | 1 << i)
-        });
+        // An allow adds, rather than sets, an identity header the client did not send; so when
+        // the lines could not be read (a request always has pseudo-headers), every one counts as
+        // sent, and is replaced.
+        self.sent = match lines.iter().next() {
+            None => u8::MAX,
+            // No name an allow writes is a pseudo-header.
+            Some(_) => {
+                (lines.iter().filter(|(k, _)| k.first() != Some(&b':'))).fold(0, |sent, (k, _)| {
+                    names
+                        .iter()
+                        .position(|n| n.as_bytes().eq_ignore_ascii_case(k))
+                        .map_or(sent, |i| sent | 1 << i)
+                })
+            }
+        };
         let pseudo = |name: &[u8]| {
             lines
                 .iter()
@@ -335,10 +366,6 @@ impl Filter {
                 remove_upstream,
                 downstream,
             } => {
-                // Setting replaces every client copy; the rest are removed outright.
-                for h in &upstream {
-                    envoy.set_request_header(h.name, &h.value);
-                }
                 let names = engine.upstream_names();
                 let sent = |name: &str| {
                     names
@@ -346,8 +373,19 @@ impl Filter {
                         .position(|n| *n == name)
                         .is_none_or(|i| self.sent & 1 << i != 0)
                 };
+                // Removals first (the answer sets none of these), while the map holds only the
+                // client's lines: the first search makes Envoy index a map's custom headers, and
+                // the fewer there are, the cheaper. Setting replaces every client copy; a header
+                // the client did not send is added, which spares Envoy a search for copies.
                 for name in remove_upstream.into_iter().filter(|n| sent(n)) {
                     envoy.remove_request_header(name);
+                }
+                for h in &upstream {
+                    if sent(h.name) {
+                        envoy.set_request_header(h.name, &h.value);
+                    } else {
+                        envoy.add_request_header(h.name, &h.value);
+                    }
                 }
                 for h in &downstream {
                     self.to_client.push(h.name, &h.value);
@@ -384,32 +422,33 @@ impl Filter {
 }
 
 /// The headers an allow sends back to the client, kept from the request-headers hook to the
-/// response's: a few short lines, written one after the other into one buffer (two allocations
-/// for them all, not two per line).
+/// response's: a few short lines, written one after the other into one buffer held inline (the
+/// three `x-ratelimit-*` lines fit; the IETF ones may spill to the heap).
 #[derive(Default)]
 struct ToClient {
-    text: String,
+    text: SmallVec<[u8; 128]>,
     /// Each line's name and value, as the offsets where they end in `text`.
-    ends: Vec<(usize, usize)>,
+    ends: SmallVec<[(usize, usize); 4]>,
 }
 
 impl ToClient {
     fn push(&mut self, name: &str, value: &str) {
-        if self.text.is_empty() {
-            // Room for the rate-limit headers, the IETF ones included.
-            self.text.reserve(256);
-            self.ends.reserve(6);
-        }
-        self.text.push_str(name);
+        self.text.extend_from_slice(name.as_bytes());
         let name_end = self.text.len();
-        self.text.push_str(value);
+        self.text.extend_from_slice(value.as_bytes());
         self.ends.push((name_end, self.text.len()));
     }
 
+    fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
     fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        // Only whole strings were pushed: the buffer is UTF-8, and each cut is at a boundary.
+        let text = std::str::from_utf8(&self.text).expect("pushed as strings");
         let mut start = 0;
         self.ends.iter().map(move |&(name_end, end)| {
-            let line = (&self.text[start..name_end], &self.text[name_end..end]);
+            let line = (&text[start..name_end], &text[name_end..end]);
             start = end;
             line
         })
@@ -465,6 +504,24 @@ mod tests {
         assert!(err.contains("bogus_section"), "{err}");
         let err = load_config(b"config/gybc-authz.yaml").unwrap_err();
         assert!(err.contains("absolute path"), "{err}");
+    }
+
+    #[test]
+    fn kept_response_headers_come_back_as_pushed_inline_or_spilled() {
+        let lines = [
+            ("x-ratelimit-limit", "100"),
+            ("x-ratelimit-remaining", "99"),
+            ("x-ratelimit-reset", "1767225600"),
+            ("ratelimit", "limit=100, remaining=99, reset=60"),
+            ("ratelimit-policy", "100;w=60"),
+        ];
+        let mut to_client = ToClient::default();
+        for (i, (name, value)) in lines.iter().enumerate() {
+            to_client.push(name, value);
+            assert!(to_client.iter().eq(lines[..=i].iter().copied()));
+        }
+        assert!(to_client.text.spilled(), "the IETF lines spill to the heap");
+        assert!(ToClient::default().iter().next().is_none());
     }
 
     #[test]
