@@ -24,9 +24,10 @@ pub(crate) enum EnvoyFilter {
     },
     /// The engine inside Envoy, reading this daemon config.
     Module(PathBuf),
-    /// The floor module (`crates/envoy-module` built with its `floor` door): sets one request
-    /// header, nothing else.
-    Floor,
+    /// The floor module (`crates/envoy-module` built with its `floor` door) with this filter
+    /// config: "" sets one request header, nothing else; `gybc-headers` writes the header set
+    /// of (a)'s answer, as the module does, and nothing else.
+    Floor(&'static str),
 }
 
 pub(crate) fn envoy_config(filter: EnvoyFilter, jwks: &str) -> String {
@@ -47,15 +48,16 @@ pub(crate) fn envoy_config(filter: EnvoyFilter, jwks: &str) -> String {
                 config.display()
             );
         }
-        EnvoyFilter::Floor => {
-            filters = r#"
+        EnvoyFilter::Floor(config) => {
+            filters = format!(
+                r#"
           - name: floor
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
-              dynamic_module_config: { name: gybc_authz_envoy_floor, do_not_close: true }
+              dynamic_module_config: {{ name: gybc_authz_envoy_floor, do_not_close: true }}
               filter_name: floor
-              filter_config: { "@type": type.googleapis.com/google.protobuf.StringValue, value: "" }"#
-                .to_owned();
+              filter_config: {{ "@type": type.googleapis.com/google.protobuf.StringValue, value: "{config}" }}"#
+            );
         }
         EnvoyFilter::ExtAuthz(addr) => {
             filters = r#"

@@ -43,7 +43,8 @@ pub(crate) struct EnvoyInstrResult {
 /// What Envoy runs in front of its `direct_response` route.
 enum Filter {
     None,
-    Floor,
+    /// The floor module with this filter config (`EnvoyFilter::Floor`).
+    Floor(&'static str),
     /// The gybc-authz module reading this daemon config.
     Module(PathBuf),
 }
@@ -62,10 +63,11 @@ struct Variant {
 }
 
 /// Every variant, in the order they run; `--variants` names some of them.
-pub(crate) const VARIANTS: [&str; 9] = [
+pub(crate) const VARIANTS: [&str; 10] = [
     "envoy",
     "envoy-c",
     "envoy+floor",
+    "envoy+floor-gybc",
     "module-a",
     "module-a-no-usage",
     "module-c",
@@ -160,10 +162,20 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
         Variant {
             name: "envoy+floor",
             what: "Envoy + floor module (--features floor: sets one request header)",
-            filter: Filter::Floor,
+            filter: Filter::Floor(""),
             headers: vec![sk.clone()],
             status: 200,
             target: Some(1.15),
+            same_request: None,
+        },
+        Variant {
+            name: "envoy+floor-gybc",
+            what: "Envoy + floor module writing (a)'s headers (x-api-key removed, 4 identity \
+                   headers added, 3 x-ratelimit-* added to the response after reading its lines)",
+            filter: Filter::Floor("gybc-headers"),
+            headers: vec![sk.clone()],
+            status: 200,
+            target: None,
             same_request: None,
         },
         Variant {
@@ -397,7 +409,7 @@ fn selected(variants: [Variant; VARIANTS.len()], names: Option<&[String]>) -> Ve
 fn shared_object(filter: &Filter) -> Option<&'static str> {
     match filter {
         Filter::None => None,
-        Filter::Floor => Some(FLOOR_SO),
+        Filter::Floor(_) => Some(FLOOR_SO),
         Filter::Module(_) => Some(MODULE_SO),
     }
 }
@@ -440,7 +452,7 @@ impl Runs<'_> {
         ];
         let filter = match &v.filter {
             Filter::None => EnvoyFilter::None,
-            Filter::Floor => EnvoyFilter::Floor,
+            Filter::Floor(config) => EnvoyFilter::Floor(config),
             Filter::Module(config) => EnvoyFilter::Module(config.clone()),
         };
         let loads_module = !matches!(v.filter, Filter::None);
