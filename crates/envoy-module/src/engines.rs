@@ -22,13 +22,15 @@ use gybc_authz_engine::{Engine, EngineOptions};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
-use crate::stats::{Copies, Lifecycle};
+use crate::stats::{Copies, Gathered, Lifecycle, SYNC_EVERY};
 
 /// A running engine, shared by every filter config whose config equals `config`.
 pub struct Running {
     pub engine: Arc<Engine>,
     /// How much of this engine's metrics is in Envoy's stats already, whichever config copied it.
     pub copies: Copies,
+    /// This engine's metrics as last read on the runtime, what the configs copy from.
+    pub gathered: Arc<Gathered>,
     background: Vec<JoinHandle<()>>,
     /// For the log lines: which start a reuse or a stop belongs to.
     number: u64,
@@ -122,10 +124,17 @@ pub fn engine_for(cfg: &Config, runtime: &Runtime) -> Result<Arc<Running>, Strin
         .map_err(|e| e.to_string())?;
     let number = COUNTS.started.fetch_add(1, Ordering::SeqCst) + 1;
     let live = COUNTS.live.fetch_add(1, Ordering::SeqCst) + 1;
+    let gathered = Arc::new(Gathered::default());
+    let mut background = started.background;
+    background.push(runtime.spawn(gather_every_second(
+        started.engine.clone(),
+        gathered.clone(),
+    )));
     let running = Arc::new(Running {
         engine: started.engine,
         copies: Copies::default(),
-        background: started.background,
+        gathered,
+        background,
         number,
     });
     tracing::info!(
@@ -157,6 +166,17 @@ pub fn engine_for(cfg: &Config, runtime: &Runtime) -> Result<Arc<Running>, Strin
         running: Arc::downgrade(&running),
     });
     Ok(running)
+}
+
+/// Reads the engine's metrics for the stats copy, now and every `SYNC_EVERY`, until the engine
+/// stops (`Running`'s drop aborts it).
+async fn gather_every_second(engine: Arc<Engine>, gathered: Arc<Gathered>) {
+    let mut tick = tokio::time::interval(SYNC_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        gathered.refresh(&engine.metrics);
+    }
 }
 
 fn find(cfg: &Config) -> Option<Arc<Running>> {

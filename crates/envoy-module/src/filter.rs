@@ -60,14 +60,14 @@ struct Shared {
 impl Shared {
     /// One decision's latency, and the engine's metrics copied into Envoy's stats if it is time.
     fn decided(&self, envoy: &EnvoyFilter, latency: Duration) {
-        let (metrics, copies) = (&self.engine.metrics, &self.running.copies);
-        (self.stats).decided(envoy, metrics, copies, engines::lifecycle, latency);
+        let (gathered, copies) = (&self.running.gathered, &self.running.copies);
+        (self.stats).decided(envoy, gathered, copies, engines::lifecycle, latency);
     }
 
     /// The engine's metrics copied into Envoy's stats if it is time.
     fn sync_stats(&self, envoy: &EnvoyFilter) {
-        let (metrics, copies) = (&self.engine.metrics, &self.running.copies);
-        (self.stats).sync(envoy, metrics, copies, engines::lifecycle);
+        let (gathered, copies) = (&self.running.gathered, &self.running.copies);
+        (self.stats).sync(envoy, gathered, copies, engines::lifecycle);
     }
 }
 

@@ -1,7 +1,10 @@
 //! The engine's `gybc_authz_*` metrics as Envoy stats, so Envoy's `/stats/prometheus` is the one
 //! scrape target. Envoy only accepts new stats while a filter config is created and only counts
 //! from a stream's hook, so every family is declared up front and the engine's registry is
-//! copied over from requests as they pass, at most once per `SYNC_EVERY`.
+//! copied over from requests as they pass, at most once per `SYNC_EVERY`. What is copied was
+//! read from the registry off Envoy's workers ([`Gathered`], refreshed every `SYNC_EVERY` on the
+//! module's runtime): gathering builds every series afresh and reads `/proc` for the `process_*`
+//! families, work that has no place on a worker thread in the middle of a request.
 //!
 //! With `dynamic_module_config.metrics_namespace: gybc` the names come out as
 //! `envoy_gybc_authz_*`, the daemon's family names behind Envoy's `envoy_` prefix. The check
@@ -18,17 +21,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hasher;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use gybc_authz_engine::metrics::{Metrics, proto::MetricType};
+use gybc_authz_engine::metrics::Metrics;
+use gybc_authz_engine::metrics::proto::{MetricFamily, MetricType};
 use siphasher::sip128::{Hasher128, SipHasher13};
 use smallvec::SmallVec;
 
 use crate::ffi::{CounterId, EnvoyConfig, EnvoyFilter, GaugeId, HistogramId};
 
-const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// `authz_check_duration_microseconds` records one decision in this many, per worker thread.
 pub const LATENCY_SAMPLE: u32 = 16;
 
@@ -82,6 +85,28 @@ fn series_id(family: &str, labels: &[&str]) -> Series {
     }
     h.finish128().as_u128()
 }
+
+/// The engine's registry as last read, off Envoy's workers (`engines` refreshes it every
+/// `SYNC_EVERY`); a copy into Envoy's stats reads this, never the registry.
+#[derive(Default)]
+pub struct Gathered(Mutex<Arc<Vec<MetricFamily>>>);
+
+impl Gathered {
+    pub fn refresh(&self, metrics: &Metrics) {
+        let families = Arc::new(metrics.gather());
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = families;
+    }
+
+    fn latest(&self) -> Arc<Vec<MetricFamily>> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// How often the registry is read, and at most how often a config copies it into Envoy.
+pub const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// How much of one engine's registry is in Envoy's stats: what each counter series stood at when
 /// last copied, so only the increase is added.
@@ -183,7 +208,7 @@ impl Stats {
     pub fn decided(
         &self,
         envoy: &EnvoyFilter,
-        metrics: &Metrics,
+        gathered: &Gathered,
         copies: &Copies,
         lifecycle: fn() -> Lifecycle,
         latency: Duration,
@@ -200,7 +225,7 @@ impl Stats {
         if sampled {
             envoy.record_histogram(self.check_duration, &[], latency.as_micros() as u64);
         }
-        self.sync(envoy, metrics, copies, lifecycle);
+        self.sync(envoy, gathered, copies, lifecycle);
     }
 
     /// Copies the engine's registry (and the process's engine counts) into Envoy's stats, at
@@ -208,7 +233,7 @@ impl Stats {
     pub fn sync(
         &self,
         envoy: &EnvoyFilter,
-        metrics: &Metrics,
+        gathered: &Gathered,
         copies: &Copies,
         lifecycle: fn() -> Lifecycle,
     ) {
@@ -234,7 +259,7 @@ impl Stats {
             retry();
             return;
         };
-        for family in metrics.gather() {
+        for family in gathered.latest().iter() {
             let Some(declared) = self.by_family.get(family.name()) else {
                 continue;
             };
