@@ -262,9 +262,11 @@ impl HttpFilter for Filter {
                     .iter()
                     .any(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
         };
-        let sent: SmallVec<[bool; 8]> = self.to_client.iter().map(|(n, _)| sent(n)).collect();
+        let to_client: SmallVec<[(&str, &str, bool); 8]> = (self.to_client.iter())
+            .map(|(name, value)| (name, value, sent(name)))
+            .collect();
         drop(lines);
-        for ((name, value), sent) in self.to_client.iter().zip(sent) {
+        for (name, value, sent) in to_client {
             if sent {
                 envoy.set_response_header(name, value);
             } else {
