@@ -4,10 +4,9 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
-
-use foldhash::fast::RandomState;
 use std::sync::{Arc, Mutex};
 
+use foldhash::fast::RandomState;
 use futures_util::future::{BoxFuture, FutureExt};
 
 use super::{RateLimit, RateLimitError, RateLimiter, RateStatus, gcra_params, gcra_status};
