@@ -102,6 +102,8 @@ pub(crate) fn parse_variants(list: &str) -> Res<Vec<String>> {
 /// `gybc_authz_envoy_floor` (envoy.rs).
 const FLOOR_SO: &str = "libgybc_authz_envoy_floor.so";
 const MODULE_SO: &str = "libgybc_authz_envoy.so";
+/// The module's request hook, which only an Envoy worker thread runs.
+const REQUEST_HOOK: &str = "envoy_dynamic_module_on_http_filter_request_headers";
 /// Functions listed per module variant.
 const TOP: usize = 12;
 
@@ -499,12 +501,12 @@ impl Runs<'_> {
         }
         // Which file is the worker's: callgrind numbers threads by the slot they got (1 is the main
         // thread; a slot freed by a thread that ended is given to the next one), so the numbers cannot
-        // be matched to /proc's thread names. The worker is the thread that did the counted work:
-        // besides the main thread (which also shuts Envoy down), the busiest, by far: at least twice
-        // the next (in the smoke run's debug build, 20 requests, the engine's runtime thread
-        // loading signing keys reaches about 40 % of the worker; in a full run, a few per cent).
-        let mut others = Vec::new();
-        let mut busiest: Option<(usize, u64, PathBuf)> = None;
+        // be matched to /proc's thread names. With a module loaded, the worker is the one thread
+        // that ran its request hook (the module's runtime threads never do; in the smoke run's
+        // debug build they can come near the worker's count, loading keys and reading metrics).
+        // Envoy alone has no other busy thread: there it is the busiest besides the main thread
+        // (which also shuts Envoy down), by far, at least twice the next.
+        let mut threads_counted = Vec::new();
         for entry in std::fs::read_dir(self.dir)?.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
             let Some(tid) = prefix.as_deref().and_then(|p| {
@@ -518,27 +520,41 @@ impl Runs<'_> {
             if tid == 1 {
                 continue;
             }
-            let total = summary(&std::fs::read_to_string(entry.path())?)?;
-            match &busiest {
-                Some((_, most, _)) if *most >= total => others.push(total),
-                _ => {
-                    if let Some((_, most, _)) = busiest.replace((tid, total, entry.path())) {
-                        others.push(most);
-                    }
+            let text = std::fs::read_to_string(entry.path())?;
+            let ran_hook = text.contains(REQUEST_HOOK);
+            threads_counted.push((summary(&text)?, ran_hook, entry.path()));
+        }
+        threads_counted.sort_by_key(|(total, _, _)| std::cmp::Reverse(*total));
+        let path = if loads_module {
+            let mut hooked = threads_counted.iter().filter(|(_, ran_hook, _)| *ran_hook);
+            match (hooked.next(), hooked.next()) {
+                (Some((_, _, path)), None) => path.clone(),
+                (None, _) => {
+                    return Err(format!("{}: no thread ran {REQUEST_HOOK}", v.name).into());
+                }
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "{}: more than one thread ran {REQUEST_HOOK} with one worker",
+                        v.name
+                    )
+                    .into());
                 }
             }
-        }
-        let (_, worker, path) =
-            busiest.ok_or("no callgrind file for any thread but the main one")?;
-        let runner_up = others.iter().copied().max().unwrap_or(0);
-        if worker < 2 * runner_up.max(1) {
-            return Err(format!(
-            "{}: the busiest thread ({worker} instructions) is not twice the next ({runner_up}): \
-             cannot tell which is the worker",
-            v.name
-        )
-        .into());
-        }
+        } else {
+            let (worker, _, path) = threads_counted
+                .first()
+                .ok_or("no callgrind file for any thread but the main one")?;
+            let runner_up = threads_counted.get(1).map_or(0, |(total, _, _)| *total);
+            if *worker < 2 * runner_up.max(1) {
+                return Err(format!(
+                    "{}: the busiest thread ({worker} instructions) is not twice the next \
+                     ({runner_up}): cannot tell which is the worker",
+                    v.name
+                )
+                .into());
+            }
+            path.clone()
+        };
         let counted = parse_callgrind(&std::fs::read_to_string(path)?)?;
         Ok(counted)
     }
