@@ -331,7 +331,14 @@ mod tests {
             let upper = name.to_ascii_uppercase();
             assert_eq!(read_header(upper.as_bytes()), Some(name), "{upper}");
         }
-        for other in [":authority", ":path", "user-agent", "x-forwarded-proto", "", "a"] {
+        for other in [
+            ":authority",
+            ":path",
+            "user-agent",
+            "x-forwarded-proto",
+            "",
+            "a",
+        ] {
             assert_eq!(read_header(other.as_bytes()), None, "{other}");
         }
         assert!(has_control("id\u{7f}") && has_control("id\u{85}") && has_control("a\nb"));
