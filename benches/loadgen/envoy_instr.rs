@@ -521,14 +521,13 @@ impl Runs<'_> {
                 continue;
             }
             let text = std::fs::read_to_string(entry.path())?;
-            let ran_hook = text.contains(REQUEST_HOOK);
-            threads_counted.push((summary(&text)?, ran_hook, entry.path()));
+            threads_counted.push((summary(&text)?, text.contains(REQUEST_HOOK), text));
         }
         threads_counted.sort_by_key(|(total, _, _)| std::cmp::Reverse(*total));
-        let path = if loads_module {
+        let text = if loads_module {
             let mut hooked = threads_counted.iter().filter(|(_, ran_hook, _)| *ran_hook);
             match (hooked.next(), hooked.next()) {
-                (Some((_, _, path)), None) => path.clone(),
+                (Some((_, _, text)), None) => text,
                 (None, _) => {
                     return Err(format!("{}: no thread ran {REQUEST_HOOK}", v.name).into());
                 }
@@ -541,7 +540,7 @@ impl Runs<'_> {
                 }
             }
         } else {
-            let (worker, _, path) = threads_counted
+            let (worker, _, text) = threads_counted
                 .first()
                 .ok_or("no callgrind file for any thread but the main one")?;
             let runner_up = threads_counted.get(1).map_or(0, |(total, _, _)| *total);
@@ -553,10 +552,9 @@ impl Runs<'_> {
                 )
                 .into());
             }
-            path.clone()
+            text
         };
-        let counted = parse_callgrind(&std::fs::read_to_string(path)?)?;
-        Ok(counted)
+        parse_callgrind(text)
     }
 }
 
