@@ -441,18 +441,13 @@ impl EnvoyFilter {
     }
 
     fn add_header(&mut self, header_type: u32, name: &str, value: &str) -> bool {
-        if self.responded {
-            return false;
-        }
-        // SAFETY: as in `set_header`.
-        unsafe {
-            envoy_dynamic_module_callback_http_add_header(
-                self.raw,
-                header_type,
-                ModuleBuffer::new(name.as_bytes()),
-                ModuleBuffer::new(value.as_bytes()),
-            )
-        }
+        let value = ModuleBuffer::new(value.as_bytes());
+        self.header_call(
+            envoy_dynamic_module_callback_http_add_header,
+            header_type,
+            name,
+            value,
+        )
     }
 
     /// Removes every copy of request header `name`.
@@ -471,13 +466,30 @@ impl EnvoyFilter {
     }
 
     fn set_header(&mut self, header_type: u32, name: &str, value: ModuleBuffer) -> bool {
+        self.header_call(
+            envoy_dynamic_module_callback_http_set_header,
+            header_type,
+            name,
+            value,
+        )
+    }
+
+    /// One of Envoy's calls that write a header (`set_header`, `add_header`: same arguments).
+    fn header_call(
+        &mut self,
+        call: unsafe extern "C" fn(*mut c_void, u32, ModuleBuffer, ModuleBuffer) -> bool,
+        header_type: u32,
+        name: &str,
+        value: ModuleBuffer,
+    ) -> bool {
         if self.responded {
             return false;
         }
-        // SAFETY: `raw` is the live filter of the running hook; Envoy copies key and value
-        // during the call. `&mut self` ends every borrow of header values Envoy lent before.
+        // SAFETY: `call` is one of Envoy's header-writing callbacks; `raw` is the live filter of
+        // the running hook; Envoy copies key and value during the call. `&mut self` ends every
+        // borrow of header values Envoy lent before.
         unsafe {
-            envoy_dynamic_module_callback_http_set_header(
+            call(
                 self.raw,
                 header_type,
                 ModuleBuffer::new(name.as_bytes()),
