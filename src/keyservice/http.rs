@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use gybc_authz_engine::authn::apikey::KeyKind;
+use gybc_authz_engine::browser::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 use gybc_authz_engine::store::KeyRecord;
 use gybc_authz_engine::store::admin::{self, AdminError, Idempotency, KeyUsage, Minted, Scope};
 use serde::Serialize;
@@ -270,7 +271,7 @@ async fn handle(
                 .into_response();
             if a.replayed {
                 resp.headers_mut()
-                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
             }
             resp
         }
@@ -475,7 +476,7 @@ fn idempotency<M: prost::Message>(
     headers: &HeaderMap,
     req: &M,
 ) -> Result<Option<Idempotency>, ApiError> {
-    let Some(v) = headers.get("idempotency-key") else {
+    let Some(v) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
     let key = validate::idempotency_key(v.as_bytes()).map_err(ApiError::Invalid)?;

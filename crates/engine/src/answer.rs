@@ -7,6 +7,10 @@ use std::borrow::Cow;
 
 use smallvec::SmallVec;
 
+use crate::browser::{
+    RATELIMIT, RATELIMIT_POLICY, RETRY_AFTER, WWW_AUTHENTICATE, X_RATELIMIT_LIMIT,
+    X_RATELIMIT_REMAINING, X_RATELIMIT_RESET,
+};
 use crate::config::{Config, HeaderNames};
 use crate::decision::{Decision, Denial, Grant, Reason};
 use crate::ratelimit::RateStatus;
@@ -262,13 +266,13 @@ impl Answers {
         let prepared = self.prepared(reason);
         let mut headers = smallvec::smallvec![header("content-type", "application/json")];
         if let Some(challenge) = &prepared.www_authenticate {
-            headers.push(header("www-authenticate", challenge));
+            headers.push(header(WWW_AUTHENTICATE, challenge));
         }
         if let Some(rate) = &denial.rate {
             self.rate_headers(rate, &mut headers);
         }
         if reason == Reason::Unavailable {
-            headers.push(header("retry-after", &self.unavailable_retry_after));
+            headers.push(header(RETRY_AFTER, &self.unavailable_retry_after));
         }
         Answer::Deny {
             reason,
@@ -283,11 +287,11 @@ impl Answers {
             name,
             value: Value::Number(Digits::new(n)),
         };
-        out.push(number("x-ratelimit-limit", r.limit.into()));
-        out.push(number("x-ratelimit-remaining", r.remaining.into()));
-        out.push(number("x-ratelimit-reset", r.reset_at));
+        out.push(number(X_RATELIMIT_LIMIT, r.limit.into()));
+        out.push(number(X_RATELIMIT_REMAINING, r.remaining.into()));
+        out.push(number(X_RATELIMIT_RESET, r.reset_at));
         if let Some(after) = r.retry_after {
-            out.push(number("retry-after", after));
+            out.push(number(RETRY_AFTER, after));
         }
         if self.ietf_headers {
             // draft-ietf-httpapi-ratelimit-headers: the reset is relative there, in seconds.
@@ -302,7 +306,7 @@ impl Answers {
                 value.push_str(n.format(number));
             }
             out.push(Header {
-                name: "ratelimit",
+                name: RATELIMIT,
                 value: Value::Text(Cow::Owned(value)),
             });
             let mut value = String::with_capacity(24);
@@ -310,7 +314,7 @@ impl Answers {
             value.push_str(";w=");
             value.push_str(n.format(r.window_secs));
             out.push(Header {
-                name: "ratelimit-policy",
+                name: RATELIMIT_POLICY,
                 value: Value::Text(Cow::Owned(value)),
             });
         }

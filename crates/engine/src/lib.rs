@@ -24,6 +24,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod decision;
 pub mod answer;
+pub mod browser;
 pub mod observe;
 pub mod otel;
 pub mod metrics;
