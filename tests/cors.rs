@@ -135,7 +135,7 @@ async fn preflights_are_answered_by_envoy_in_every_shipped_config(mode: Mode) {
     ] {
         let cfg = EnvoyConfig::load(&deploy_envoy_path(file));
         let s = Stack::start_with_envoy(mode, EnvOptions::default(), cfg).await;
-        let before = s.key_decisions().await;
+        let checks = s.engine_checks().await;
         let cors_before = s.envoy.counter("http.ingress.cors.origin_valid").await;
         for origin in [APP_ORIGIN, "http://localhost:3000", "http://127.0.0.1:8081"] {
             let r = preflight(&s, path, origin).await;
@@ -152,6 +152,7 @@ async fn preflights_are_answered_by_envoy_in_every_shipped_config(mode: Mode) {
             0,
             "{file}: nothing reached the upstream"
         );
+        s.engine_checks_settle_at(checks).await;
         // The actual call after it is the engine's, and readable: here a publishable key
         // without its user's token, 401 with its challenge exposed.
         let r = s
@@ -165,12 +166,13 @@ async fn preflights_are_answered_by_envoy_in_every_shipped_config(mode: Mode) {
             .await;
         r.denied(401, "user_token_required");
         assert_readable(&r, APP_ORIGIN);
-        s.key_decisions_settle_at(before + 1.0).await;
+        s.engine_checks_settle_at(checks + 1).await;
         // An OPTIONS that is not a preflight (no Access-Control-Request-Method) is a request
         // like any other, checked.
         let r = s.send("OPTIONS", path, &[("origin", APP_ORIGIN)]).await;
         r.denied(401, "missing_credentials");
         assert_readable(&r, APP_ORIGIN);
+        s.engine_checks_settle_at(checks + 2).await;
         s.stop().await;
     }
 }
@@ -364,7 +366,7 @@ async fn bad_origins_and_request_headers_are_never_reflected_nor_a_5xx(mode: Mod
     let s = Stack::start(mode).await;
     let addr = s.envoy.ingress;
     let acrm: &[u8] = b"access-control-request-method: POST";
-    let before = s.key_decisions().await;
+    let checks = s.engine_checks().await;
 
     // Origins a browser may send but no page should be granted (`null`: sandboxed frames and
     // file: pages), or no browser sends at all: the preflight is answered by Envoy without
@@ -439,7 +441,7 @@ async fn bad_origins_and_request_headers_are_never_reflected_nor_a_5xx(mode: Mod
         assert!(!head.contains("x-made-up"), "{head}");
     }
     // None of those reached the engine or the upstream.
-    s.key_decisions_settle_at(before).await;
+    s.engine_checks_settle_at(checks).await;
     assert_eq!(s.upstream.count(), 0);
 
     // The same origins on an actual call reach the engine, which judges them against the key's

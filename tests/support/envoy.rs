@@ -900,6 +900,36 @@ impl Stack {
             .sum()
     }
 
+    /// Requests that reached the engine, whatever they were: with the sidecar, the Checks Envoy
+    /// sent the daemon (`cluster.gybc_authz.upstream_rq_total`); in the module, its decision log
+    /// lines in Envoy's log (the test config logs every decision). Nothing reads metrics for it,
+    /// so no probe request adds to it.
+    pub async fn engine_checks(&self) -> usize {
+        match self.mode {
+            Mode::Sidecar => {
+                self.envoy
+                    .counter("cluster.gybc_authz.upstream_rq_total")
+                    .await as usize
+            }
+            Mode::Module => self
+                .envoy
+                .log()
+                .lines()
+                .filter(|l| l.contains("gybc_authz::decision"))
+                .count(),
+        }
+    }
+
+    /// Waits for [`Stack::engine_checks`] to reach `want`, then checks it stays there a while.
+    pub async fn engine_checks_settle_at(&self, want: usize) {
+        wait_until("the engine's checks", Duration::from_secs(10), async || {
+            self.engine_checks().await == want
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(self.engine_checks().await, want, "and no more");
+    }
+
     /// Waits for [`Stack::key_decisions`] to reach `want` (the module copies its counts at most
     /// once a second), then checks it is still `want` after the next copy.
     pub async fn key_decisions_settle_at(&self, want: f64) {
