@@ -123,11 +123,20 @@ mod tests {
         let mut config = Config::default();
         config.rate_limit.ietf_headers = true;
         let policy = envoy_cors_policy(&config);
-        let list = |field: &str| policy[field].as_str().unwrap().split(", ").collect::<Vec<_>>();
+        let list = |field: &str| {
+            policy[field]
+                .as_str()
+                .unwrap()
+                .split(", ")
+                .collect::<Vec<_>>()
+        };
         assert_eq!(list("allow_headers"), allowed_request_headers(&config));
         assert_eq!(list("expose_headers"), exposed_response_headers(&config));
         assert_eq!(list("allow_methods"), ALLOWED_METHODS);
-        assert_eq!(policy["max_age"], DEFAULT_PREFLIGHT_MAX_AGE_SECS.to_string());
+        assert_eq!(
+            policy["max_age"],
+            DEFAULT_PREFLIGHT_MAX_AGE_SECS.to_string()
+        );
         // A preflight the policy does not match never reaches the authorizer.
         assert_eq!(policy["forward_not_matching_preflights"], false);
     }
