@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use gybc_authz::dev::firebase_claims;
 use gybc_authz_engine::authn::apikey::{ApiKey, KeyHash, KeyKind};
-use serde_json::json;
+use serde_json::{Value, json};
 use support::browser::{Browser, StaticSite};
 use support::envoy::*;
 use support::*;
@@ -144,21 +144,10 @@ async fn the_page_calls_the_api(s: &Stack, site: &StaticSite, browser: &Browser,
 
     // An expired user token: 401, the JSON body and the challenge readable, a sentence shown.
     let got = call(&keys.page, &expired).await;
-    let r = &got["result"];
-    assert_eq!(r["status"], 401, "{got:#}");
-    assert_eq!(r["body"]["reason"], "invalid_token", "{got:#}");
+    let r = assert_refused(&got, 401, "invalid_token", "sign in again");
     assert_eq!(r["body"]["code"], "unauthenticated", "{got:#}");
-    assert!(
-        r["wwwAuthenticate"]
-            .as_str()
-            .unwrap()
-            .contains("invalid_token"),
-        "{got:#}"
-    );
-    assert!(
-        got["error"].as_str().unwrap().contains("sign in again"),
-        "{got:#}"
-    );
+    let challenge = r["wwwAuthenticate"].as_str().unwrap();
+    assert!(challenge.contains("invalid_token"), "{got:#}");
 
     // Over the key's limit (3 a minute; the 401 did not count): 429 and Retry-After.
     for remaining in ["1", "0"] {
@@ -166,32 +155,19 @@ async fn the_page_calls_the_api(s: &Stack, site: &StaticSite, browser: &Browser,
         assert_eq!(got["result"]["remaining"], remaining, "{got:#}");
     }
     let got = call(&keys.page, &user).await;
-    let r = &got["result"];
-    assert_eq!(r["status"], 429, "{got:#}");
-    assert_eq!(r["body"]["reason"], "rate_limited", "{got:#}");
-    let retry_after: u64 = r["retryAfter"].as_str().unwrap().parse().unwrap();
-    assert!(retry_after > 0, "{got:#}");
-    assert_eq!(r["remaining"], "0", "{got:#}");
-    assert!(
-        got["error"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("try again in {retry_after} s")),
-        "{got:#}"
+    let retry_after = got["result"]["retryAfter"].as_str().unwrap_or("none");
+    let r = assert_refused(
+        &got,
+        429,
+        "rate_limited",
+        &format!("try again in {retry_after} s"),
     );
+    assert!(retry_after.parse::<u64>().unwrap() > 0, "{got:#}");
+    assert_eq!(r["remaining"], "0", "{got:#}");
 
     // A key that does not allow this page's origin: refused, readable, never upstream.
     let got = call(&keys.elsewhere, &user).await;
-    let r = &got["result"];
-    assert_eq!(r["status"], 403, "{got:#}");
-    assert_eq!(r["body"]["reason"], "origin_not_allowed", "{got:#}");
-    assert!(
-        got["error"]
-            .as_str()
-            .unwrap()
-            .contains("may not use this API key"),
-        "{got:#}"
-    );
+    assert_refused(&got, 403, "origin_not_allowed", "may not use this API key");
 
     // A secret key in a page: refused, and the page can read why.
     let got = browser.run(SECRET_CALL, json!([api, keys.secret])).await;
@@ -223,4 +199,16 @@ async fn the_page_calls_the_api(s: &Stack, site: &StaticSite, browser: &Browser,
     );
     s.engine_checks_settle_at(checks + calls as usize).await;
     s.key_decisions_settle_at(calls as f64).await;
+}
+
+/// Asserts the page read a refusal (its status and the body's reason) and shows a sentence
+/// containing `shown`; returns what the page learnt.
+#[track_caller]
+fn assert_refused<'a>(got: &'a Value, status: u16, reason: &str, shown: &str) -> &'a Value {
+    let r = &got["result"];
+    assert_eq!(r["status"], status, "{got:#}");
+    assert_eq!(r["body"]["reason"], reason, "{got:#}");
+    let error = got["error"].as_str().unwrap_or_default();
+    assert!(error.contains(shown), "the page shows {error:?}: {got:#}");
+    r
 }

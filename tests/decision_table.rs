@@ -635,14 +635,7 @@ async fn row_22_a_secret_key_sent_by_a_browser_is_403_secret_key_in_browser_unle
         401,
         "invalid_api_key",
     );
-    let m = scrape(&env).await;
-    let counted = |action| {
-        m.get(
-            "gybc_authz_secret_key_from_browser_total",
-            &[("action", action)],
-        )
-    };
-    assert_eq!((counted("deny"), counted("allow")), (2.0, 0.0));
+    assert_eq!(secret_keys_from_browsers(&env).await, (2.0, 0.0));
     env.stop().await;
 
     // `policy.secret_key_from_browser: allow`: let through as any sk_ request, and counted.
@@ -660,13 +653,18 @@ async fn row_22_a_secret_key_sent_by_a_browser_is_403_secret_key_in_browser_unle
     );
     assert_eq!(a.upstream["x-api-key-id"], "key_secret");
     assert_eq!(a.to_client["x-ratelimit-remaining"], "4");
-    let m = scrape(&env).await;
+    assert_eq!(secret_keys_from_browsers(&env).await, (0.0, 1.0));
+    env.stop().await;
+}
+
+/// `gybc_authz_secret_key_from_browser_total` as (refused, let through).
+async fn secret_keys_from_browsers(env: &TestEnv) -> (f64, f64) {
+    let m = scrape(env).await;
     let counted = |action| {
         m.get(
             "gybc_authz_secret_key_from_browser_total",
             &[("action", action)],
         )
     };
-    assert_eq!((counted("deny"), counted("allow")), (0.0, 1.0));
-    env.stop().await;
+    (counted("deny"), counted("allow"))
 }
