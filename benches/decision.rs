@@ -96,6 +96,7 @@ impl Fixture {
             clock,
             default_rate_limit: cfg.rate_limit.default,
             tenantless_paths: cfg.policy.tenantless_paths.clone(),
+            secret_key_from_browser: cfg.policy.secret_key_from_browser,
             observer: observer.clone(),
         };
         Self {

@@ -1,7 +1,7 @@
-//! The `gybc-authz` command: `serve`, `check-config`, `check` (a one-shot ext_authz client),
-//! `keys` and `key-service`.
+//! The `gybc-authz` command: `serve`, `check-config`, `cors-policy`, `check` (a one-shot
+//! ext_authz client), `keys` and `key-service`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +44,14 @@ enum Command {
     KeyService(cli::key_service::KeyServiceArgs),
     /// Load and validate a config file; print every problem with its field path.
     CheckConfig { file: PathBuf },
+    /// Print Envoy's CORS policy for this config (JSON, valid YAML): the request headers a
+    /// preflight allows and the response headers a page may read, as deploy/envoy/*.yaml
+    /// carry them (docs/browsers.md).
+    CorsPolicy {
+        /// YAML config file (with GYBC_AUTHZ__SECTION__FIELD overrides); the defaults without.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Send one Check as Envoy would and print the decision as JSON (exit 0 allow, 1 deny).
     Check {
         /// gRPC address of the daemon.
@@ -88,6 +96,14 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_BAD_CONFIG)
                 }
             },
+            Command::CorsPolicy { config } => match load_config(config.as_deref()) {
+                Ok(cfg) => {
+                    let policy = gybc_authz_engine::browser::envoy_cors_policy(&cfg);
+                    println!("{policy:#}");
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            },
             Command::Check {
                 addr,
                 method,
@@ -99,17 +115,23 @@ fn main() -> ExitCode {
     })
 }
 
-async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
-    let loaded = match &config {
+/// The config file with the environment's overrides (the defaults without a file); on an error,
+/// printed with its field paths, the exit code to end with.
+fn load_config(config: Option<&Path>) -> Result<Config, ExitCode> {
+    let loaded = match config {
         Some(path) => Config::load(path, &ProcessEnv),
         None => Config::from_yaml("", &ProcessEnv),
     };
-    let mut cfg = match loaded {
+    loaded.map_err(|e| {
+        eprint!("{e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
+    let mut cfg = match load_config(config.as_deref()) {
         Ok(c) => c,
-        Err(e) => {
-            eprint!("{e}");
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
+        Err(code) => return code,
     };
     telemetry::init(&cfg.log);
 

@@ -601,3 +601,70 @@ async fn row_21_key_store_unreachable_and_key_not_cached_is_503_unavailable() {
     allowed(&env.check(API_PATH, &[("authorization", &jwt)]).await);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn row_22_a_secret_key_sent_by_a_browser_is_403_secret_key_in_browser_unless_allowed() {
+    // Refused by default, whatever the origin (the opaque `null` of a sandboxed page too); a
+    // request without `Origin` (a backend) is the secret key's normal use.
+    let env = TestEnv::start().await;
+    for origin in ["https://app.example.com", "null"] {
+        let d = assert_denied(
+            &env.check(
+                API_PATH,
+                &[("x-api-key", &env.keys.secret), ("origin", origin)],
+            )
+            .await,
+            403,
+            "secret_key_in_browser",
+        );
+        assert_eq!(d.grpc_code, 7);
+        assert!(d.message.contains("publishable key"), "{d:?}");
+        assert!(!d.headers.contains_key("x-ratelimit-limit"), "not counted");
+    }
+    allowed(
+        &env.check(API_PATH, &[("x-api-key", &env.keys.secret)])
+            .await,
+    );
+    // An unknown secret key is still 401: the rule applies to a key that authenticated.
+    assert_denied(
+        &env.check(
+            API_PATH,
+            &[("x-api-key", &env.keys.unknown), ("origin", APP_ORIGIN)],
+        )
+        .await,
+        401,
+        "invalid_api_key",
+    );
+    assert_eq!(secret_keys_from_browsers(&env).await, (2.0, 0.0));
+    env.stop().await;
+
+    // `policy.secret_key_from_browser: allow`: let through as any sk_ request, and counted.
+    let env = TestEnv::start_with(EnvOptions {
+        extra_yaml: "policy: { secret_key_from_browser: allow }\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let a = allowed(
+        &env.check(
+            API_PATH,
+            &[("x-api-key", &env.keys.secret), ("origin", APP_ORIGIN)],
+        )
+        .await,
+    );
+    assert_eq!(a.upstream["x-api-key-id"], "key_secret");
+    assert_eq!(a.to_client["x-ratelimit-remaining"], "4");
+    assert_eq!(secret_keys_from_browsers(&env).await, (0.0, 1.0));
+    env.stop().await;
+}
+
+/// `gybc_authz_secret_key_from_browser_total` as (refused, let through).
+async fn secret_keys_from_browsers(env: &TestEnv) -> (f64, f64) {
+    let m = scrape(env).await;
+    let counted = |action| {
+        m.get(
+            "gybc_authz_secret_key_from_browser_total",
+            &[("action", action)],
+        )
+    };
+    (counted("deny"), counted("allow"))
+}

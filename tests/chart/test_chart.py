@@ -43,6 +43,8 @@ PER_ROUTE_ENVOY = SHIPPED_ENVOY.parent / "per-route.yaml"
 KEYS_EXAMPLE = REPO / "deploy" / "keys.example.yaml"
 # The module filter's name in Envoy's HTTP filter chain and per-route configs.
 MODULE_FILTER = "gybc_authz"
+# Envoy's CORS filter, before gybc-authz in both modes (docs/browsers.md).
+CORS_FILTER = "envoy.filters.http.cors"
 # The values that make the chart's Envoy config the shipped files' (the app in the pod on :3000).
 SHIPPED_VALUES = {"app": {"enabled": True, "image": {"repository": "app"}, "port": 3000},
                   "envoy": {"upstream": {"address": ""}}}
@@ -216,6 +218,7 @@ def test_there_are_scenarios():
         "module-with-routes-values",
         "key-service-values",
         "module-key-service-values",
+        "browser-values",
     } <= names, names
 
 
@@ -979,7 +982,8 @@ def test_module_mode_runs_the_engine_in_envoy(chart, values_file):
     }
     assert MODULE_FILE == f"lib{module_filter(env_cfg)['dynamic_module_config']['name']}.so"
     # No ext_authz, no gRPC cluster: nothing calls a daemon.
-    assert [f["name"] for f in ingress_hcm(env_cfg)["http_filters"]] == [MODULE_FILTER, "envoy.filters.http.router"]
+    assert [f["name"] for f in ingress_hcm(env_cfg)["http_filters"]] == \
+        [CORS_FILTER, MODULE_FILTER, "envoy.filters.http.router"]
     assert "gybc_authz" not in {c["name"] for c in env_cfg["static_resources"]["clusters"]}
     assert "ext_authz" not in envoy_yaml(docs)
     # The key file, when there is one, is mounted into Envoy where the config says.

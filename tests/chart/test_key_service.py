@@ -46,6 +46,8 @@ KS_MODULE_VALUES = CHART / "ci" / "module-key-service-values.yaml"
 KS_MIN = {"keyService": {"enabled": True},
           "gybcAuthz": {"redis": {"urls": ["redis://redis:6379"]}, "config": {"key_store": {"type": "redis"}}}}
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+# Envoy's CORS filter, before gybc-authz (docs/browsers.md).
+CORS = "envoy.filters.http.cors"
 ROUTER = "envoy.filters.http.router"
 # Both key-service scenarios, each in both modes.
 KS_CASES = [pytest.param(f, mode, id=f"{f.stem}-{mode}") for f in (KS_VALUES, KS_MODULE_VALUES)
@@ -311,18 +313,21 @@ def test_key_api_goes_through_gybc_authz(chart, values_file, mode):
                    "route": {"cluster": "key_service", "timeout": v["keyService"]["routeTimeout"]}}
     assert rest == {"match": {"prefix": "/"}, "direct_response": {"status": 404}}
     hcm = ingress_hcm(env_cfg)
-    assert "typed_per_filter_config" not in hcm["route_config"]["virtual_hosts"][0]
+    # The virtual host's only per-filter setting is the CORS policy (docs/browsers.md): nothing
+    # switches gybc-authz off, on any route.
+    assert list(hcm["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]) == [CORS]
+    assert all("typed_per_filter_config" not in r for r in (api, rest))
     filters = [f["name"] for f in hcm["http_filters"]]
     clusters = {c["name"] for c in env_cfg["static_resources"]["clusters"]}
     if mode == "sidecar":
-        assert filters == [EXT_AUTHZ, ROUTER]
-        ext = hcm["http_filters"][0]["typed_config"]
+        assert filters == [CORS, EXT_AUTHZ, ROUTER]
+        ext = hcm["http_filters"][1]["typed_config"]
         assert ext["failure_mode_allow"] is False and ext["transport_api_version"] == "V3"
         assert ext["grpc_service"]["envoy_grpc"]["cluster_name"] == "gybc_authz"
         assert cluster_address(env_cfg, "gybc_authz") == yaml.safe_load(daemon_yaml(docs))["server"]["grpc_addr"]
         assert clusters == {"gybc_authz", "key_service", "envoy_admin"}
     else:
-        assert filters == [MODULE_FILTER, ROUTER]
+        assert filters == [CORS, MODULE_FILTER, ROUTER]
         assert module_filter(env_cfg)["filter_config"]["value"] == \
             mounts(ks_containers(docs)["envoy"])["config"]["mountPath"]
         assert clusters == {"key_service", "envoy_admin"}

@@ -145,11 +145,18 @@ impl EnvoyConfig {
         Self::shipped().on_loopback(authz, app)
     }
 
-    /// This config pointed at a daemon and an app on loopback; listeners on free ports. Nothing
+    /// This config pointed at a daemon and an app on loopback (the `app` cluster, or in
+    /// `deploy/envoy/key-service.yaml` the `key_service` one); listeners on free ports. Nothing
     /// else changes.
     pub fn on_loopback(mut self, authz: SocketAddr, app: SocketAddr) -> Self {
         self.set_cluster_endpoint("gybc_authz", authz);
-        self.set_cluster_endpoint("app", app);
+        let clusters = self.0["static_resources"]["clusters"].as_sequence();
+        let upstream = if clusters.is_some_and(|c| c.iter().any(|c| c["name"] == "app")) {
+            "app"
+        } else {
+            "key_service"
+        };
+        self.set_cluster_endpoint(upstream, app);
         for l in ["ingress", "stats"] {
             let addr = &mut self.listener(l)["address"]["socket_address"];
             addr["address"] = "127.0.0.1".into();
@@ -861,17 +868,79 @@ impl Stack {
     /// Envoy's `envoy_` prefix). The module copies its metrics into Envoy's stats as requests pass,
     /// at most once a second, so a test waits for a count (`wait_until`) rather than reading once.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (page, prefix) = self.engine_metrics().await;
+        page.get(&format!("{prefix}{name}"), labels)
+    }
+
+    /// The engine's metrics page, and the prefix its names have there (`envoy_` in Envoy's stats).
+    async fn engine_metrics(&self) -> (super::Metrics, &'static str) {
         match self.mode {
-            Mode::Sidecar => super::scrape(&self.env).await.get(name, labels),
+            Mode::Sidecar => (super::scrape(&self.env).await, ""),
             Mode::Module => {
                 // A request through the filter is what copies the counts over.
                 self.send("GET", "/__gybc_test/stats-probe", &[]).await;
-                self.envoy
-                    .stats()
-                    .await
-                    .get(&format!("envoy_{name}"), labels)
+                (self.envoy.stats().await, "envoy_")
             }
         }
+    }
+
+    /// Every decision about a key (`gybc_authz_decisions_total` of methods `api_key` and
+    /// `publishable_key`, any outcome and reason): what a key's usage counts. The module's probe
+    /// request (`Stack::metric`) is of method `none`, so reading this does not move it.
+    pub async fn key_decisions(&self) -> f64 {
+        let (page, prefix) = self.engine_metrics().await;
+        let family = format!("{prefix}gybc_authz_decisions_total{{");
+        page.0
+            .lines()
+            .filter(|l| l.starts_with(&family))
+            .filter(|l| {
+                l.contains("method=\"api_key\"") || l.contains("method=\"publishable_key\"")
+            })
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+            .sum()
+    }
+
+    /// Requests that reached the engine, whatever they were: with the sidecar, the Checks Envoy
+    /// sent the daemon (`cluster.gybc_authz.upstream_rq_total`); in the module, its decision log
+    /// lines in Envoy's log (the test config logs every decision). Nothing reads metrics for it,
+    /// so no probe request adds to it.
+    pub async fn engine_checks(&self) -> usize {
+        match self.mode {
+            Mode::Sidecar => {
+                self.envoy
+                    .counter("cluster.gybc_authz.upstream_rq_total")
+                    .await as usize
+            }
+            Mode::Module => self
+                .envoy
+                .log()
+                .lines()
+                .filter(|l| l.contains("gybc_authz::decision"))
+                .count(),
+        }
+    }
+
+    /// Waits for [`Stack::engine_checks`] to reach `want`, then checks it stays there a while.
+    pub async fn engine_checks_settle_at(&self, want: usize) {
+        wait_until("the engine's checks", Duration::from_secs(10), async || {
+            self.engine_checks().await == want
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(self.engine_checks().await, want, "and no more");
+    }
+
+    /// Waits for [`Stack::key_decisions`] to reach `want` (the module copies its counts at most
+    /// once a second), then checks it is still `want` after the next copy.
+    pub async fn key_decisions_settle_at(&self, want: f64) {
+        wait_until(
+            "the key decisions counted",
+            Duration::from_secs(10),
+            async || self.key_decisions().await == want,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(self.key_decisions().await, want, "and no more");
     }
 
     /// A second Envoy in front of the same engine and upstream, in this stack's mode.

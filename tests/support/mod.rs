@@ -2,6 +2,7 @@
 //! map), RSA signing keys, a key file, and the real daemon started on ephemeral loopback ports.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod envoy;
 pub mod key_service;
 pub mod otlp;

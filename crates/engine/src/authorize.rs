@@ -7,11 +7,12 @@ use std::sync::Arc;
 use crate::authn::apikey::ApiKey;
 use crate::authn::{JwtVerifier, VerifiedToken};
 use crate::clock::Clock;
+use crate::config::SecretKeyFromBrowser;
 use crate::credentials::{self, Credentials};
 use crate::decision::{AuthMethod, Decision, Denial, Grant, Identity, Reason};
 use crate::observe::Observer;
 use crate::otel::{ChildSpan, KEY_STORE_LOOKUP_SPAN};
-use crate::policy::{impersonation, origin, tenant};
+use crate::policy::{impersonation, origin, secret_key, tenant};
 use crate::ratelimit::{RateLimit, RateLimitError, RateLimiter};
 use crate::request::RequestContext;
 use crate::store::{CacheOutcome, Key, Keys};
@@ -23,6 +24,7 @@ pub struct Authorizer {
     pub clock: Arc<dyn Clock>,
     pub default_rate_limit: RateLimit,
     pub tenantless_paths: Vec<String>,
+    pub secret_key_from_browser: SecretKeyFromBrowser,
     pub observer: Arc<Observer>,
 }
 
@@ -121,6 +123,11 @@ impl Authorizer {
             .map_err(|d| d.by(method, None, None))?;
         let refused = |d: Denial| refused_key(d, method, &record);
         route_allows(req, method, Some(&record.scopes().names)).map_err(refused)?;
+        let policy = self.secret_key_from_browser;
+        if let Some(verdict) = secret_key::judge(req.origin.as_deref(), policy) {
+            self.observer.secret_key_from_browser(policy);
+            verdict.map_err(refused)?;
+        }
         let user = impersonation::authorize(method, &record.scopes().names, on_behalf_of)
             .map_err(refused)?;
         let identity = Identity {

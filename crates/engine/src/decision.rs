@@ -65,6 +65,7 @@ pub enum Reason {
     InsufficientScope,
     MethodNotAllowed,
     RouteMisconfigured,
+    SecretKeyInBrowser,
 }
 
 /// Connect-style error codes of the body's `code`.
@@ -101,7 +102,7 @@ impl Code {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::MissingCredentials,
         Reason::InvalidToken,
         Reason::TenantRequired,
@@ -118,6 +119,7 @@ impl Reason {
         Reason::InsufficientScope,
         Reason::MethodNotAllowed,
         Reason::RouteMisconfigured,
+        Reason::SecretKeyInBrowser,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -138,6 +140,7 @@ impl Reason {
             Reason::InsufficientScope => "insufficient_scope",
             Reason::MethodNotAllowed => "method_not_allowed",
             Reason::RouteMisconfigured => "route_misconfigured",
+            Reason::SecretKeyInBrowser => "secret_key_in_browser",
         }
     }
 
@@ -153,7 +156,8 @@ impl Reason {
             | Reason::OriginNotAllowed
             | Reason::InsufficientScope
             | Reason::MethodNotAllowed
-            | Reason::RouteMisconfigured => 403,
+            | Reason::RouteMisconfigured
+            | Reason::SecretKeyInBrowser => 403,
             Reason::InvalidOnBehalfOf
             | Reason::AmbiguousCredentials
             | Reason::MalformedCredentials => 400,
@@ -208,6 +212,9 @@ impl Reason {
             Reason::MethodNotAllowed => "This endpoint does not accept this kind of credential.",
             Reason::RouteMisconfigured => {
                 "This endpoint's authorization settings are invalid; the operator has been told."
+            }
+            Reason::SecretKeyInBrowser => {
+                "A secret API key must never be used from a browser: use a publishable key (pk_) with the user's token, and rotate this secret key."
             }
         }
     }

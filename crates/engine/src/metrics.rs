@@ -58,6 +58,8 @@ pub struct Metrics {
     usage_dropped: Vec<IntCounter>,
     usage_flushes: IntCounterVec,
     pub usage_entries: IntGauge,
+    /// Resolved once: [deny, allow], what `policy.secret_key_from_browser` did.
+    secret_key_from_browser: [IntCounter; 2],
 }
 
 impl Default for Metrics {
@@ -159,6 +161,11 @@ impl Metrics {
         registry
             .register(Box::new(usage_entries.clone()))
             .expect("unique metric");
+        let secret_key_from_browser = counter(
+            "secret_key_from_browser_total",
+            "Requests with a known secret (sk_) key and an Origin header (a secret shipped in a web page), by the policy.secret_key_from_browser action taken (deny: refused 403 secret_key_in_browser; allow: let through).",
+            &["action"],
+        );
         let panics = IntCounter::new(
             "panics_total",
             "Checks that panicked inside the engine and were answered 503 unavailable.",
@@ -262,6 +269,8 @@ impl Metrics {
                 .collect(),
             usage_flushes,
             usage_entries,
+            secret_key_from_browser: ["deny", "allow"]
+                .map(|a| secret_key_from_browser.with_label_values(&[a])),
         };
         // Every decision series exists from the start (above), so rates and ratios work at once.
         for (cache, result) in [("jwt", "hit"), ("jwt", "miss"), ("rejected_jwt", "hit")] {
@@ -434,6 +443,11 @@ impl Metrics {
     /// One write of the usage counts; `result` is `ok` or `failed`.
     pub fn usage_flush(&self, result: &'static str) {
         self.usage_flushes.with_label_values(&[result]).inc();
+    }
+
+    /// A known secret key sent by a browser: `refused` by the policy, or let through.
+    pub fn secret_key_from_browser(&self, refused: bool) {
+        self.secret_key_from_browser[usize::from(!refused)].inc();
     }
 
     /// Every family this registry holds, including those with no series yet.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tracing::Level;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{DecisionLevel, LogConfig};
+use crate::config::{DecisionLevel, LogConfig, SecretKeyFromBrowser};
 use crate::decision::{Decision, Reason};
 use crate::event::{
     Backend, CacheOutcome, RedisFailure, StoreError, StoreKind, TokenLookup, UsageDrop,
@@ -240,6 +240,15 @@ impl Observer {
     pub fn route_config_error(&self, e: &crate::route::RouteError) {
         self.metrics.route_config_error(&e.key);
         tracing::error!(key = %e.key, why = e.why, "Invalid per-route setting in Envoy's context_extensions; requests on this route are refused.");
+    }
+
+    /// A known secret key arrived from a browser (an `Origin` header) and `policy` applied. Only
+    /// counted: a refusal has its decision line (`secret_key_in_browser`, with the key id), and
+    /// an allowed one is traffic the operator chose to let through, which a line per request
+    /// would flood the log with; the metric is what to alert on.
+    pub fn secret_key_from_browser(&self, policy: SecretKeyFromBrowser) {
+        self.metrics
+            .secret_key_from_browser(policy == SecretKeyFromBrowser::Deny);
     }
 
     /// A check panicked and its door answered 503 instead; the door's runtime printed the panic.

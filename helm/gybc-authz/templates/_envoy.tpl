@@ -72,6 +72,13 @@ static_resources:
                   virtual_hosts:
                     - name: key_service
                       domains: ["*"]
+                      {{- if $e.cors.enabled }}
+                      # Browsers: Envoy's CORS filter answers preflights before gybc-authz and
+                      # makes every answer readable by the page (docs/browsers.md).
+                      typed_per_filter_config:
+                        envoy.filters.http.cors:
+                          {{- include "gybc-authz.corsPolicy" $root | nindent 26 }}
+                      {{- end }}
                       routes:
                         # The key API, every request checked by gybc-authz (the filter below).
                         - match: { prefix: {{ printf "%s/" $v.keyService.pathPrefix | quote }} }
@@ -84,6 +91,13 @@ static_resources:
                   virtual_hosts:
                     - name: app
                       domains: ["*"]
+                      {{- if $e.cors.enabled }}
+                      # Browsers: Envoy's CORS filter answers preflights before gybc-authz and
+                      # makes every answer readable by the page (docs/browsers.md).
+                      typed_per_filter_config:
+                        envoy.filters.http.cors:
+                          {{- include "gybc-authz.corsPolicy" $root | nindent 26 }}
+                      {{- end }}
                       routes:
                         {{- range $e.healthPaths }}
                         # Health endpoint: no check for GET/HEAD; Envoy strips identity and credentials.
@@ -138,6 +152,12 @@ static_resources:
                           route: { cluster: app, timeout: {{ $e.routeTimeout }} }
                   {{- end }}
                 http_filters:
+                  {{- if $e.cors.enabled }}
+                  # Before gybc-authz: preflights never reach it, and its denials get the CORS headers.
+                  - name: envoy.filters.http.cors
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
+                  {{- end }}
                   {{- if $module }}
                   - name: gybc_authz
                     typed_config:
@@ -262,4 +282,32 @@ static_resources:
               - endpoint:
                   address:
                     socket_address: { address: 127.0.0.1, port_value: {{ int $e.ports.admin }} }
+{{- end }}
+
+
+{{/*
+Envoy's CORS policy (envoy.extensions.filters.http.cors.v3.CorsPolicy) for the ingress virtual
+host, from envoy.cors and the daemon's config: the header lists are the ones
+crates/engine/src/browser.rs names (`gybc-authz cors-policy` prints them for a config file,
+and the chart tests compare every rendering with it). The exposed headers follow
+gybcAuthz.config.rate_limit.ietf_headers.
+*/}}
+{{- define "gybc-authz.corsPolicy" -}}
+{{- $c := .Values.envoy.cors }}
+{{- $ietf := dig "rate_limit" "ietf_headers" false (.Values.gybcAuthz.config | default dict) }}
+{{- $expose := list "x-ratelimit-limit" "x-ratelimit-remaining" "x-ratelimit-reset" "retry-after" }}
+{{- if $ietf }}
+{{- $expose = concat $expose (list "ratelimit" "ratelimit-policy") }}
+{{- end }}
+{{- $expose = concat $expose (list "www-authenticate" "idempotent-replayed") }}
+"@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy
+# Origins a preflight is answered for; the key's allowlist decides who may call.
+allow_origin_string_match:
+  {{- toYaml $c.allowOrigins | nindent 2 }}
+allow_methods: "GET, POST, PUT, PATCH, DELETE"
+allow_headers: "x-api-key, authorization, x-on-behalf-of, content-type, idempotency-key, traceparent, tracestate"
+expose_headers: {{ join ", " $expose | quote }}
+max_age: {{ $c.maxAgeSeconds | int | toString | quote }}
+# A non-matching preflight is answered by Envoy too, without CORS headers.
+forward_not_matching_preflights: false
 {{- end }}

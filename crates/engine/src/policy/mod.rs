@@ -2,4 +2,5 @@
 
 pub mod impersonation;
 pub mod origin;
+pub mod secret_key;
 pub mod tenant;
