@@ -16,6 +16,10 @@ use crate::event::{CacheOutcome, StoreKind, UsageDrop};
 
 const NAMESPACE: &str = "gybc_authz";
 
+/// The git commit this build came from (`build_info`'s label), for hosts with a registry of their
+/// own (the key service).
+pub const GIT_COMMIT: &str = env!("GYBC_GIT_COMMIT");
+
 /// Check latency buckets: 10 µs to 1 s.
 const LATENCY_BUCKETS: [f64; 16] = [
     0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
@@ -214,7 +218,7 @@ impl Metrics {
             .register(Box::new(build_info.clone()))
             .expect("unique metric");
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("GYBC_GIT_COMMIT")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), GIT_COMMIT])
             .set(1);
         #[cfg(target_os = "linux")]
         {
