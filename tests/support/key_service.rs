@@ -339,6 +339,13 @@ pub async fn call(
     }
 }
 
+/// Every metric family the key service's `/metrics` has (its registry gives every family a
+/// series from the start).
+pub fn families() -> std::collections::BTreeSet<String> {
+    use gybc_authz::keyservice::{http::Method, metrics::Metrics};
+    super::Metrics(Metrics::new(&Method::ALL.map(Method::name)).render()).names()
+}
+
 /// A usage bucket or total as either reader writes it: the key service's protojson (int64 as
 /// strings, `rateLimited`) or the CLI's JSON (numbers, `rate_limited`); `rate_limited` names
 /// the field.
