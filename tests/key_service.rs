@@ -88,6 +88,7 @@ both_stores!(
     idempotent_retries_and_concurrent_creates,
     every_bad_input_is_a_400_naming_the_field_and_writes_nothing,
     the_active_key_limit_holds_under_concurrent_creates_on_two_replicas,
+    expired_keys_free_their_place_and_come_back_only_within_the_bound,
 );
 
 fn alice() -> Who {
@@ -939,6 +940,102 @@ async fn the_active_key_limit_holds_under_concurrent_creates_on_two_replicas(sto
             &[("method", "create-key"), ("outcome", "failed_precondition")]
         ) >= 1.0
     );
+}
+
+/// An expired key frees its place; bringing it back (a new expiry) counts as taking one.
+async fn expired_keys_free_their_place_and_come_back_only_within_the_bound(store: Store) {
+    let ks = KeyService::start_with(
+        store.dir.path(),
+        &store.backend,
+        "max_active_keys_per_tenant: 2",
+        &[],
+        &[],
+    );
+    let soon = |secs: u64| {
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(secs))
+            .to_string()
+    };
+    let brief = create(
+        &ks,
+        &alice(),
+        json!({"kind": "KEY_KIND_SECRET", "expireTime": soon(2)}),
+    )
+    .await;
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    let a = ks
+        .call("create-key", &alice(), r#"{"kind": "KEY_KIND_SECRET"}"#)
+        .await;
+    assert_eq!(a.body["reason"], "key_limit_reached", "{}", a.text);
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    let id = brief["key"]["id"].as_str().unwrap();
+    let a = ks
+        .call(
+            "update-key",
+            &alice(),
+            &json!({"id": id, "clearExpireTime": true}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.body["reason"].as_str()),
+        (400, Some("key_limit_reached")),
+        "{}",
+        a.text
+    );
+    let a = ks
+        .call("get-key", &alice(), &json!({"id": id}).to_string())
+        .await;
+    assert_eq!(
+        ok(&a)["key"]["state"],
+        "KEY_STATE_EXPIRED",
+        "the refused update changed nothing"
+    );
+    // Other changes of an expired key are not bounded.
+    ok(&ks
+        .call(
+            "update-key",
+            &alice(),
+            &json!({"id": id, "name": "old"}).to_string(),
+        )
+        .await);
+}
+
+/// The Redis ledger of a tenant's active keys mends itself: an entry for a key that is gone (a
+/// revocation or create whose ledger write was lost) leaves when the bound would refuse, and a
+/// ledger lost altogether is filled again from the tenant's records on its next create.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_redis_ledger_drops_stale_entries_and_refills_from_the_records() {
+    let store = Store::redis();
+    let ks = KeyService::start_with(
+        store.dir.path(),
+        &store.backend,
+        "max_active_keys_per_tenant: 2",
+        &[],
+        &[],
+    );
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    let redis = store._redis.as_ref().unwrap();
+    let ledger = "gybc:tenant-active:acme";
+    assert_eq!(
+        redis.cli(&["HLEN", ledger]),
+        "2",
+        "the filled mark and one key"
+    );
+    // A key the records do not have (its create died before writing it).
+    redis.cli(&["HSET", ledger, "key_ghost", "0:0"]);
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    assert_eq!(redis.cli(&["HEXISTS", ledger, "key_ghost"]), "0");
+    let a = ks
+        .call("create-key", &alice(), r#"{"kind": "KEY_KIND_SECRET"}"#)
+        .await;
+    assert_eq!(a.body["reason"], "key_limit_reached", "{}", a.text);
+    // The ledger lost: refilled from the records, so the two keys still count.
+    redis.cli(&["DEL", ledger]);
+    let a = ks
+        .call("create-key", &alice(), r#"{"kind": "KEY_KIND_SECRET"}"#)
+        .await;
+    assert_eq!(a.body["reason"], "key_limit_reached", "{}", a.text);
+    assert_eq!(redis.cli(&["HLEN", ledger]), "3");
 }
 
 /// Each caller's calls are limited per replica (`key_service.caller_rate_limit`, here set through
