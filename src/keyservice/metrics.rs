@@ -4,8 +4,7 @@
 //! a key id.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 const NAMESPACE: &str = "gybc_authz";
@@ -81,34 +80,17 @@ impl Metrics {
             "1 while the key service's last readiness check (every second) reached the key store, else 0.",
         )
         .expect("valid metric");
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "build_info",
-                "Always 1; labels carry the version and git commit.",
-            ),
-            &["version", "git_commit"],
-        )
-        .expect("valid metric");
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+        let own: [Box<dyn prometheus::core::Collector>; 4] = [
+            Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(store_errors.clone()),
             Box::new(store_up.clone()),
-            Box::new(build_info.clone()),
-        ] {
-            registry.register(c).expect("unique metric");
-        }
-        build_info
-            .with_label_values(&[
-                env!("CARGO_PKG_VERSION"),
-                gybc_authz_engine::metrics::GIT_COMMIT,
-            ])
-            .set(1);
-        #[cfg(target_os = "linux")]
+        ];
+        for c in own
+            .into_iter()
+            .chain(gybc_authz_engine::metrics::process_collectors())
         {
-            let _ = registry.register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ));
+            registry.register(c).expect("unique metric");
         }
         for m in methods.iter().copied().chain([UNKNOWN_METHOD]) {
             requests.with_label_values(&[m, "ok"]);
