@@ -134,9 +134,11 @@ impl RedisAdmin {
                 }));
             }
         }
+        self.index(r).await?;
+        // Written only once the id index finds the record: a check of the ledger looks records up
+        // by id, and drops an entry marked written whose record it cannot find.
         self.settle(&r.tenant, &r.id, Some(ledger::entry(r.expires_at, 0)))
             .await;
-        self.index(r).await?;
         self.publish(&r.hash, KeyEventType::Created).await
     }
 
