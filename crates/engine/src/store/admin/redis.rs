@@ -241,8 +241,7 @@ impl RedisAdmin {
                     r.expires_at
                 };
                 let bound = if was_active { None } else { bound };
-                self.widen(&r.tenant, id, &ledger::entry(wide, 0), bound, now)
-                    .await?;
+                self.widen(&r.tenant, id, wide, bound, now).await?;
             }
             let mut conn = self.redis.conn.clone();
             let set: i64 = redis::Script::new(CAS)

@@ -5,10 +5,13 @@
 //!
 //! The ledger may count a key that is no longer active (a revocation whose ledger write failed,
 //! a create that died between its place and its record), never miss one that is: a place is
-//! taken before the record is written and a change widens an entry before its compare-and-set;
-//! only a write that succeeded narrows it. When the bound refuses a create, the ledger is
-//! checked against the records once, what is no longer active leaves, and the create is asked
-//! again. A tenant's first create fills the ledger from the tenant's records (its sorted set).
+//! taken before the record is written and a change widens an entry before its compare-and-set,
+//! both marked pending; only a write that succeeded narrows the entry and clears the mark. When
+//! the bound refuses a create, the ledger is checked against the records once: an entry not
+//! pending whose key is revoked, expired or gone leaves, and the create is asked again. A pending
+//! entry stays until its mark runs out (`PENDING_SECS`, longer than any request may run): its
+//! write may still be on its way. A tenant's first create fills the ledger from the tenant's
+//! records (its sorted set).
 
 use std::time::Duration;
 
@@ -175,18 +178,20 @@ impl RedisAdmin {
         }
     }
 
-    /// Before a change of an existing key that leaves it active: its entry at least as wide as the
-    /// record before and after (`value`), so the ledger never misses it while the record changes.
-    /// A key that was not active counts against `bound`; a ledger not filled yet is left alone.
+    /// Before a change of an existing key that leaves it active: its entry, pending, at least as
+    /// wide as the record before and after (`expires_at`), so the ledger never misses it while the
+    /// record changes. A key that was not active counts against `bound`; a ledger not filled yet
+    /// is left alone.
     pub(super) async fn widen(
         &self,
         tenant: &str,
         id: &str,
-        value: &str,
+        expires_at: Option<u64>,
         bound: Option<u32>,
         now: u64,
     ) -> Result<(), AdminError> {
-        match self.admit(tenant, id, value, bound, None, now).await? {
+        let value = entry(expires_at, now + PENDING_SECS);
+        match self.admit(tenant, id, &value, bound, None, now).await? {
             Admit::Taken | Admit::NotFilled => Ok(()),
             Admit::Held => Err(AdminError::KeyLimit(bound.unwrap_or(u32::MAX))),
         }
@@ -226,8 +231,8 @@ impl RedisAdmin {
         Ok(())
     }
 
-    /// Checks each entry against its record: one that is revoked or expired leaves, and so does
-    /// one without a record once its create had time to write it.
+    /// Checks each entry that is not pending against its record: one whose key is revoked,
+    /// expired or without a record leaves.
     async fn check(&self, tenant: &str, now: u64) -> Result<(), AdminError> {
         let entries: Vec<(String, String)> = self
             .query(redis::cmd("HGETALL").arg(self.ledger_name(tenant)))
@@ -236,12 +241,13 @@ impl RedisAdmin {
             if id == FILLED {
                 continue;
             }
+            let (_, pending_until) = parse(&value);
+            if pending_until > now {
+                continue;
+            }
             let stale = match self.by_index(&id).await? {
                 Some((r, _)) => state(&r, now) != KeyState::Active,
-                None => {
-                    let (_, pending_until) = parse(&value);
-                    pending_until == 0 || pending_until <= now
-                }
+                None => true,
             };
             if stale {
                 let _: i64 = self.script(DROP_IF, tenant, &[&id, &value]).await?;
