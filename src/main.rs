@@ -197,20 +197,19 @@ async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
 }
 
 /// Dev mode's key service: on loopback, over the dev keys in memory, so a key it creates works
-/// on the dev data path at once.
+/// on the dev data path at once. The config's `key_service` section applies, on free ports.
 async fn dev_key_service(cfg: &Config, store: AdminStore) -> std::io::Result<keyservice::Running> {
-    let service = keyservice::Service {
+    let mut ks = cfg.key_service.clone();
+    ks.listen_addr = ([127, 0, 0, 1], 0).into();
+    ks.admin_addr = ([127, 0, 0, 1], 0).into();
+    let providers = cfg.jwt.providers.iter().map(|p| p.name.clone()).collect();
+    keyservice::start(keyservice::Service::new(
         store,
-        policy: keyservice::validate::Policy {
-            allowed_scopes: keyservice::validate::DEFAULT_ALLOWED_SCOPES
-                .map(str::to_owned)
-                .to_vec(),
-            jwt_providers: cfg.jwt.providers.iter().map(|p| p.name.clone()).collect(),
-        },
-        headers: cfg.headers.clone(),
-        path_prefix: keyservice::DEFAULT_PATH_PREFIX.into(),
-    };
-    keyservice::start(service, ([127, 0, 0, 1], 0).into()).await
+        ks,
+        cfg.headers.clone(),
+        providers,
+    ))
+    .await
 }
 
 async fn wait_for_signal() {

@@ -4,8 +4,9 @@
 //!   `deploy/config.example.yaml`. The field list is derived from the config types themselves,
 //!   not from a list kept by hand: see [`config_fields`].
 //! - Every metric family the running daemon exposes on `/metrics` (and every family its registry
-//!   declares, including those with no series yet) is described in `docs/operations.md`, and no
-//!   page names a `gybc_authz_*` metric that does not exist.
+//!   declares, including those with no series yet), and every family of the key service's
+//!   `/metrics`, is described in `docs/operations.md`, and no page names a `gybc_authz_*` metric
+//!   that does not exist.
 //! - Every relative link in README.md, ARCHITECTURE.md and docs/*.md points to a file that exists
 //!   (and to a heading that exists, for links with an anchor into a Markdown page); every docs/
 //!   page is linked from the README, and the README stays a front page (at most 250 lines).
@@ -335,7 +336,17 @@ async fn every_metric_family_is_documented_and_no_page_names_a_missing_one() {
         .iter()
         .map(|f| f.name.clone())
         .collect();
-    let families: BTreeSet<String> = scraped.union(&declared).cloned().collect();
+    // The key service's, a process with a registry of its own.
+    let key_service = support::key_service::families();
+    assert!(
+        key_service.contains("gybc_authz_key_service_requests_total"),
+        "{key_service:?}"
+    );
+    let families: BTreeSet<String> = scraped
+        .union(&declared)
+        .chain(&key_service)
+        .cloned()
+        .collect();
 
     let ops = read("docs/operations.md");
     let missing: Vec<_> = families

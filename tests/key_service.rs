@@ -2,11 +2,15 @@
 //! identity headers gybc-authz sets (the Envoy suite is `tests/key_service_envoy.rs`): every
 //! method, tenant isolation, who may call, no scope escalation, idempotent retries, concurrent
 //! creates, every bad input a 400 naming its field with the store unchanged, one audit line per
-//! change, and no secret anywhere but the create and rotate answers.
+//! change, and no secret anywhere but the create and rotate answers. And the service in
+//! production: the bound on a tenant's active keys under concurrent creates from two replicas,
+//! each caller's rate limit, the `key_service` section with its flags and environment overrides,
+//! probes (readiness following a real Redis down and back), and metrics that move with traffic.
 
 mod support;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::key_service::{Backend, KeyService, Who};
@@ -83,6 +87,8 @@ both_stores!(
     a_key_cannot_mint_or_grant_a_scope_it_lacks,
     idempotent_retries_and_concurrent_creates,
     every_bad_input_is_a_400_naming_the_field_and_writes_nothing,
+    the_active_key_limit_holds_under_concurrent_creates_on_two_replicas,
+    expired_keys_free_their_place_and_come_back_only_within_the_bound,
 );
 
 fn alice() -> Who {
@@ -93,6 +99,17 @@ fn alice() -> Who {
 fn ok(a: &support::key_service::Answer) -> &Value {
     assert_eq!(a.status, 200, "{}", a.text);
     &a.body
+}
+
+/// Refused because the tenant holds the most active keys it may.
+#[track_caller]
+fn at_bound(a: &support::key_service::Answer) {
+    assert_eq!(
+        (a.status, a.body["code"].as_str(), a.body["reason"].as_str()),
+        (400, Some("failed_precondition"), Some("key_limit_reached")),
+        "{}",
+        a.text
+    );
 }
 
 async fn create(ks: &KeyService, who: &Who, body: Value) -> Value {
@@ -790,6 +807,468 @@ async fn every_bad_input_is_a_400_naming_the_field_and_writes_nothing(store: Sto
         before,
         "no bad input wrote anything"
     );
+}
+
+/// The tenant's active keys: 24 creates at once, half through each of two replicas of the
+/// service sharing the store, against a bound of 5: exactly 5 succeed, the rest are refused with
+/// `key_limit_reached`, never one key more; a refused create writes nothing. A revoked key frees
+/// its place; a tenant at its bound can still rotate a key, but not rotate its way past it.
+async fn the_active_key_limit_holds_under_concurrent_creates_on_two_replicas(store: Store) {
+    const BOUND: usize = 5;
+    let fields = "max_active_keys_per_tenant: 5, caller_rate_limit: 1000/1s";
+    let one = KeyService::start_with(store.dir.path(), &store.backend, fields, &[], &[]);
+    let two = KeyService::start_with(store.dir.path(), &store.backend, fields, &[], &[]);
+    // Another tenant's keys count for that tenant only.
+    create(
+        &one,
+        &Who::user("globex", "bob"),
+        json!({"kind": "KEY_KIND_SECRET"}),
+    )
+    .await;
+
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let url = if i % 2 == 0 {
+                one.url("create-key")
+            } else {
+                two.url("create-key")
+            };
+            let client = client.clone();
+            tokio::spawn(async move {
+                support::key_service::call(
+                    &client,
+                    &url,
+                    &alice(),
+                    &[],
+                    &json!({"kind": "KEY_KIND_SECRET", "name": format!("k{i}")}).to_string(),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut made = Vec::new();
+    for t in tasks {
+        let a = t.await.unwrap();
+        match a.status {
+            200 => made.push(a.body["key"]["id"].as_str().unwrap().to_owned()),
+            400 => {
+                assert_eq!(a.body["code"], "failed_precondition", "{}", a.text);
+                at_bound(&a);
+                assert!(
+                    a.body["message"].as_str().unwrap().contains('5'),
+                    "{}",
+                    a.text
+                );
+            }
+            other => panic!("{other}: {}", a.text),
+        }
+    }
+    assert_eq!(made.len(), BOUND, "exactly the bound was created: {made:?}");
+    let active = |ks: &KeyService| {
+        let ks = ks.url("list-keys");
+        async move {
+            let a = support::key_service::call(
+                &reqwest::Client::new(),
+                &ks,
+                &alice(),
+                &[],
+                r#"{"pageSize": 100, "state": "KEY_STATE_ACTIVE"}"#,
+            )
+            .await;
+            ok(&a)["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["id"].as_str().unwrap().to_owned())
+                .collect::<BTreeSet<_>>()
+        }
+    };
+    assert_eq!(active(&one).await, made.iter().cloned().collect());
+
+    // At the bound: refused, with or without an Idempotency-Key, and nothing written.
+    let before = store.backend.snapshot();
+    for headers in [vec![], vec![("idempotency-key", "one-more")]] {
+        let a = one
+            .call_with(
+                "create-key",
+                &alice(),
+                &headers,
+                r#"{"kind": "KEY_KIND_PUBLISHABLE", "jwtProvider": "endusers"}"#,
+            )
+            .await;
+        at_bound(&a);
+    }
+    assert_eq!(
+        store.backend.snapshot(),
+        before,
+        "a refused create wrote nothing"
+    );
+
+    // A rotation replaces a key: allowed at the bound, while the old key's grace period runs...
+    let rotated = ok(&one
+        .call(
+            "rotate-key",
+            &alice(),
+            &json!({"id": made[0], "gracePeriod": "600s"}).to_string(),
+        )
+        .await)
+    .clone();
+    assert_eq!(active(&two).await.len(), BOUND + 1);
+    // ... but neither the replaced key nor its successor can be rotated again past the bound.
+    for id in [made[0].as_str(), rotated["key"]["id"].as_str().unwrap()] {
+        let a = two
+            .call("rotate-key", &alice(), &json!({"id": id}).to_string())
+            .await;
+        at_bound(&a);
+    }
+    // Revoking two keys frees one place (the replaced key is still active in its grace period).
+    for id in [&made[0], &made[1]] {
+        ok(&one
+            .call("revoke-key", &alice(), &json!({"id": id}).to_string())
+            .await);
+    }
+    create(&two, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    let a = one
+        .call("create-key", &alice(), r#"{"kind": "KEY_KIND_SECRET"}"#)
+        .await;
+    at_bound(&a);
+    assert_eq!(active(&one).await.len(), BOUND);
+    let m = one.metrics().await;
+    assert!(
+        m.get(
+            "gybc_authz_key_service_requests_total",
+            &[("method", "create-key"), ("outcome", "failed_precondition")]
+        ) >= 1.0
+    );
+}
+
+/// An expired key frees its place; bringing it back (a new expiry) counts as taking one.
+async fn expired_keys_free_their_place_and_come_back_only_within_the_bound(store: Store) {
+    let ks = KeyService::start_with(
+        store.dir.path(),
+        &store.backend,
+        "max_active_keys_per_tenant: 2",
+        &[],
+        &[],
+    );
+    let soon = |secs: u64| {
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(secs))
+            .to_string()
+    };
+    let brief = create(
+        &ks,
+        &alice(),
+        json!({"kind": "KEY_KIND_SECRET", "expireTime": soon(2)}),
+    )
+    .await;
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    let a = ks
+        .call("create-key", &alice(), r#"{"kind": "KEY_KIND_SECRET"}"#)
+        .await;
+    at_bound(&a);
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    let id = brief["key"]["id"].as_str().unwrap();
+    let a = ks
+        .call(
+            "update-key",
+            &alice(),
+            &json!({"id": id, "clearExpireTime": true}).to_string(),
+        )
+        .await;
+    at_bound(&a);
+    let a = ks
+        .call("get-key", &alice(), &json!({"id": id}).to_string())
+        .await;
+    assert_eq!(
+        ok(&a)["key"]["state"],
+        "KEY_STATE_EXPIRED",
+        "the refused update changed nothing"
+    );
+    // Other changes of an expired key are not bounded.
+    ok(&ks
+        .call(
+            "update-key",
+            &alice(),
+            &json!({"id": id, "name": "old"}).to_string(),
+        )
+        .await);
+}
+
+/// The Redis ledger of a tenant's active keys mends itself: an entry for a key that is gone (a
+/// revocation or create whose ledger write was lost) leaves when the bound would refuse, and a
+/// ledger lost altogether is filled again from the tenant's records on its next create.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_redis_ledger_drops_stale_entries_and_refills_from_the_records() {
+    let store = Store::redis();
+    let ks = KeyService::start_with(
+        store.dir.path(),
+        &store.backend,
+        "max_active_keys_per_tenant: 2",
+        &[],
+        &[],
+    );
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    let redis = store._redis.as_ref().unwrap();
+    let ledger = "gybc:tenant-active:acme";
+    assert_eq!(
+        redis.cli(&["HLEN", ledger]),
+        "2",
+        "the filled mark and one key"
+    );
+    // A key the records do not have (its create died before writing it).
+    redis.cli(&["HSET", ledger, "key_ghost", "0:0"]);
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    assert_eq!(redis.cli(&["HEXISTS", ledger, "key_ghost"]), "0");
+    let a = ks
+        .call("create-key", &alice(), r#"{"kind": "KEY_KIND_SECRET"}"#)
+        .await;
+    at_bound(&a);
+    // The ledger lost: refilled from the records, so the two keys still count.
+    redis.cli(&["DEL", ledger]);
+    let a = ks
+        .call("create-key", &alice(), r#"{"kind": "KEY_KIND_SECRET"}"#)
+        .await;
+    at_bound(&a);
+    assert_eq!(redis.cli(&["HLEN", ledger]), "3");
+}
+
+/// Each caller's calls are limited per replica (`key_service.caller_rate_limit`, here set through
+/// its environment override): over it, 429 with `Retry-After`; another caller is not affected.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_caller_is_rate_limited_and_told_when_to_retry() {
+    let store = Store::file();
+    let ks = KeyService::start_with(
+        store.dir.path(),
+        &store.backend,
+        "",
+        &[],
+        &[("GYBC_AUTHZ__KEY_SERVICE__CALLER_RATE_LIMIT", "3/60s")],
+    );
+    for _ in 0..3 {
+        ok(&ks.call("list-keys", &alice(), "{}").await);
+    }
+    let limited = ks.call("list-keys", &alice(), "{}").await;
+    assert_eq!(limited.status, 429, "{}", limited.text);
+    assert_eq!(limited.body["code"], "resource_exhausted");
+    assert_eq!(limited.body["reason"], "rate_limited");
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=20).contains(&retry),
+        "one call's share of 60 s: {retry}"
+    );
+    // Another user of the same tenant, and a key of it, have their own quota.
+    ok(&ks
+        .call("list-keys", &Who::user("acme", "carol"), "{}")
+        .await);
+    ok(&ks
+        .call(
+            "list-keys",
+            &Who::key("acme", "key_manager", "keys:manage"),
+            "{}",
+        )
+        .await);
+    // A limited change is audited as such.
+    let a = ks
+        .call("create-key", &alice(), r#"{"kind": "KEY_KIND_SECRET"}"#)
+        .await;
+    assert_eq!(a.status, 429);
+    let audit = ks.wait_audit(1);
+    assert_eq!(audit.last().unwrap()["outcome"], "limited", "{audit:?}");
+    let m = ks.metrics().await;
+    assert_eq!(
+        m.get(
+            "gybc_authz_key_service_requests_total",
+            &[("method", "list-keys"), ("outcome", "resource_exhausted")]
+        ),
+        1.0
+    );
+}
+
+/// The `key_service` section runs the service: its fields from the file, the environment over
+/// the file, the flags over both; a bad section stops it with every field named (exit 64).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_service_section_configures_it_and_its_flags_override_it() {
+    let store = Store::file();
+    let ks = KeyService::start_with(
+        store.dir.path(),
+        &store.backend,
+        "path_prefix: /api/v9/from-file, allowed_scopes: [keys:manage], max_body_bytes: 2048",
+        &[
+            "--path-prefix",
+            "/api/v1/iam/api-keys",
+            "--allowed-scope",
+            "threads:read",
+        ],
+        &[("GYBC_AUTHZ__KEY_SERVICE__MAX_BODY_BYTES", "1024")],
+    );
+    // The flag's prefix, not the file's.
+    let a = ks
+        .call(
+            "create-key",
+            &alice(),
+            r#"{"kind": "KEY_KIND_SECRET", "scopes": ["threads:read"]}"#,
+        )
+        .await;
+    ok(&a);
+    let a = ks
+        .call(
+            "create-key",
+            &alice(),
+            r#"{"kind": "KEY_KIND_SECRET", "scopes": ["keys:manage"]}"#,
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.field()),
+        (400, "scopes"),
+        "the flag's scopes replace the file's"
+    );
+    // The environment's body limit, not the file's.
+    let name = "x".repeat(1100);
+    let a = ks
+        .call(
+            "create-key",
+            &alice(),
+            &json!({"kind": "KEY_KIND_SECRET", "name": name}).to_string(),
+        )
+        .await;
+    assert_eq!(a.status, 413, "{}", a.text);
+    assert_eq!(a.body["reason"], "body_too_large");
+    assert!(
+        a.body["message"].as_str().unwrap().contains("1024"),
+        "{}",
+        a.text
+    );
+
+    let bad = KeyService::write_config(
+        store.dir.path(),
+        &store.backend,
+        "max_body_bytes: 10, max_active_keys_per_tenant: 0, path_prefix: nope",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gybc-authz"))
+        .args(["key-service", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in [
+        "key_service.max_body_bytes",
+        "key_service.max_active_keys_per_tenant",
+        "key_service.path_prefix",
+    ] {
+        assert!(err.contains(field), "{field}: {err}");
+    }
+}
+
+/// The probes on the admin port, with a real Redis: live throughout; ready while Redis answers,
+/// not ready (and requests a 503 JSON error, counted) while it is down, ready again when it
+/// returns, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_redis_down_and_back() {
+    let mut store = Store::redis();
+    let ks = store.service();
+    ks.wait_readyz(200, Duration::from_secs(5)).await;
+    assert_eq!(ks.admin("/healthz").await, (200, "ok\n".to_owned()));
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    assert_eq!(
+        ks.metrics()
+            .await
+            .get("gybc_authz_key_service_store_up", &[]),
+        1.0
+    );
+
+    store._redis.as_mut().unwrap().kill();
+    ks.wait_readyz(503, Duration::from_secs(10)).await;
+    assert_eq!(
+        ks.admin("/healthz").await.0,
+        200,
+        "alive while Redis is down"
+    );
+    let a = ks
+        .call("create-key", &alice(), r#"{"kind": "KEY_KIND_SECRET"}"#)
+        .await;
+    assert_eq!(a.status, 503, "{}", a.text);
+    assert_eq!(
+        (a.body["code"].as_str(), a.body["reason"].as_str()),
+        (Some("unavailable"), Some("store_unavailable"))
+    );
+    let m = ks.metrics().await;
+    assert_eq!(m.get("gybc_authz_key_service_store_up", &[]), 0.0);
+    assert!(
+        m.get(
+            "gybc_authz_key_service_store_errors_total",
+            &[("kind", "unavailable")]
+        ) >= 1.0
+    );
+
+    store._redis.as_mut().unwrap().restart();
+    ks.wait_readyz(200, Duration::from_secs(15)).await;
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    let log = ks.log().join("\n");
+    assert!(log.contains("Key store unreachable: not ready."), "{log}");
+    assert!(log.contains("Key store reachable: ready."), "{log}");
+}
+
+/// `/metrics` on the admin port moves with traffic: requests by method and outcome, the latency
+/// histogram, by exactly the requests made; only bounded labels (no tenant, user or key id).
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_move_with_traffic() {
+    let store = Store::file();
+    let ks = store.service();
+    let before = ks.metrics().await;
+    let count = |m: &support::Metrics, method: &str, outcome: &str| {
+        m.get(
+            "gybc_authz_key_service_requests_total",
+            &[("method", method), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(
+        count(&before, "create-key", "ok"),
+        0.0,
+        "the series exist from the start"
+    );
+    assert!(
+        before.0.contains(
+            r#"gybc_authz_key_service_requests_total{method="create-key",outcome="ok"} 0"#
+        )
+    );
+    let made = create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    ks.call("get-key", &alice(), r#"{"id": "key_missing"}"#)
+        .await;
+    ks.call("list-keys", &Who::nobody(), "{}").await;
+    ks.call("no-such-method", &alice(), "{}").await;
+    let after = ks.metrics().await;
+    for (method, outcome, n) in [
+        ("create-key", "ok", 2.0),
+        ("get-key", "not_found", 1.0),
+        ("list-keys", "unauthenticated", 1.0),
+        ("unknown", "not_found", 1.0),
+    ] {
+        assert_eq!(
+            count(&after, method, outcome) - count(&before, method, outcome),
+            n,
+            "{method} {outcome}"
+        );
+    }
+    assert_eq!(
+        after.get(
+            "gybc_authz_key_service_request_duration_seconds_count",
+            &[("method", "create-key")]
+        ),
+        2.0
+    );
+    let text = &after.0;
+    for secret in ["acme", "alice", made["key"]["id"].as_str().unwrap()] {
+        assert!(!text.contains(secret), "{secret} in /metrics");
+    }
+    assert_eq!(after.get("gybc_authz_build_info", &[]), 1.0);
 }
 
 /// `serve --dev` prints one `create-key` curl command; run as printed, it makes a key that the

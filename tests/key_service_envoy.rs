@@ -4,6 +4,8 @@
 //! replicas within a second with its tenant and scopes, a changed limit is in force within a
 //! second, a revocation is refused by both within a second, a rotation keeps the old secret for
 //! its grace period only; and who may call, as the data path and the service decide together.
+//! And every refusal, whoever makes it (the key service, its HTTP handling, or Envoy itself), is
+//! the documented JSON error with its status, as a client of that Envoy receives it.
 
 mod support;
 
@@ -54,19 +56,36 @@ async fn fleet(mode: Mode) -> Fleet {
         ],
     );
 
+    let front = front_envoy(mode, &a.env, ks.addr).await;
+    Fleet {
+        a,
+        b,
+        front,
+        front_advance_ms: Default::default(),
+        _ks: ks,
+        _redis: redis,
+        _dir: dir,
+    }
+}
+
+/// The shipped `deploy/envoy/key-service.yaml` on free loopback ports, in front of the key service
+/// at `ks`, with `env`'s engine deciding: its daemon over ext_authz, or (`Mode::Module`) the same
+/// config loaded into Envoy, waited for until it has loaded.
+async fn front_envoy(mode: Mode, env: &TestEnv, ks: std::net::SocketAddr) -> Envoy {
     let mut cfg = EnvoyConfig::load(&deploy_envoy_path("key-service.yaml"));
-    cfg.set_cluster_endpoint("gybc_authz", a.env.daemon.as_ref().unwrap().grpc_addr);
-    cfg.set_cluster_endpoint("key_service", ks.addr);
+    cfg.set_cluster_endpoint("gybc_authz", env.daemon.as_ref().unwrap().grpc_addr);
+    cfg.set_cluster_endpoint("key_service", ks);
     for l in ["ingress", "stats"] {
         let addr = &mut cfg.listener(l)["address"]["socket_address"];
         addr["address"] = "127.0.0.1".into();
         addr["port_value"] = 0.into();
     }
-    let front = match mode {
+    match mode {
         Mode::Sidecar => Envoy::start(&cfg).await,
         Mode::Module => {
-            let path = a.env.dir.path().join("gybc-authz.yaml");
-            let envoy = Envoy::start_module(&cfg.into_module(&path), a.env.clock.now_nanos()).await;
+            let path = env.dir.path().join("gybc-authz.yaml");
+            std::fs::write(&path, &env.config_yaml).unwrap();
+            let envoy = Envoy::start_module(&cfg.into_module(&path), env.clock.now_nanos()).await;
             // Until the module's engine has loaded, every answer is its 503.
             let http = client();
             wait_until("the module loaded", Duration::from_secs(20), async || {
@@ -80,15 +99,6 @@ async fn fleet(mode: Mode) -> Fleet {
             .await;
             envoy
         }
-    };
-    Fleet {
-        a,
-        b,
-        front,
-        front_advance_ms: Default::default(),
-        _ks: ks,
-        _redis: redis,
-        _dir: dir,
     }
 }
 
@@ -163,6 +173,7 @@ impl Fleet {
 both_modes!(
     keys_made_through_the_api_reach_every_replica_within_a_second,
     only_the_tenants_users_and_key_managers_reach_its_keys,
+    every_refusal_is_the_json_error_through_envoy,
 );
 
 async fn keys_made_through_the_api_reach_every_replica_within_a_second(mode: Mode) {
@@ -391,4 +402,167 @@ async fn only_the_tenants_users_and_key_managers_reach_its_keys(mode: Mode) {
         .await;
     assert_eq!(status, 404);
     f.stop().await;
+}
+
+/// One answer as the client sees it through Envoy.
+struct Got {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+    text: String,
+}
+
+impl Got {
+    /// The documented error: JSON (by its content type, too) with this status, code and reason.
+    #[track_caller]
+    fn is_error(&self, status: u16, code: &str, reason: &str) {
+        assert_eq!(self.status, status, "{}", self.text);
+        let ct = self
+            .headers
+            .get("content-type")
+            .map(|v| v.to_str().unwrap());
+        assert_eq!(ct, Some("application/json"), "{}", self.text);
+        assert_eq!(self.body["code"], code, "{}", self.text);
+        assert_eq!(self.body["reason"], reason, "{}", self.text);
+        assert!(
+            self.body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{}",
+            self.text
+        );
+    }
+}
+
+async fn send(req: reqwest::RequestBuilder) -> Got {
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    Got {
+        status,
+        headers,
+        body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    }
+}
+
+/// Every cause of refusal, through the real Envoy in front of the real key service: the wrong
+/// method (405 with `Allow`), an unknown method or path (404, from the service or from Envoy), the
+/// wrong content type (415), a body over the limit (413), a body that is not JSON (400), a tenant
+/// at its key bound (400), a caller over its rate limit (429 with `Retry-After`), a store too slow
+/// (504), no credentials (gybc-authz's 401), and the key service gone (Envoy's 503): each the
+/// JSON error `{code, reason, message}` with its status.
+async fn every_refusal_is_the_json_error_through_envoy(mode: Mode) {
+    let env = TestEnv::start().await;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ks = KeyService::start_with(
+        dir.path(),
+        &Backend::Redis(redis.url()),
+        "max_body_bytes: 2048, request_timeout_ms: 1000, caller_rate_limit: 5/60s, \
+         max_active_keys_per_tenant: 1",
+        &[],
+        // Redis answers slowly rather than not at all: the request's timeout comes first.
+        &[("GYBC_AUTHZ__REDIS__TIMEOUT_MS", "10000")],
+    );
+    let front = front_envoy(mode, &env, ks.addr).await;
+    let http = client();
+    let api = |method: &str| front.url(&format!("{PREFIX}/{method}"));
+    // A user of acme per case, so that no case spends another's rate limit.
+    let user = |sub: &str| format!("Bearer {}", env.user_token(sub, Some("acme")));
+    let post = |url: String, sub: &str| {
+        http.post(url)
+            .header("authorization", user(sub))
+            .header("content-type", "application/json")
+    };
+
+    send(post(api("rename-everything"), "u1").body("{}"))
+        .await
+        .is_error(404, "not_found", "unknown_method");
+    send(post(front.url("/api/v1/other/thing"), "u1").body("{}"))
+        .await
+        .is_error(404, "not_found", "unknown_method");
+    let wrong_method = send(
+        http.get(api("list-keys"))
+            .header("authorization", user("u2")),
+    )
+    .await;
+    wrong_method.is_error(405, "unimplemented", "method_not_allowed");
+    assert_eq!(wrong_method.headers["allow"], "POST");
+    send(
+        http.post(api("list-keys"))
+            .header("authorization", user("u2"))
+            .header("content-type", "text/plain")
+            .body("{}"),
+    )
+    .await
+    .is_error(415, "invalid_argument", "unsupported_media_type");
+    let big = json!({"kind": "KEY_KIND_SECRET", "name": "x".repeat(4096)}).to_string();
+    let too_big = send(post(api("create-key"), "u3").body(big)).await;
+    too_big.is_error(413, "invalid_argument", "body_too_large");
+    assert_eq!(too_big.body["field"], "body");
+    let not_json = send(post(api("create-key"), "u3").body("{nope")).await;
+    not_json.is_error(400, "invalid_argument", "invalid_field");
+    assert_eq!(not_json.body["field"], "body");
+
+    // The tenant's bound (1 here): the second key is refused.
+    let made = send(post(api("create-key"), "u4").body(r#"{"kind": "KEY_KIND_SECRET"}"#)).await;
+    assert_eq!(made.status, 200, "{}", made.text);
+    send(post(api("create-key"), "u4").body(r#"{"kind": "KEY_KIND_SECRET"}"#))
+        .await
+        .is_error(400, "failed_precondition", "key_limit_reached");
+
+    // One caller's sixth call in a minute.
+    for _ in 0..5 {
+        assert_eq!(
+            send(post(api("list-keys"), "u5").body("{}")).await.status,
+            200
+        );
+    }
+    let limited = send(post(api("list-keys"), "u5").body("{}")).await;
+    limited.is_error(429, "resource_exhausted", "rate_limited");
+    assert!(
+        limited.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+
+    // The store stalls (every client paused) past the request timeout (1 s).
+    redis.cli(&["CLIENT", "PAUSE", "2500", "ALL"]);
+    send(post(api("list-keys"), "u6").body("{}"))
+        .await
+        .is_error(504, "deadline_exceeded", "timeout");
+    // Then it answers again.
+    let mut back = false;
+    for i in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if send(post(api("list-keys"), &format!("u6-{i}")).body("{}"))
+            .await
+            .status
+            == 200
+        {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "the key service answers once Redis does");
+
+    // No credentials: gybc-authz refuses before the service is asked, with its own JSON.
+    send(
+        http.post(api("list-keys"))
+            .header("content-type", "application/json")
+            .body("{}"),
+    )
+    .await
+    .is_error(401, "unauthenticated", "missing_credentials");
+
+    // The key service gone: Envoy's own 503, as the same JSON.
+    drop(ks);
+    send(post(api("list-keys"), "u7").body("{}"))
+        .await
+        .is_error(503, "unavailable", "key_service_unavailable");
+    drop(front);
+    env.stop().await;
 }

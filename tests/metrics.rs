@@ -274,7 +274,9 @@ fn names_in(text: &str) -> std::collections::BTreeSet<String> {
 #[tokio::test]
 async fn dashboard_and_alerts_only_query_metrics_that_exist() {
     let env = TestEnv::start().await;
-    let exposed = scrape(&env).await.names();
+    // The daemon's, and the key service's (its row of the dashboard).
+    let mut exposed = scrape(&env).await.names();
+    exposed.extend(support::key_service::families());
     let root = env!("CARGO_MANIFEST_DIR");
     let dashboard = std::fs::read_to_string(format!(
         "{root}/deploy/observability/grafana-dashboard.json"
@@ -290,6 +292,8 @@ async fn dashboard_and_alerts_only_query_metrics_that_exist() {
         .as_array()
         .unwrap()
         .iter()
+        // A row only groups the panels under it: it has no query.
+        .filter(|p| p["type"] != "row")
         .flat_map(|p| {
             p["targets"]
                 .as_array()
@@ -336,6 +340,12 @@ async fn dashboard_and_alerts_only_query_metrics_that_exist() {
             .iter()
             .any(|e| e.contains("gybc_authz_key_lookups_total")),
         "the dashboard shows key lookups"
+    );
+    assert!(
+        exprs
+            .iter()
+            .any(|e| e.contains("gybc_authz_key_service_requests_total")),
+        "the dashboard has the key service's row"
     );
     env.stop().await;
 }

@@ -14,6 +14,8 @@ pub enum Outcome {
     NotFound,
     /// 409/422: an `Idempotency-Key` in use or reused.
     Conflict,
+    /// 429: the caller is over its rate limit.
+    Limited,
     /// 5xx: the store failed.
     Error,
 }
@@ -26,6 +28,7 @@ impl Outcome {
             Outcome::Forbidden => "forbidden",
             Outcome::NotFound => "not_found",
             Outcome::Conflict => "conflict",
+            Outcome::Limited => "limited",
             Outcome::Error => "error",
         }
     }

@@ -2,15 +2,24 @@
 //! identity headers → the method's checks and the shared key change → a protojson answer, or an
 //! error `{code, reason, message, field}`; one audit line per change. The method table is
 //! `Method`: a new method is a variant, its name, and its arm in `dispatch`.
+//!
+//! Every request goes through one handler (`entry`), so that every refusal is that JSON error,
+//! whoever makes it: an unknown path (404), another HTTP method (405 with `Allow`), another
+//! content type (415), a body over `key_service.max_body_bytes` (413, counted as it arrives), a
+//! caller over its rate limit (429 with `Retry-After`), a request over
+//! `key_service.request_timeout_ms` (504), a panic (500). No router, extractor or layer of
+//! axum's answers on its own.
 
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use futures_util::{FutureExt, StreamExt};
 use gybc_authz_engine::authn::apikey::KeyKind;
 use gybc_authz_engine::browser::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 use gybc_authz_engine::store::KeyRecord;
@@ -22,6 +31,7 @@ use sha2::{Digest, Sha256};
 use super::Service;
 use super::audit::{self, Outcome};
 use super::caller::{self, Caller, Identity, Refusal};
+use super::metrics::UNKNOWN_METHOD;
 use super::proto::v1 as pb;
 use super::validate::{self, Invalid};
 
@@ -64,6 +74,13 @@ impl Method {
         Self::ALL.into_iter().find(|m| m.name() == name)
     }
 
+    /// The method a path names: `<prefix>/<method>`, nothing after it.
+    fn of_path(prefix: &str, path: &str) -> Option<Self> {
+        path.strip_prefix(prefix.trim_end_matches('/'))?
+            .strip_prefix('/')
+            .and_then(Self::parse)
+    }
+
     /// A change gets an audit line; a read does not.
     fn audited(self) -> Option<&'static str> {
         match self {
@@ -83,14 +100,38 @@ pub enum ApiError {
     Invalid(Invalid),
     NotFound,
     UnknownMethod,
+    /// Not `POST`.
+    MethodNotAllowed,
+    /// A body that is not `application/json`.
+    UnsupportedMediaType,
+    /// A body over `key_service.max_body_bytes`.
+    BodyTooLarge(usize),
+    /// The body could not be read (the client went away mid-body).
+    BodyUnreadable,
     /// A change the key's state does not allow (a revoked key cannot be rotated or updated).
     Precondition(String),
+    /// The tenant holds the most active keys it may.
+    KeyLimit(u32),
+    /// The caller is over `key_service.caller_rate_limit`: retry after this many seconds.
+    RateLimited(u64),
     Conflict(String),
     IdempotencyMismatch,
     /// A read this store cannot answer (usage needs Redis).
     Unimplemented(String),
-    Unavailable,
+    /// The key store failed: `unavailable` (not reached, or too slow) or `write` (refused it).
+    Unavailable(&'static str),
+    /// Not answered within `key_service.request_timeout_ms`.
+    Timeout,
     Internal,
+}
+
+/// What an error answer says: its status, code, reason, message and the field it names.
+struct Parts {
+    status: StatusCode,
+    code: &'static str,
+    reason: &'static str,
+    message: String,
+    field: Option<String>,
 }
 
 impl ApiError {
@@ -99,12 +140,165 @@ impl ApiError {
             ApiError::Refused(_) | ApiError::Invalid(Invalid::Escalation { .. }) => {
                 Outcome::Forbidden
             }
-            ApiError::Invalid(_) | ApiError::Precondition(_) => Outcome::Invalid,
+            ApiError::Invalid(_)
+            | ApiError::Precondition(_)
+            | ApiError::KeyLimit(_)
+            | ApiError::MethodNotAllowed
+            | ApiError::UnsupportedMediaType
+            | ApiError::BodyTooLarge(_)
+            | ApiError::BodyUnreadable => Outcome::Invalid,
+            ApiError::RateLimited(_) => Outcome::Limited,
             ApiError::NotFound | ApiError::UnknownMethod => Outcome::NotFound,
             ApiError::Conflict(_) | ApiError::IdempotencyMismatch => Outcome::Conflict,
-            ApiError::Unavailable | ApiError::Internal | ApiError::Unimplemented(_) => {
-                Outcome::Error
-            }
+            ApiError::Unavailable(_)
+            | ApiError::Timeout
+            | ApiError::Internal
+            | ApiError::Unimplemented(_) => Outcome::Error,
+        }
+    }
+
+    /// The `code` of the answer, also the `outcome` label of the request's metrics.
+    pub fn code(&self) -> &'static str {
+        self.parts().code
+    }
+
+    fn parts(&self) -> Parts {
+        let p = |status, code, reason, message: &str| Parts {
+            status,
+            code,
+            reason,
+            message: message.to_owned(),
+            field: None,
+        };
+        match self {
+            ApiError::Refused(r) => Parts {
+                status: StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN),
+                code: if r.status() == 401 {
+                    "unauthenticated"
+                } else {
+                    "permission_denied"
+                },
+                reason: r.reason(),
+                message: r.message().to_owned(),
+                field: None,
+            },
+            ApiError::Invalid(Invalid::Field { field, message }) => Parts {
+                field: Some(field.clone()),
+                ..p(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_argument",
+                    "invalid_field",
+                    message,
+                )
+            },
+            ApiError::Invalid(Invalid::Escalation { scope }) => Parts {
+                field: Some("scopes".to_owned()),
+                ..p(
+                    StatusCode::FORBIDDEN,
+                    "permission_denied",
+                    "scope_escalation",
+                    &format!("This key cannot grant the scope `{scope}`: it does not hold it."),
+                )
+            },
+            ApiError::NotFound => p(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "key_not_found",
+                "No such key.",
+            ),
+            ApiError::UnknownMethod => p(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "unknown_method",
+                "No such method.",
+            ),
+            ApiError::MethodNotAllowed => p(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "unimplemented",
+                "method_not_allowed",
+                "Every method of the key API is called with POST.",
+            ),
+            ApiError::UnsupportedMediaType => Parts {
+                field: Some("Content-Type".to_owned()),
+                ..p(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "invalid_argument",
+                    "unsupported_media_type",
+                    "Send the request as protojson, with Content-Type: application/json.",
+                )
+            },
+            ApiError::BodyTooLarge(max) => Parts {
+                field: Some("body".to_owned()),
+                ..p(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_argument",
+                    "body_too_large",
+                    &format!("The request body is larger than {max} bytes."),
+                )
+            },
+            ApiError::BodyUnreadable => Parts {
+                field: Some("body".to_owned()),
+                ..p(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_argument",
+                    "body_unreadable",
+                    "The request body could not be read.",
+                )
+            },
+            ApiError::Precondition(m) => p(
+                StatusCode::BAD_REQUEST,
+                "failed_precondition",
+                "key_state",
+                m,
+            ),
+            ApiError::KeyLimit(max) => p(
+                StatusCode::BAD_REQUEST,
+                "failed_precondition",
+                "key_limit_reached",
+                &format!(
+                    "This tenant holds {max} active keys, the most it may: revoke one (or let one expire) first."
+                ),
+            ),
+            ApiError::RateLimited(_) => p(
+                StatusCode::TOO_MANY_REQUESTS,
+                "resource_exhausted",
+                "rate_limited",
+                "Too many calls of the key API; retry after the time in Retry-After.",
+            ),
+            ApiError::Conflict(m) => p(StatusCode::CONFLICT, "aborted", "conflict", m),
+            ApiError::IdempotencyMismatch => Parts {
+                field: Some("Idempotency-Key".to_owned()),
+                ..p(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_argument",
+                    "idempotency_key_reused",
+                    "This Idempotency-Key was used for a different request.",
+                )
+            },
+            ApiError::Unimplemented(m) => p(
+                StatusCode::NOT_IMPLEMENTED,
+                "unimplemented",
+                "usage_needs_redis",
+                &format!("{m}."),
+            ),
+            ApiError::Unavailable(_) => p(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "store_unavailable",
+                "The key store is unavailable; retry shortly.",
+            ),
+            ApiError::Timeout => p(
+                StatusCode::GATEWAY_TIMEOUT,
+                "deadline_exceeded",
+                "timeout",
+                "The request took too long and was stopped; a change may or may not have been made (retry with the same Idempotency-Key).",
+            ),
+            ApiError::Internal => p(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal",
+                "Internal error.",
+            ),
         }
     }
 }
@@ -114,11 +308,16 @@ impl From<AdminError> for ApiError {
         match e {
             AdminError::NotFound(_) => ApiError::NotFound,
             AdminError::Invalid(m) => ApiError::Precondition(m),
+            AdminError::KeyLimit(max) => ApiError::KeyLimit(max),
             AdminError::Conflict(m) => ApiError::Conflict(m),
             AdminError::IdempotencyMismatch => ApiError::IdempotencyMismatch,
-            AdminError::Unavailable(m) | AdminError::Write(m) => {
-                tracing::error!(error = %m, "Key store failed.");
-                ApiError::Unavailable
+            AdminError::Unavailable(m) => {
+                tracing::error!(error = %m, "Key store unavailable.");
+                ApiError::Unavailable("unavailable")
+            }
+            AdminError::Write(m) => {
+                tracing::error!(error = %m, "Key store refused a write.");
+                ApiError::Unavailable("write")
             }
             AdminError::NoStore => ApiError::Internal,
             e @ AdminError::NoUsage => ApiError::Unimplemented(e.to_string()),
@@ -128,97 +327,36 @@ impl From<AdminError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code, reason, message, field) = match &self {
-            ApiError::Refused(r) => (
-                StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN),
-                if r.status() == 401 {
-                    "unauthenticated"
-                } else {
-                    "permission_denied"
-                },
-                r.reason(),
-                r.message().to_owned(),
-                None,
-            ),
-            ApiError::Invalid(Invalid::Field { field, message }) => (
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                "invalid_field",
-                message.clone(),
-                Some(field.clone()),
-            ),
-            ApiError::Invalid(Invalid::Escalation { scope }) => (
-                StatusCode::FORBIDDEN,
-                "permission_denied",
-                "scope_escalation",
-                format!("This key cannot grant the scope `{scope}`: it does not hold it."),
-                Some("scopes".to_owned()),
-            ),
-            ApiError::NotFound => (
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "key_not_found",
-                "No such key.".to_owned(),
-                None,
-            ),
-            ApiError::UnknownMethod => (
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "unknown_method",
-                "No such method.".to_owned(),
-                None,
-            ),
-            ApiError::Precondition(m) => (
-                StatusCode::BAD_REQUEST,
-                "failed_precondition",
-                "key_state",
-                m.clone(),
-                None,
-            ),
-            ApiError::Conflict(m) => (StatusCode::CONFLICT, "aborted", "conflict", m.clone(), None),
-            ApiError::IdempotencyMismatch => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_argument",
-                "idempotency_key_reused",
-                "This Idempotency-Key was used for a different request.".to_owned(),
-                Some("Idempotency-Key".to_owned()),
-            ),
-            ApiError::Unimplemented(m) => (
-                StatusCode::NOT_IMPLEMENTED,
-                "unimplemented",
-                "usage_needs_redis",
-                format!("{m}."),
-                None,
-            ),
-            ApiError::Unavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "store_unavailable",
-                "The key store is unavailable; retry shortly.".to_owned(),
-                None,
-            ),
-            ApiError::Internal => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal",
-                "Internal error.".to_owned(),
-                None,
-            ),
-        };
+        let Parts {
+            status,
+            code,
+            reason,
+            message,
+            field,
+        } = self.parts();
         let mut body = serde_json::json!({ "code": code, "reason": reason, "message": message });
         if let Some(f) = field {
             body["field"] = f.into();
         }
-        (status, axum::Json(body)).into_response()
+        let mut resp = (status, axum::Json(body)).into_response();
+        match self {
+            ApiError::MethodNotAllowed => {
+                resp.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            ApiError::RateLimited(secs) => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            _ => {}
+        }
+        resp
     }
 }
 
+/// Every request, whatever its path or method: one handler, so every answer is ours.
 pub fn router(service: Arc<Service>) -> Router {
-    let route = format!("{}/{{method}}", service.path_prefix.trim_end_matches('/'));
-    Router::new()
-        .route(&route, post(handle))
-        .fallback(|| async { ApiError::UnknownMethod })
-        .with_state(service)
+    Router::new().fallback(entry).with_state(service)
 }
 
 /// What a method answers: the message, and for the audit line the key it touched.
@@ -228,44 +366,29 @@ struct Answer {
     replayed: bool,
 }
 
-async fn handle(
-    State(service): State<Arc<Service>>,
-    Path(method): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let request_id = request_id(&headers);
-    let identity = Identity::read(&headers, &service.headers);
-    let caller = caller::authorize(&identity);
-    let Some(method) = Method::parse(&method) else {
-        return match caller {
-            Err(r) => ApiError::Refused(r).into_response(),
-            Ok(_) => ApiError::UnknownMethod.into_response(),
-        };
+async fn entry(State(service): State<Arc<Service>>, req: Request) -> Response {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let method = Method::of_path(&service.config.path_prefix, parts.uri.path());
+    let (label, result) = match method {
+        None => (UNKNOWN_METHOD, Err(ApiError::UnknownMethod)),
+        Some(m) if parts.method != axum::http::Method::POST => {
+            (m.name(), Err(ApiError::MethodNotAllowed))
+        }
+        Some(m) => (m.name(), call(&service, m, &parts.headers, body).await),
     };
-    let result = match &caller {
-        Err(r) => Err(ApiError::Refused(*r)),
-        Ok(c) => dispatch(&service, method, c, &headers, &body).await,
-    };
-    if let Some(action) = method.audited() {
-        let (outcome, key_id) = match &result {
-            Ok(a) => (Outcome::Ok, a.key_id.as_deref()),
-            Err(e) => (e.outcome(), None),
-        };
-        audit::change(&audit::Change {
-            action,
-            tenant: identity.tenant.unwrap_or(""),
-            key_id: key_id.or(requested_id(&body).as_deref()).unwrap_or(""),
-            actor: &caller.as_ref().map(Caller::actor).unwrap_or_default(),
-            request_id: &request_id,
-            outcome,
-        });
-    }
+    let outcome = result.as_ref().map_or_else(ApiError::code, |_| "ok");
+    service
+        .metrics
+        .request(label, outcome, started.elapsed().as_secs_f64());
     match result {
         Ok(a) => {
             let mut resp = (
                 StatusCode::OK,
-                [("content-type", HeaderValue::from_static("application/json"))],
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
                 a.body,
             )
                 .into_response();
@@ -277,6 +400,115 @@ async fn handle(
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// A POST to a method: its form, its caller and the caller's rate, then the method itself
+/// within the request timeout; one audit line for a change, whatever the outcome.
+async fn call(
+    service: &Service,
+    method: Method,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Answer, ApiError> {
+    let identity = Identity::read(headers, &service.headers);
+    let caller = caller::authorize(&identity);
+    // The body as far as it was read, for the audit line's key id (kept when the request times out).
+    let read = OnceLock::new();
+    let checked = json_body(headers).and_then(|()| match &caller {
+        Ok(c) => service.rate_limit(c),
+        Err(_) => Ok(()),
+    });
+    let result = match checked {
+        Err(e) => Err(e),
+        Ok(()) => {
+            let work = async {
+                let body = read_body(body, service.config.max_body_bytes).await?;
+                let body = read.get_or_init(|| body);
+                match &caller {
+                    Err(r) => Err(ApiError::Refused(*r)),
+                    Ok(c) => dispatch(service, method, c, headers, body).await,
+                }
+            };
+            let timeout = Duration::from_millis(service.config.request_timeout_ms);
+            match tokio::time::timeout(timeout, AssertUnwindSafe(work).catch_unwind()).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => {
+                    tracing::error!(method = method.name(), "A key service request panicked.");
+                    Err(ApiError::Internal)
+                }
+                Err(_) => {
+                    tracing::warn!(method = method.name(), "A key service request timed out.");
+                    Err(ApiError::Timeout)
+                }
+            }
+        }
+    };
+    if let Err(ApiError::Unavailable(kind)) = &result {
+        service.metrics.store_error(kind);
+    }
+    if let Some(action) = method.audited() {
+        let (outcome, key_id) = match &result {
+            Ok(a) => (Outcome::Ok, a.key_id.clone()),
+            Err(e) => (
+                e.outcome(),
+                read.get().and_then(|b: &Bytes| requested_id(b)),
+            ),
+        };
+        audit::change(&audit::Change {
+            action,
+            tenant: identity.tenant.unwrap_or(""),
+            key_id: key_id.as_deref().unwrap_or(""),
+            actor: &caller.as_ref().map(Caller::actor).unwrap_or_default(),
+            request_id: &request_id(headers),
+            outcome,
+        });
+    }
+    result
+}
+
+/// A body, if any, must be protojson: `application/json` (parameters such as `charset` allowed).
+/// A request without a body may leave the header out.
+fn json_body(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+        let empty = headers
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|l| l.as_bytes() == b"0");
+        return if empty {
+            Ok(())
+        } else {
+            Err(ApiError::UnsupportedMediaType)
+        };
+    };
+    let essence = v
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// The whole body, refused as soon as it passes `max` bytes (or says it will).
+async fn read_body(body: Body, max: usize) -> Result<Bytes, ApiError> {
+    use axum::body::HttpBody;
+    if body.size_hint().lower() > max as u64 {
+        return Err(ApiError::BodyTooLarge(max));
+    }
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ApiError::BodyUnreadable)?;
+        if out.len() + chunk.len() > max {
+            return Err(ApiError::BodyTooLarge(max));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(out))
 }
 
 /// The method's arm: decode, check, change, answer.
@@ -295,7 +527,14 @@ async fn dispatch(
             let new =
                 validate::create(&req, caller, &service.policy, now).map_err(ApiError::Invalid)?;
             let idem = idempotency(headers, &req)?;
-            let minted = service.store.create_once(new, idem.as_ref()).await?;
+            let minted = service
+                .store
+                .create_once(
+                    new,
+                    idem.as_ref(),
+                    Some(service.config.max_active_keys_per_tenant),
+                )
+                .await?;
             let replayed = matches!(minted, Minted::Replayed(_));
             Ok(Answer {
                 key_id: Some(minted.record().id.clone()),
@@ -343,7 +582,15 @@ async fn dispatch(
             let kind: KeyKind = service.store.find(scope, id).await?.kind;
             let changes = validate::update(&req, kind, caller, &service.policy, now)
                 .map_err(ApiError::Invalid)?;
-            let r = service.store.update(scope, id, &changes).await?;
+            let r = service
+                .store
+                .update(
+                    scope,
+                    id,
+                    &changes,
+                    Some(service.config.max_active_keys_per_tenant),
+                )
+                .await?;
             Ok(Answer {
                 body: encode(&pb::UpdateKeyResponse {
                     key: Some(api_key(&r, now)),
@@ -358,7 +605,13 @@ async fn dispatch(
             let idem = idempotency(headers, &req)?;
             let (minted, old) = service
                 .store
-                .rotate_in(scope, &req.id, grace, idem.as_ref())
+                .rotate_in(
+                    scope,
+                    &req.id,
+                    grace,
+                    idem.as_ref(),
+                    Some(service.config.max_active_keys_per_tenant),
+                )
                 .await?;
             let replayed = matches!(minted, Minted::Replayed(_));
             Ok(Answer {

@@ -26,10 +26,8 @@ pub const MAX_LIST_ITEMS: usize = 32;
 /// The longest key id, scope or origin accepted.
 const MAX_ITEM_CHARS: usize = 256;
 
-/// The scopes a key may get unless the operator names others (`--allowed-scope`).
-pub const DEFAULT_ALLOWED_SCOPES: [&str; 2] = ["keys:manage", "users:impersonate"];
-
-/// What the operator allows: the scope allow-list and the configured JWT providers.
+/// What the operator allows: the scope allow-list (`key_service.allowed_scopes`) and the
+/// configured JWT providers.
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub allowed_scopes: Vec<String>,

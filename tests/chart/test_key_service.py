@@ -1,14 +1,18 @@
 """The key service's part of the chart (keyService.enabled): a Deployment whose pods run Envoy,
-gybc-authz in front of it in the chart's `mode`, and `gybc-authz key-service` on 127.0.0.1,
-with a Service and a NetworkPolicy that reach Envoy's listener only. Rendered in both modes,
-validated against the Kubernetes schemas and by the real `envoy --mode validate` (module mode
-with the built module loaded), and run: the real key service, started with the rendered
-arguments and config against a real redis-server, listens on loopback only.
+gybc-authz in front of it in the chart's `mode`, and `gybc-authz key-service` with its API on
+127.0.0.1 and its admin port (probes, metrics) on the pod IP, configured by the config's
+`key_service` section; a Service and a NetworkPolicy that reach Envoy's listener and the admin
+port only; a ServiceMonitor with the daemon's. Rendered in both modes, validated against the
+Kubernetes schemas and by the real `envoy --mode validate` (module mode with the built module
+loaded), and run: the real key service, started with the rendered arguments and config against
+a real redis-server, listens on loopback only for its API, and its probes answer as the kubelet
+would ask them, following Redis down and back.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import subprocess
@@ -96,6 +100,21 @@ def cluster_address(env_cfg: dict, name: str) -> str:
 def flag(args: list[str], name: str) -> str:
     (value,) = [args[i + 1] for i, a in enumerate(args) if a == name]
     return value
+
+
+def ks_section(docs) -> dict:
+    """The config's `key_service` section, which the key service reads."""
+    return yaml.safe_load(daemon_yaml(docs))["key_service"]
+
+
+def http_get(port: int, path: str) -> int:
+    """The status of GET <path> on 127.0.0.1:<port>, as the kubelet's httpGet probe asks it."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return 0
 
 
 def as_module(sidecar_cfg: dict) -> dict:
@@ -234,23 +253,28 @@ def test_key_service_pod_runs_gybc_authz_as_the_chart_mode_says(chart, values_fi
 
 @pytest.mark.parametrize("values_file, mode", KS_CASES)
 def test_key_service_listens_on_loopback_only(chart, values_file, mode):
-    """Its address is 127.0.0.1:<keyService.port>, the one Envoy's key_service cluster names; it
-    declares no port and has no network probe (the kubelet probes the pod IP)."""
+    """The config's `key_service` section, not flags, says where it listens: its API on
+    127.0.0.1:<keyService.port>, the one Envoy's key_service cluster names, with no containerPort;
+    its admin port on the pod IP, declared, and probed there (liveness /healthz, readiness
+    /readyz)."""
     docs, v = render_case(chart, values_file, mode)
     k = v["keyService"]
     c = ks_containers(docs)["key-service"]
-    args = c["args"]
-    assert args[0] == "key-service"
-    listen = flag(args, "--listen")
-    assert listen == f"127.0.0.1:{k['port']}"
-    assert cluster_address(ks_envoy(docs), "key_service") == listen
-    assert flag(args, "--path-prefix") == k["pathPrefix"]
-    assert [args[i + 1] for i, a in enumerate(args) if a == "--allowed-scope"] == k["allowedScopes"]
-    assert "ports" not in c
-    assert not {"livenessProbe", "readinessProbe", "startupProbe"} & set(c)
-    # Nothing else in the pod listens on its port.
-    declared = {p["containerPort"] for x in ks_pod(docs)["containers"] for p in x.get("ports", [])}
+    assert c["args"] == ["key-service", "--config", "/etc/gybc-authz/config.yaml"]
+    section = ks_section(docs)
+    assert section["listen_addr"] == f"127.0.0.1:{k['port']}"
+    assert cluster_address(ks_envoy(docs), "key_service") == section["listen_addr"]
+    assert section["admin_addr"] == f"0.0.0.0:{k['adminPort']}"
+    assert section["path_prefix"] == k["pathPrefix"]
+    assert section["allowed_scopes"] == k["allowedScopes"]
+    assert c["ports"] == [{"name": "ks-admin", "containerPort": k["adminPort"], "protocol": "TCP"}]
+    assert c["livenessProbe"] == {"httpGet": {"path": "/healthz", "port": "ks-admin"}, **k["livenessProbe"]}
+    assert c["readinessProbe"] == {"httpGet": {"path": "/readyz", "port": "ks-admin"}, **k["readinessProbe"]}
+    assert "startupProbe" not in c
+    # Nothing else in the pod listens on its ports.
+    declared = [p["containerPort"] for x in ks_pod(docs)["containers"] for p in x.get("ports", [])]
     assert k["port"] not in declared and k["port"] not in listener_ports(ks_envoy(docs)).values()
+    assert declared.count(k["adminPort"]) == 1 and k["adminPort"] not in listener_ports(ks_envoy(docs)).values()
     # It outlives Envoy at shutdown, within the grace period.
     sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert sleep >= ks_containers(docs)["envoy"]["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -264,6 +288,10 @@ def test_key_service_reads_the_main_config_and_redis_credentials(chart, daemon, 
     docs, v = render_case(chart, values_file, mode)
     c = ks_containers(docs)["key-service"]
     assert flag(c["args"], "--config") == mounts(c)["config"]["mountPath"]
+    # The section's other fields come from gybcAuthz.config.key_service.
+    tuned = render(chart, merged(load_values(values_file), mode=mode,
+                                 gybcAuthz__config__key_service={"max_active_keys_per_tenant": 7}))
+    assert ks_section(tuned)["max_active_keys_per_tenant"] == 7
     assert mounts(c)["config"] == {"name": "config", "mountPath": "/etc/gybc-authz/config.yaml",
                                    "subPath": "config.yaml", "readOnly": True}
     assert yaml.safe_load(daemon_yaml(docs))["key_store"] == {"type": "redis"}
@@ -282,21 +310,29 @@ def test_key_service_reads_the_main_config_and_redis_credentials(chart, daemon, 
 
 @pytest.mark.parametrize("values_file, mode", KS_CASES)
 def test_key_service_is_reached_through_envoy_only(chart, values_file, mode):
-    """The Service has one port, to Envoy's ingress listener; the NetworkPolicy admits that port
-    and nothing else."""
+    """The Service has two ports: the API through Envoy's ingress listener, and the key service's
+    admin port (probes, metrics). The NetworkPolicy admits the listener from trafficFrom, the
+    admin port from metricsFrom, and nothing else: never the API's own port."""
     docs, v = render_case(chart, values_file, mode)
+    k = v["keyService"]
     listeners = listener_ports(ks_envoy(docs))
     envoy_ports = {p["name"]: p["containerPort"] for p in ks_containers(docs)["envoy"]["ports"]}
-    (port,) = ks(docs, "Service")["spec"]["ports"]
-    assert port["port"] == v["keyService"]["service"]["port"]
+    port, admin = ks(docs, "Service")["spec"]["ports"]
+    assert port["port"] == k["service"]["port"]
     assert port["targetPort"] == "http" and envoy_ports["http"] == listeners["ingress"]
+    assert admin == {"name": "ks-admin", "port": k["adminPort"], "targetPort": "ks-admin", "protocol": "TCP"}
     spec = ks(docs, "NetworkPolicy")["spec"]
     assert spec["policyTypes"] == ["Ingress"]
-    (rule,) = spec["ingress"]
+    rule, metrics_rule = spec["ingress"]
     assert rule["ports"] == [{"port": listeners["ingress"], "protocol": "TCP"}]
-    # From whoever may send the main workload traffic (and the helm test pod, when narrowed).
-    assert rule.get("from", [])[:len(v["networkPolicy"]["trafficFrom"])] == v["networkPolicy"]["trafficFrom"]
-    assert ("from" in rule) == bool(v["networkPolicy"]["trafficFrom"])
+    assert metrics_rule["ports"] == [{"port": k["adminPort"], "protocol": "TCP"}]
+    admitted = {p["port"] for r in spec["ingress"] for p in r["ports"]}
+    assert k["port"] not in admitted
+    # From whoever may send the main workload traffic, and read its metrics (and the helm test
+    # pod, when narrowed).
+    for r, peers in ((rule, v["networkPolicy"]["trafficFrom"]), (metrics_rule, v["networkPolicy"]["metricsFrom"])):
+        assert r.get("from", [])[:len(peers)] == peers
+        assert ("from" in r) == bool(peers)
     # Off with the chart's NetworkPolicy.
     off = render(chart, merged(load_values(values_file), mode=mode, networkPolicy__enabled=False))
     assert not [d for d in manifests(off) if is_key_service(d) and d["kind"] == "NetworkPolicy"]
@@ -311,7 +347,12 @@ def test_key_api_goes_through_gybc_authz(chart, values_file, mode):
     api, rest = ingress_routes(env_cfg)
     assert api == {"match": {"prefix": v["keyService"]["pathPrefix"] + "/"},
                    "route": {"cluster": "key_service", "timeout": v["keyService"]["routeTimeout"]}}
-    assert rest == {"match": {"prefix": "/"}, "direct_response": {"status": 404}}
+    assert rest["match"] == {"prefix": "/"} and rest["direct_response"]["status"] == 404
+    # Envoy's own answers are the key API's JSON errors: the 404, a timeout, an unreachable service.
+    assert json.loads(rest["direct_response"]["body"]["inline_string"])["code"] == "not_found"
+    assert rest["response_headers_to_add"][0]["header"] == {"key": "content-type", "value": "application/json"}
+    mappers = ingress_hcm(env_cfg)["local_reply_config"]["mappers"]
+    assert [m["body_format_override"]["json_format"]["code"] for m in mappers] == ["deadline_exceeded", "unavailable"]
     hcm = ingress_hcm(env_cfg)
     # The virtual host's only per-filter setting is the CORS policy (docs/browsers.md): nothing
     # switches gybc-authz off, on any route.
@@ -376,16 +417,22 @@ def test_key_service_envoy_config_passes_envoy_validate(chart, envoy, tmp_path, 
 
 def test_rendered_key_service_runs_on_loopback_only(chart, daemon, redis_server, tmp_path):
     """The real `gybc-authz key-service` with the rendered arguments and config, on a real
-    redis-server: its one listening socket is 127.0.0.1's, and a request that did not come
-    through gybc-authz (no identity headers) gets 401."""
-    redis_port, ks_port = free_port(), free_port()
-    redis = subprocess.Popen([str(redis_server), "--port", str(redis_port), "--bind", "127.0.0.1",
-                              "--save", "", "--appendonly", "no"], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    redis-server: its API's one listening socket is 127.0.0.1's, and a request that did not come
+    through gybc-authz (no identity headers) gets 401; its admin port listens on every address,
+    and the probes as rendered answer there: live throughout, ready while Redis answers, not
+    ready while it is down, ready again when it returns."""
+    redis_port, ks_port, admin_port = free_port(), free_port(), free_port()
+    redis_args = [str(redis_server), "--port", str(redis_port), "--bind", "127.0.0.1",
+                  "--save", "", "--appendonly", "no"]
+
+    def start_redis():
+        return subprocess.Popen(redis_args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    redis = start_redis()
     service = None
     try:
         wait_for("redis-server", lambda: answers(redis_port, b"PING\r\n", b"+PONG"), redis)
-        values = merged(load_values(KS_VALUES), keyService__port=ks_port,
+        values = merged(load_values(KS_VALUES), keyService__port=ks_port, keyService__adminPort=admin_port,
                         gybcAuthz__redis={"urls": [f"redis://127.0.0.1:{redis_port}"], "existingSecret": ""})
         docs = render(chart, values)
         c = ks_containers(docs)["key-service"]
@@ -397,10 +444,26 @@ def test_rendered_key_service_runs_on_loopback_only(chart, daemon, redis_server,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for("gybc-authz key-service", lambda: listening_addresses(ks_port), service)
         assert listening_addresses(ks_port) == ["0100007F"], "the key service must bind 127.0.0.1 only"
+        assert set(listening_addresses(admin_port)) <= {"00000000", "00000000000000000000000000000000"}
         conn = http.client.HTTPConnection("127.0.0.1", ks_port, timeout=5)
-        conn.request("POST", f"{flag(args, '--path-prefix')}/list-keys", body="{}",
+        conn.request("POST", f"{ks_section(docs)['path_prefix']}/list-keys", body="{}",
                      headers={"content-type": "application/json"})
         assert conn.getresponse().status == 401
+        # The probes, on the port and paths the pod spec names.
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        live, ready = (c[p]["httpGet"] for p in ("livenessProbe", "readinessProbe"))
+        assert ports[live["port"]] == ports[ready["port"]] == admin_port
+        wait_for("readiness", lambda: http_get(admin_port, ready["path"]) == 200, service)
+        assert http_get(admin_port, live["path"]) == 200
+        redis.kill()
+        redis.communicate(timeout=20)
+        wait_for("not ready while Redis is down", lambda: http_get(admin_port, ready["path"]) == 503, service)
+        assert http_get(admin_port, live["path"]) == 200, "alive while Redis is down"
+        redis = start_redis()
+        wait_for("ready again once Redis returns", lambda: http_get(admin_port, ready["path"]) == 200, service)
+        conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
+        conn.request("GET", "/metrics")
+        assert "gybc_authz_key_service_store_up 1" in conn.getresponse().read().decode()
     finally:
         for p in (service, redis):
             if p is not None:
@@ -456,6 +519,8 @@ def test_helm_test_pod_calls_the_key_service_through_envoy(chart):
          "keyService.enabled needs the Redis key store"),
         (merged(KS_MIN, keyService__port=9902), "keyService.port 9902 is taken"),
         (merged(KS_MIN, keyService__port=50051), "keyService.port 50051 is taken"),
+        (merged(KS_MIN, keyService__adminPort=8090), "keyService.adminPort 8090 is taken"),
+        (merged(KS_MIN, keyService__adminPort=9902), "keyService.adminPort 9902 is taken"),
         (merged(KS_MIN, keyService__preStopSleepSeconds=1), "keyService.preStopSleepSeconds must be at least"),
         (merged(KS_MIN, keyService__preStopSleepSeconds=30, gybcAuthz__shutdownGraceSeconds=1),
          "must exceed keyService.preStopSleepSeconds"),
@@ -471,13 +536,19 @@ def test_contradictory_key_service_values_fail_with_a_message(chart, helm, value
 def test_key_service_port_may_be_the_apps_in_module_mode(chart):
     """Only the ports of the key service's own pod count: gybc-authz's are free in module mode."""
     docs = render(chart, merged(KS_MIN, mode="module", keyService__port=50051))
-    assert flag(ks_containers(docs)["key-service"]["args"], "--listen") == "127.0.0.1:50051"
+    assert ks_section(docs)["listen_addr"] == "127.0.0.1:50051"
 
 
 def test_key_service_schema_is_strict(chart, helm):
     for bad, where in [
         ({"keyService": {"enabled": True, "listen": "0.0.0.0:8090"}}, "listen"),
         ({"keyService": {"port": 0}}, "port"),
+        ({"keyService": {"adminPort": 70000}}, "adminPort"),
+        ({"keyService": {"readinessProbe": {"httpGet": {"path": "/"}}}}, "readinessProbe"),
+        # The chart sets the key service's addresses, prefix and scopes from keyService.
+        ({"gybcAuthz": {"config": {"key_service": {"listen_addr": "0.0.0.0:8090"}}}}, "listen_addr"),
+        ({"gybcAuthz": {"config": {"key_service": {"allowed_scopes": ["a:b"]}}}}, "allowed_scopes"),
+        ({"gybcAuthz": {"config": {"key_service": {"max_active_keys_per_tenant": 0}}}}, "max_active_keys_per_tenant"),
         ({"keyService": {"pathPrefix": "api/keys"}}, "pathPrefix"),
         ({"keyService": {"pathPrefix": "/api/keys/"}}, "pathPrefix"),
         ({"keyService": {"allowedScopes": []}}, "allowedScopes"),
@@ -503,3 +574,24 @@ def test_key_service_manifests_are_valid_kubernetes(chart, kubernetes_validate, 
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"{d['kind']} {d['metadata']['name']} (k8s {version}): "
                         f"{'.'.join(map(str, e.path))}: {e.message}")
+
+
+# === scraped as the daemon is ===
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "module"])
+def test_key_service_metrics_are_scraped_with_the_daemons(chart, mode):
+    """With serviceMonitor.enabled, a ServiceMonitor of its own scrapes the key service's /metrics
+    on its Service's admin port, at the daemon's interval and with its labels; off, none."""
+    values = merged(KS_MIN, mode=mode, serviceMonitor={"enabled": True, "interval": "15s", "scrapeTimeout": "5s",
+                                                       "labels": {"release": "prom"}, "scrapeEnvoy": True})
+    docs = render(chart, values)
+    sm = ks(docs, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["selector"]["matchLabels"] == ks(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert sm["spec"]["endpoints"] == [{"port": "ks-admin", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}]
+    assert "ks-admin" in {p["name"] for p in ks(docs, "Service")["spec"]["ports"]}
+    # The main workload's ServiceMonitor never selects the key service's Service.
+    main = one(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    assert not main.items() <= ks(docs, "Service")["metadata"]["labels"].items()
+    assert not [d for d in manifests(render(chart, KS_MIN)) if is_key_service(d) and d["kind"] == "ServiceMonitor"]

@@ -1,6 +1,7 @@
-//! The real `gybc-authz key-service` process on an ephemeral loopback port, over a key file or a
-//! real Redis, with its log captured; requests with the identity headers gybc-authz would set;
-//! and a snapshot of a store to prove that a refused request wrote nothing.
+//! The real `gybc-authz key-service` process on ephemeral loopback ports (the API and its admin
+//! port), over a key file or a real Redis, with its log captured; requests with the identity
+//! headers gybc-authz would set; its `/readyz` and `/metrics`; and a snapshot of a store to prove
+//! that a refused request wrote nothing.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -57,6 +58,12 @@ impl Backend {
                             let v: Vec<u8> = ::redis::cmd("GET").arg(&n).query(&mut c).unwrap();
                             hex::encode(v)
                         }
+                        "hash" => {
+                            let mut v: Vec<String> =
+                                ::redis::cmd("HGETALL").arg(&n).query(&mut c).unwrap();
+                            v.sort();
+                            v.join(",")
+                        }
                         "zset" => {
                             let v: Vec<String> = ::redis::cmd("ZRANGE")
                                 .arg(&n)
@@ -80,6 +87,8 @@ impl Backend {
 /// A running key service; killed on drop.
 pub struct KeyService {
     pub addr: SocketAddr,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub admin_addr: SocketAddr,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
     pub config: PathBuf,
@@ -137,26 +146,47 @@ impl Answer {
 }
 
 impl KeyService {
-    /// Writes a config for `backend` (plus `extra` YAML) in `dir` and starts the service.
+    /// Writes a config for `backend` in `dir` and starts the service.
     pub fn start(dir: &Path, backend: &Backend, extra_args: &[&str]) -> Self {
+        Self::start_with(dir, backend, "", extra_args, &[])
+    }
+
+    /// The same with `key_service` fields (a YAML flow mapping's entries, e.g.
+    /// `max_active_keys_per_tenant: 3`), flags and environment variables of its own.
+    pub fn start_with(
+        dir: &Path,
+        backend: &Backend,
+        key_service: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let config = Self::write_config(dir, backend, key_service);
+        Self::start_with_config(&config, extra_args, env)
+    }
+
+    /// The config `start_with` runs: the store, a JWT provider, and the `key_service` section
+    /// with its admin port on a free loopback port.
+    pub fn write_config(dir: &Path, backend: &Backend, key_service: &str) -> PathBuf {
         let config = dir.join("key-service.yaml");
+        let sep = if key_service.is_empty() { "" } else { ", " };
         std::fs::write(
             &config,
             format!(
-                "{}jwt:\n  providers:\n    - {{ name: endusers, project_id: {} }}\n",
+                "{}jwt:\n  providers:\n    - {{ name: endusers, project_id: {} }}\nkey_service: {{ admin_addr: \"127.0.0.1:0\"{sep}{key_service} }}\n",
                 backend.yaml(),
                 super::APP_PROJECT
             ),
         )
         .unwrap();
-        Self::start_with_config(&config, extra_args)
+        config
     }
 
-    pub fn start_with_config(config: &Path, extra_args: &[&str]) -> Self {
+    pub fn start_with_config(config: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gybc-authz"))
             .args(["key-service", "--listen", "127.0.0.1:0", "--config"])
             .arg(config)
             .args(extra_args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -170,13 +200,14 @@ impl KeyService {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     if line.contains("Key service listening") {
                         let v: Value = serde_json::from_str(&line).unwrap_or_default();
-                        let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                        let addr = |f: &str| v[f].as_str().unwrap_or_default().to_owned();
+                        let _ = tx.send((addr("addr"), addr("admin_addr")));
                     }
                     log.lock().unwrap().push(line);
                 }
             });
         }
-        let addr = rx
+        let (addr, admin_addr) = rx
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| {
                 panic!(
@@ -186,6 +217,7 @@ impl KeyService {
             });
         KeyService {
             addr: addr.parse().expect("an address"),
+            admin_addr: admin_addr.parse().expect("an admin address"),
             child,
             log,
             config: config.to_owned(),
@@ -215,6 +247,31 @@ impl KeyService {
             body,
         )
         .await
+    }
+
+    /// `GET <path>` on the admin port: status and body.
+    pub async fn admin(&self, path: &str) -> (u16, String) {
+        let resp = reqwest::get(format!("http://{}{path}", self.admin_addr))
+            .await
+            .expect("the admin port answers");
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
+    /// The admin port's `/metrics`.
+    pub async fn metrics(&self) -> super::Metrics {
+        let (status, text) = self.admin("/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        super::Metrics(text)
+    }
+
+    /// Polls `/readyz` until it answers `status`.
+    pub async fn wait_readyz(&self, status: u16, within: Duration) {
+        super::wait_until(
+            &format!("the key service's /readyz answers {status}"),
+            within,
+            async || self.admin("/readyz").await.0 == status,
+        )
+        .await;
     }
 
     /// Every log line so far.
@@ -280,6 +337,13 @@ pub async fn call(
         body: serde_json::from_str(&text).unwrap_or(Value::Null),
         text,
     }
+}
+
+/// Every metric family the key service's `/metrics` has (its registry gives every family a
+/// series from the start).
+pub fn families() -> std::collections::BTreeSet<String> {
+    use gybc_authz::keyservice::{http::Method, metrics::Metrics};
+    super::Metrics(Metrics::new(&Method::ALL.map(Method::name)).render()).names()
 }
 
 /// A usage bucket or total as either reader writes it: the key service's protojson (int64 as

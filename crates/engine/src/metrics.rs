@@ -209,25 +209,8 @@ impl Metrics {
         registry
             .register(Box::new(check_duration.clone()))
             .expect("unique metric");
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "build_info",
-                "Always 1; labels carry the version and git commit.",
-            ),
-            &["version", "git_commit"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(build_info.clone()))
-            .expect("unique metric");
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("GYBC_GIT_COMMIT")])
-            .set(1);
-        #[cfg(target_os = "linux")]
-        {
-            let _ = registry.register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ));
+        for c in process_collectors() {
+            registry.register(c).expect("unique metric");
         }
 
         let mut decision_handles = Vec::with_capacity(METHODS.len() * (Reason::ALL.len() + 1));
@@ -479,6 +462,29 @@ impl Metrics {
             .expect("text encoding of gathered metrics");
         String::from_utf8(out).expect("Prometheus text is UTF-8")
     }
+}
+
+/// `build_info` (always 1, its labels the version and git commit) and, on Linux, the process's
+/// CPU, memory, file descriptors and threads: every process that serves metrics has them (the
+/// daemon, Envoy with the module, the key service).
+pub fn process_collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
+    let build_info = IntGaugeVec::new(
+        Opts::new(
+            "build_info",
+            "Always 1; labels carry the version and git commit.",
+        ),
+        &["version", "git_commit"],
+    )
+    .expect("valid metric");
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("GYBC_GIT_COMMIT")])
+        .set(1);
+    let mut out: Vec<Box<dyn prometheus::core::Collector>> = vec![Box::new(build_info)];
+    #[cfg(target_os = "linux")]
+    out.push(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ));
+    out
 }
 
 /// One metric family as declared: full name and label names. A host that cannot add metrics

@@ -62,7 +62,8 @@ to the gybc-authz container, or in module mode to Envoy's, where the engine runs
 
 {{/*
 gybc-authz's config.yaml: gybcAuthz.config, plus the parts the chart owns (`server`, the
-key file's `key_store`, Redis URLs and password variable). Redis URLs kept in a Secret
+key file's `key_store`, Redis URLs and password variable, and with keyService.enabled the
+key service's addresses, prefix and scopes in `key_service`). Redis URLs kept in a Secret
 (gybcAuthz.redis.urlKey) are not in this file: the daemon reads them from the environment.
 */}}
 {{- define "gybc-authz.config" -}}
@@ -90,6 +91,16 @@ key file's `key_store`, Redis URLs and password variable). Redis URLs kept in a 
 {{- $_ := set $r "password_env" "GYBC_AUTHZ_REDIS_PASSWORD" }}
 {{- end }}
 {{- $_ := set $c "redis" $r }}
+{{- end }}
+{{- if .Values.keyService.enabled }}
+{{- /* The key service's section: the chart owns its addresses, prefix and scopes. */}}
+{{- $k := .Values.keyService }}
+{{- $ks := deepCopy ($c.key_service | default dict) }}
+{{- $_ := set $ks "listen_addr" (printf "127.0.0.1:%d" (int $k.port)) }}
+{{- $_ := set $ks "admin_addr" (printf "0.0.0.0:%d" (int $k.adminPort)) }}
+{{- $_ := set $ks "path_prefix" $k.pathPrefix }}
+{{- $_ := set $ks "allowed_scopes" $k.allowedScopes }}
+{{- $_ := set $c "key_service" $ks }}
 {{- end -}}
 # gybc-authz configuration, rendered by the Helm chart from gybcAuthz.* values.
 # Reference: docs/configuration.md; check with `gybc-authz check-config FILE`.

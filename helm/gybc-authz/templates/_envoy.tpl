@@ -83,9 +83,23 @@ static_resources:
                         # The key API, every request checked by gybc-authz (the filter below).
                         - match: { prefix: {{ printf "%s/" $v.keyService.pathPrefix | quote }} }
                           route: { cluster: key_service, timeout: {{ $v.keyService.routeTimeout }} }
-                        # Nothing else is served here.
+                        # Nothing else is served here: 404 as the key API's JSON error.
                         - match: { prefix: / }
-                          direct_response: { status: 404 }
+                          direct_response:
+                            status: 404
+                            body: { inline_string: '{"code":"not_found","reason":"unknown_method","message":"No such method."}' }
+                          response_headers_to_add:
+                            - header: { key: content-type, value: application/json }
+                              append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                # Envoy's own answers about the key service as the key API's JSON errors.
+                local_reply_config:
+                  mappers:
+                    - filter: { response_flag_filter: { flags: [UT] } }
+                      body_format_override:
+                        json_format: { code: deadline_exceeded, reason: upstream_timeout, message: "The key service did not answer in time." }
+                    - filter: { response_flag_filter: { flags: [UH, UF, UC, URX, UO] } }
+                      body_format_override:
+                        json_format: { code: unavailable, reason: key_service_unavailable, message: "The key service is unavailable; retry shortly." }
                   {{- else }}
                   name: local_app
                   virtual_hosts:

@@ -227,6 +227,9 @@ main pod's ports>): its pod has the same Envoy and gybc-authz ports, without the
 {{- if has (int $k.port) $ports }}
 {{- fail (printf "keyService.port %d is taken in the key service's pod by another container (gybcAuthz.ports, envoy.ports): %v" (int $k.port) $ports) }}
 {{- end }}
+{{- if has (int $k.adminPort) (append $ports (int $k.port)) }}
+{{- fail (printf "keyService.adminPort %d is taken in the key service's pod (keyService.port, gybcAuthz.ports, envoy.ports): %v" (int $k.adminPort) (append $ports (int $k.port))) }}
+{{- end }}
 {{- if lt (int $k.preStopSleepSeconds) (int $v.envoy.preStopSleepSeconds) }}
 {{- fail "keyService.preStopSleepSeconds must be at least envoy.preStopSleepSeconds: otherwise the key service stops while Envoy still sends it requests, and clients get 503" }}
 {{- end }}

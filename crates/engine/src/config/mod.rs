@@ -10,6 +10,7 @@ mod error;
 mod headers;
 mod jwt;
 mod key_cache;
+mod key_service;
 mod key_store;
 mod limits;
 mod log;
@@ -34,6 +35,7 @@ pub use error::*;
 pub use headers::*;
 pub use jwt::*;
 pub use key_cache::*;
+pub use key_service::*;
 pub use key_store::*;
 pub use limits::*;
 pub use log::*;
@@ -80,6 +82,8 @@ pub struct Config {
     pub module: ModuleConfig,
     /// Each key's decisions per hour, for billing and support.
     pub usage: UsageConfig,
+    /// What only `gybc-authz key-service` reads; the daemon and the module ignore it.
+    pub key_service: KeyServiceConfig,
 }
 
 // === loading ===
@@ -155,6 +159,7 @@ impl Config {
         self.log.validate(&mut err);
         self.module.validate(&mut err);
         self.usage.validate(&mut err);
+        self.key_service.validate(&mut err);
 
         if errs.is_empty() {
             Ok(())

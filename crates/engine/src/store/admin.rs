@@ -3,7 +3,9 @@
 //! list a tenant's keys a page at a time, update, rotate, revoke, and idempotent retries of a
 //! create or rotate, and a key's usage per hour (Redis only). The stores: the key file, rewritten atomically under a lock
 //! (`admin/file.rs`), or Redis, written as docs/key-store.md says: record, indexes, then the
-//! event (`admin/redis.rs`).
+//! event (`admin/redis.rs`). A create (and a change that makes a key active again) may be bounded
+//! by the most active keys a tenant may hold (`Bound`): counted under the file's lock, or by a
+//! Lua script on the tenant's ledger in Redis, so concurrent creates never pass the bound.
 
 mod file;
 mod memory;
@@ -44,6 +46,9 @@ pub enum AdminError {
     Write(String),
     #[error("no key store configured: set key_store.type to file or redis")]
     NoStore,
+    /// The tenant holds the most active keys it may (`key_service.max_active_keys_per_tenant`).
+    #[error("the tenant holds {0} active keys, the most it may; revoke one first")]
+    KeyLimit(u32),
     /// Usage is summed over the fleet in Redis; with a key file each replica keeps its own.
     #[error(
         "usage per key is read from Redis (key_store.type: redis); with a key file each replica counts its own, in memory"
@@ -56,7 +61,9 @@ impl AdminError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AdminError::NotFound(_) => 3,
-            AdminError::Invalid(_) | AdminError::IdempotencyMismatch => 65,
+            AdminError::Invalid(_) | AdminError::IdempotencyMismatch | AdminError::KeyLimit(_) => {
+                65
+            }
             AdminError::NoStore | AdminError::NoUsage => 64,
             AdminError::Unavailable(_) => 69,
             AdminError::Write(_) => 74,
@@ -133,6 +140,11 @@ impl Scope<'_> {
         }
     }
 }
+
+/// How many active keys (neither revoked nor expired) a tenant may hold after a create, or after
+/// a change that makes a key active again. `None`: no bound (the operator's `keys` CLI). Either
+/// way the Redis ledger of active keys is kept, so a bounded create counts every key.
+pub type Bound = Option<u32>;
 
 /// What an update changes; `None` leaves a field as it is. Never the tenant or the kind.
 #[derive(Debug, Clone, Default)]
@@ -321,17 +333,51 @@ pub(crate) fn now_secs() -> u64 {
 }
 
 impl AdminStore {
+    /// The store the config names; Redis must answer now (the `keys` commands fail fast).
     pub async fn from_config(cfg: &Config) -> Result<Self, AdminError> {
+        let store = Self::open(cfg).await?;
+        if let AdminStore::Redis(r) = &store
+            && !r.ping().await
+        {
+            let urls = cfg.redis.as_ref().map(|r| r.urls.join(", "));
+            return Err(AdminError::Unavailable(format!(
+                "no answer from {}",
+                urls.unwrap_or_default()
+            )));
+        }
+        Ok(store)
+    }
+
+    /// The store the config names without asking Redis anything yet: the key service starts while
+    /// Redis is down, and is not ready until it answers (`reachable`).
+    pub async fn open(cfg: &Config) -> Result<Self, AdminError> {
         match &cfg.key_store {
             KeyStoreConfig::File { path, .. } => Ok(AdminStore::File(path.clone())),
             KeyStoreConfig::Redis => {
                 let r = cfg.redis.as_ref().ok_or(AdminError::NoStore)?;
-                let admin = RedisAdmin::connect(r).await?;
+                let admin = RedisAdmin::open(r).await?;
                 Ok(AdminStore::Redis(Box::new(
                     admin.with_usage_retention_days(cfg.usage.retention_days),
                 )))
             }
             KeyStoreConfig::None => Err(AdminError::NoStore),
+        }
+    }
+
+    /// Whether a change could be made now: Redis answers a PING; the key file can be read (or does
+    /// not exist yet, and its directory can be read); memory always.
+    pub async fn reachable(&self) -> bool {
+        match self {
+            AdminStore::Redis(r) => r.ping().await,
+            AdminStore::File(path) => match std::fs::metadata(path) {
+                Ok(m) => m.is_file() && std::fs::File::open(path).is_ok(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                    std::fs::read_dir(dir.unwrap_or(std::path::Path::new("."))).is_ok()
+                }
+                Err(_) => false,
+            },
+            AdminStore::Memory(_) => true,
         }
     }
 
@@ -437,7 +483,20 @@ impl AdminStore {
         self.find(Scope::All, id).await
     }
 
+    /// A new key, unbounded (the operator's `keys create`).
     pub async fn create(&self, new: NewKey) -> Result<Created, AdminError> {
+        self.create_bounded(new, None, None).await
+    }
+
+    /// A new key, refused with `KeyLimit` if its tenant holds `bound` active keys already, not
+    /// counting `replacing` (the key a rotation replaces: a tenant at its bound can still rotate,
+    /// and holds one key over it only while a grace period runs).
+    async fn create_bounded(
+        &self,
+        new: NewKey,
+        bound: Bound,
+        replacing: Option<&str>,
+    ) -> Result<Created, AdminError> {
         if new.tenant.trim().is_empty() || new.tenant.contains(char::is_control) {
             return Err(AdminError::Invalid(
                 "--tenant must be a non-empty string".into(),
@@ -468,16 +527,21 @@ impl AdminStore {
             jwt_provider: new.jwt_provider,
             identity_platform_tenant: new.identity_platform_tenant,
         };
+        let now = now_secs();
+        // Under the lock: counted and written at once, so no concurrent create passes the bound.
+        let push = |records: &mut Vec<KeyRecord>| {
+            if let Some(max) = bound
+                && active_in(records, &record.tenant, replacing, now) >= max as usize
+            {
+                return Err(AdminError::KeyLimit(max));
+            }
+            records.push(record.clone());
+            Ok(())
+        };
         match self {
-            AdminStore::File(path) => file::update(path, |records| {
-                records.push(record.clone());
-                Ok(())
-            })?,
-            AdminStore::Redis(r) => r.insert(&record).await?,
-            AdminStore::Memory(m) => m.update(|records| {
-                records.push(record.clone());
-                Ok(())
-            })?,
+            AdminStore::File(path) => file::update(path, push)?,
+            AdminStore::Redis(r) => r.insert(&record, bound, replacing, now).await?,
+            AdminStore::Memory(m) => m.update(push)?,
         }
         Ok(Created { key, record })
     }
@@ -487,10 +551,11 @@ impl AdminStore {
         &self,
         new: NewKey,
         idem: Option<&Idempotency>,
+        bound: Bound,
     ) -> Result<Minted, AdminError> {
         let scope = Scope::Tenant(&new.tenant);
         let Some(idem) = idem else {
-            return Ok(Minted::New(self.create(new).await?));
+            return Ok(Minted::New(self.create_bounded(new, bound, None).await?));
         };
         let slot = idem_slot(scope, "create", idem);
         match self.claim(&slot, idem).await? {
@@ -498,7 +563,7 @@ impl AdminStore {
                 let id = e.key_id.unwrap_or_default();
                 Ok(Minted::Replayed(self.find(scope, &id).await?))
             }
-            Claim::New => match self.create(new).await {
+            Claim::New => match self.create_bounded(new, bound, None).await {
                 Ok(c) => {
                     self.finish(&slot, idem, &c.record.id, None).await?;
                     Ok(Minted::New(c))
@@ -517,21 +582,25 @@ impl AdminStore {
 
     /// Revokes a key; revoking a revoked key changes nothing and answers the same.
     pub async fn revoke_in(&self, scope: Scope<'_>, id: &str) -> Result<KeyRecord, AdminError> {
-        self.change(scope, id, KeyEventType::Revoked, |r| {
+        self.change(scope, id, KeyEventType::Revoked, None, |r| {
             r.status = KeyStatus::Revoked;
             Ok(())
         })
         .await
     }
 
+    /// Changes a key; one that is expired and would be active again counts against `bound`.
     pub async fn update(
         &self,
         scope: Scope<'_>,
         id: &str,
         changes: &Changes,
+        bound: Bound,
     ) -> Result<KeyRecord, AdminError> {
-        self.change(scope, id, KeyEventType::Updated, |r| changes.apply(r))
-            .await
+        self.change(scope, id, KeyEventType::Updated, bound, |r| {
+            changes.apply(r)
+        })
+        .await
     }
 
     /// A new key with the same metadata; the old one keeps working for `grace`, then expires.
@@ -540,7 +609,7 @@ impl AdminStore {
         id: &str,
         grace: Duration,
     ) -> Result<(Created, KeyRecord), AdminError> {
-        match self.rotate_in(Scope::All, id, grace, None).await? {
+        match self.rotate_in(Scope::All, id, grace, None, None).await? {
             (Minted::New(c), old) => Ok((c, old)),
             (Minted::Replayed(_), _) => unreachable!("no idempotency key, no replay"),
         }
@@ -553,9 +622,10 @@ impl AdminStore {
         id: &str,
         grace: Duration,
         idem: Option<&Idempotency>,
+        bound: Bound,
     ) -> Result<(Minted, KeyRecord), AdminError> {
         let Some(idem) = idem else {
-            return self.rotate_now(scope, id, grace).await;
+            return self.rotate_now(scope, id, grace, bound).await;
         };
         let slot = idem_slot(scope, &format!("rotate:{id}"), idem);
         match self.claim(&slot, idem).await? {
@@ -566,7 +636,7 @@ impl AdminStore {
                     .await?;
                 Ok((Minted::Replayed(new), old))
             }
-            Claim::New => match self.rotate_now(scope, id, grace).await {
+            Claim::New => match self.rotate_now(scope, id, grace, bound).await {
                 Ok((new, old)) => {
                     self.finish(&slot, idem, &new.record().id, Some(&old.id))
                         .await?;
@@ -585,6 +655,7 @@ impl AdminStore {
         scope: Scope<'_>,
         id: &str,
         grace: Duration,
+        bound: Bound,
     ) -> Result<(Minted, KeyRecord), AdminError> {
         let old = self.find(scope, id).await?;
         if old.status != KeyStatus::Active {
@@ -593,21 +664,25 @@ impl AdminStore {
             )));
         }
         let created = self
-            .create(NewKey {
-                tenant: old.tenant.clone(),
-                kind: old.kind,
-                scopes: old.scopes.clone(),
-                rate_limit: old.rate_limit,
-                expires_at: old.expires_at,
-                name: old.name.clone(),
-                allowed_origins: old.allowed_origins.clone(),
-                jwt_provider: old.jwt_provider.clone(),
-                identity_platform_tenant: old.identity_platform_tenant.clone(),
-            })
+            .create_bounded(
+                NewKey {
+                    tenant: old.tenant.clone(),
+                    kind: old.kind,
+                    scopes: old.scopes.clone(),
+                    rate_limit: old.rate_limit,
+                    expires_at: old.expires_at,
+                    name: old.name.clone(),
+                    allowed_origins: old.allowed_origins.clone(),
+                    jwt_provider: old.jwt_provider.clone(),
+                    identity_platform_tenant: old.identity_platform_tenant.clone(),
+                },
+                bound,
+                Some(id),
+            )
             .await?;
         let until = now_secs() + grace.as_secs();
         let old = self
-            .change(scope, id, KeyEventType::Updated, |r| {
+            .change(scope, id, KeyEventType::Updated, None, |r| {
                 r.expires_at = Some(r.expires_at.map_or(until, |e| e.min(until)));
                 Ok(())
             })
@@ -616,24 +691,37 @@ impl AdminStore {
     }
 
     /// Read, change and write one record, so that no concurrent change is lost: under the file's
-    /// lock, or as a compare-and-set on Redis; then the event, so every replica re-reads it.
+    /// lock, or as a compare-and-set on Redis; then the event, so every replica re-reads it. A
+    /// change that makes an inactive key active again counts against `bound`.
     async fn change(
         &self,
         scope: Scope<'_>,
         id: &str,
         event: KeyEventType,
+        bound: Bound,
         f: impl Fn(&mut KeyRecord) -> Result<(), AdminError>,
     ) -> Result<KeyRecord, AdminError> {
+        let now = now_secs();
         match self {
             AdminStore::File(_) | AdminStore::Memory(_) => {
                 let mut changed = None;
                 let edit = |records: &mut Vec<KeyRecord>| {
-                    let r = records
-                        .iter_mut()
-                        .find(|r| r.id == id && scope.allows(r))
+                    let i = records
+                        .iter()
+                        .position(|r| r.id == id && scope.allows(r))
                         .ok_or_else(|| AdminError::NotFound(id.to_owned()))?;
-                    f(r)?;
+                    let mut r = records[i].clone();
+                    let was = state(&r, now);
+                    f(&mut r)?;
+                    if let Some(max) = bound
+                        && was != KeyState::Active
+                        && state(&r, now) == KeyState::Active
+                        && active_in(records, &r.tenant, Some(id), now) >= max as usize
+                    {
+                        return Err(AdminError::KeyLimit(max));
+                    }
                     changed = Some(r.clone());
+                    records[i] = r;
                     Ok(())
                 };
                 match self {
@@ -645,7 +733,7 @@ impl AdminStore {
             }
             AdminStore::Redis(redis) => {
                 redis
-                    .change(id, matches!(scope, Scope::All), event, |r| {
+                    .change(id, matches!(scope, Scope::All), event, bound, now, |r| {
                         if !scope.allows(r) {
                             return Err(AdminError::NotFound(id.to_owned()));
                         }
@@ -721,6 +809,16 @@ impl Cursor {
     fn cmp_key(&self) -> (u64, &str) {
         (self.created_at, self.id.as_str())
     }
+}
+
+/// The tenant's active keys among `records`, not counting `except`.
+fn active_in(records: &[KeyRecord], tenant: &str, except: Option<&str>, now: u64) -> usize {
+    records
+        .iter()
+        .filter(|r| {
+            r.tenant == tenant && Some(r.id.as_str()) != except && state(r, now) == KeyState::Active
+        })
+        .count()
 }
 
 /// Up to `page_size` matching keys from `records` (already in list order), looking at no more

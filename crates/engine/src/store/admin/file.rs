@@ -121,6 +121,13 @@ fn read_idem(path: &Path) -> Result<IdemFile, AdminError> {
 fn write_idem(path: &Path, mut records: IdemFile) -> Result<(), AdminError> {
     let now = now_secs();
     records.retain(|_, e| e.expires_at > now);
+    // Nothing held: no file, so a claim that was released leaves the store as it found it.
+    if records.is_empty() {
+        return match std::fs::remove_file(beside(path, ".idempotency.json")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(write_err(path)(e)),
+            _ => Ok(()),
+        };
+    }
     let text = serde_json::to_string(&records).map_err(|e| AdminError::Write(e.to_string()))?;
     replace(&beside(path, ".idempotency.json"), &text)
 }

@@ -4,12 +4,15 @@
 //! event. A change is a compare-and-set on the record, so concurrent changes never undo each other
 //! (an update racing a revoke cannot bring the key back). Idempotency records live under
 //! `<prefix>:idempotency:<digest>` with a TTL: digests and key ids only, never a secret. A key's
-//! usage is read from the hourly hashes the data path writes (`crate::usage::read`).
+//! usage is read from the hourly hashes the data path writes (`crate::usage::read`). The bound on
+//! a tenant's active keys is the ledger's (`redis/ledger.rs`).
+
+mod ledger;
 
 use std::collections::BTreeSet;
 use std::ops::Range;
 
-use super::{AdminError, Cursor, IdemEntry, ListFilter, Page, page_of};
+use super::{AdminError, Bound, Cursor, IdemEntry, KeyState, ListFilter, Page, page_of, state};
 use crate::authn::apikey::KeyHash;
 use crate::config::{DEFAULT_USAGE_RETENTION_DAYS, RedisConfig};
 use crate::proto::v1::KeyEventType;
@@ -40,21 +43,21 @@ fn unavailable(e: redis::RedisError) -> AdminError {
 }
 
 impl RedisAdmin {
-    pub async fn connect(cfg: &RedisConfig) -> Result<Self, AdminError> {
+    /// The clients, connecting in the background: no command is sent yet.
+    pub async fn open(cfg: &RedisConfig) -> Result<Self, AdminError> {
         let redis = Redis::connect(cfg)
             .await
             .map_err(|e| AdminError::Unavailable(e.to_string()))?;
-        if !redis.ping().await {
-            return Err(AdminError::Unavailable(format!(
-                "no answer from {}",
-                cfg.urls.join(", ")
-            )));
-        }
         Ok(Self {
             redis,
             prefix: cfg.key_prefix.clone(),
             usage_retention_days: DEFAULT_USAGE_RETENTION_DAYS,
         })
+    }
+
+    /// Whether Redis answers a PING now.
+    pub(super) async fn ping(&self) -> bool {
+        self.redis.ping().await
     }
 
     /// How long the data path keeps usage (`usage.retention_days`).
@@ -95,22 +98,47 @@ impl RedisAdmin {
         cmd.query_async(&mut conn).await.map_err(unavailable)
     }
 
-    /// A new record (refused if one with this hash exists), its indexes, then the event.
-    pub(super) async fn insert(&self, r: &KeyRecord) -> Result<(), AdminError> {
-        let written: Option<String> = self
-            .query(
-                redis::cmd("SET")
-                    .arg(self.redis.names.key(&r.hash))
-                    .arg(encode_record(r))
-                    .arg("NX"),
-            )
-            .await?;
-        if written.is_none() {
-            return Err(AdminError::Write(
-                "a record with this hash exists already".into(),
-            ));
+    /// A place in the tenant's ledger (refused over `bound`), the new record (refused if one with
+    /// this hash exists), its indexes, then the event.
+    pub(super) async fn insert(
+        &self,
+        r: &KeyRecord,
+        bound: Bound,
+        replacing: Option<&str>,
+        now: u64,
+    ) -> Result<(), AdminError> {
+        let started = std::time::Instant::now();
+        self.reserve(r, bound, replacing, now).await?;
+        // A place held too long may be freed by a check as a create that died: write behind it
+        // only while it is surely ours.
+        let written: Result<Option<String>, AdminError> =
+            if started.elapsed() < ledger::write_within() {
+                self.query(
+                    redis::cmd("SET")
+                        .arg(self.redis.names.key(&r.hash))
+                        .arg(encode_record(r))
+                        .arg("NX"),
+                )
+                .await
+            } else {
+                Err(AdminError::Unavailable(
+                    "the key store answered too slowly".into(),
+                ))
+            };
+        match written {
+            Ok(Some(_)) => {}
+            failed => {
+                self.settle(&r.tenant, &r.id, None).await;
+                return Err(failed.err().unwrap_or_else(|| {
+                    AdminError::Write("a record with this hash exists already".into())
+                }));
+            }
         }
         self.index(r).await?;
+        // Written only once the id index finds the record: a check of the ledger looks records up
+        // by id, and drops an entry marked written whose record it cannot find.
+        self.settle(&r.tenant, &r.id, Some(ledger::entry(r.expires_at, 0)))
+            .await;
         self.publish(&r.hash, KeyEventType::Created).await
     }
 
@@ -175,12 +203,16 @@ impl RedisAdmin {
         Ok(self.all().await?.into_iter().find(|r| r.id == id))
     }
 
-    /// Read, change, compare-and-set, publish; retried when another change came in between.
+    /// Read, change, compare-and-set, publish; retried when another change came in between. A
+    /// key active after the change is in the tenant's ledger before the write (one that was not
+    /// active counts against `bound`), and as it is after.
     pub(super) async fn change(
         &self,
         id: &str,
         scan: bool,
         event: KeyEventType,
+        bound: Bound,
+        now: u64,
         f: impl Fn(&mut KeyRecord) -> Result<(), AdminError>,
     ) -> Result<KeyRecord, AdminError> {
         for _ in 0..CAS_ATTEMPTS {
@@ -199,7 +231,18 @@ impl RedisAdmin {
                 },
                 None => return Err(AdminError::NotFound(id.to_owned())),
             };
+            let (was_active, old_expiry) = (state(&r, now) == KeyState::Active, r.expires_at);
             f(&mut r)?;
+            let active = state(&r, now) == KeyState::Active;
+            if active {
+                let wide = if was_active {
+                    ledger::widest(old_expiry, r.expires_at)
+                } else {
+                    r.expires_at
+                };
+                let bound = if was_active { None } else { bound };
+                self.widen(&r.tenant, id, wide, bound, now).await?;
+            }
             let mut conn = self.redis.conn.clone();
             let set: i64 = redis::Script::new(CAS)
                 .key(self.redis.names.key(&r.hash))
@@ -209,6 +252,12 @@ impl RedisAdmin {
                 .await
                 .map_err(unavailable)?;
             if set == 1 {
+                self.settle(
+                    &r.tenant,
+                    id,
+                    active.then(|| ledger::entry(r.expires_at, 0)),
+                )
+                .await;
                 // Indexes a record written before they existed, so the key service finds it.
                 self.index(&r).await?;
                 self.publish(&r.hash, event).await?;
