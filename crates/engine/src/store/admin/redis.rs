@@ -6,14 +6,13 @@
 //! `<prefix>:idempotency:<digest>` with a TTL: digests and key ids only, never a secret. A key's
 //! usage is read from the hourly hashes the data path writes (`crate::usage::read`).
 
-use std::collections::BTreeSet;
 use std::ops::Range;
 
 use super::{AdminError, Cursor, IdemEntry, ListFilter, Page, page_of};
 use crate::authn::apikey::KeyHash;
 use crate::config::{DEFAULT_USAGE_RETENTION_DAYS, RedisConfig};
 use crate::proto::v1::KeyEventType;
-use crate::redis_conn::{Redis, RedisConn};
+use crate::redis_conn::Redis;
 use crate::store::KeyRecord;
 use crate::store::redis::{decode_record, encode_event, encode_record};
 use crate::usage::Bucket;
@@ -44,11 +43,16 @@ impl RedisAdmin {
         let redis = Redis::connect(cfg)
             .await
             .map_err(|e| AdminError::Unavailable(e.to_string()))?;
-        if !redis.ping().await {
-            return Err(AdminError::Unavailable(format!(
-                "no answer from {}",
-                cfg.urls.join(", ")
-            )));
+        if !redis.check().await {
+            let asked = match &cfg.sentinel {
+                Some(s) => format!(
+                    "the primary `{}` of the sentinels {}",
+                    s.master_name,
+                    s.urls.join(", ")
+                ),
+                None => cfg.urls.join(", "),
+            };
+            return Err(AdminError::Unavailable(format!("no answer from {asked}")));
         }
         Ok(Self {
             redis,
@@ -97,18 +101,20 @@ impl RedisAdmin {
 
     /// A new record (refused if one with this hash exists), its indexes, then the event.
     pub(super) async fn insert(&self, r: &KeyRecord) -> Result<(), AdminError> {
+        let name = self.redis.names.key(&r.hash);
+        let record = encode_record(r);
         let written: Option<String> = self
-            .query(
-                redis::cmd("SET")
-                    .arg(self.redis.names.key(&r.hash))
-                    .arg(encode_record(r))
-                    .arg("NX"),
-            )
+            .query(redis::cmd("SET").arg(&name).arg(&record).arg("NX"))
             .await?;
         if written.is_none() {
-            return Err(AdminError::Write(
-                "a record with this hash exists already".into(),
-            ));
+            // Sent again after a failover broke the connection before the answer, the first SET
+            // may have been applied: then the record there is this one.
+            let stored: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&name)).await?;
+            if stored.as_deref() != Some(record.as_slice()) {
+                return Err(AdminError::Write(
+                    "a record with this hash exists already".into(),
+                ));
+            }
         }
         self.index(r).await?;
         self.publish(&r.hash, KeyEventType::Created).await
@@ -272,7 +278,8 @@ impl RedisAdmin {
         Ok(page_of(records.into_iter(), filter, page_size, now))
     }
 
-    /// Every record: SCAN over each master (every node of a cluster, found through CLUSTER SLOTS).
+    /// Every record: SCAN over each primary (every shard of a cluster, found through CLUSTER
+    /// SLOTS; with Sentinel, the primary the sentinels name).
     pub(super) async fn all(&self) -> Result<Vec<KeyRecord>, AdminError> {
         let redis = &self.redis;
         let pattern = format!(
@@ -280,7 +287,7 @@ impl RedisAdmin {
             redis.names.key(&KeyHash([0; 32])).trim_end_matches('0')
         );
         let mut names = Vec::new();
-        for client in self.masters().await? {
+        for client in redis.primaries().await.map_err(unavailable)? {
             let mut c = client
                 .get_multiplexed_async_connection()
                 .await
@@ -314,56 +321,6 @@ impl RedisAdmin {
             }
         }
         Ok(out)
-    }
-
-    async fn masters(&self) -> Result<Vec<redis::Client>, AdminError> {
-        let redis = &self.redis;
-        match &redis.conn {
-            RedisConn::Single(_) => Ok(vec![redis.pubsub_client.clone()]),
-            RedisConn::Cluster(_) => {
-                let slots: Vec<redis::Value> =
-                    self.query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
-                let base = redis.pubsub_client.get_connection_info().clone();
-                let mut clients = Vec::new();
-                let mut seen = BTreeSet::new();
-                for slot in slots {
-                    let redis::Value::Array(parts) = slot else {
-                        continue;
-                    };
-                    let Some(redis::Value::Array(master)) = parts.get(2) else {
-                        continue;
-                    };
-                    let host = match master.first() {
-                        Some(redis::Value::BulkString(h)) => {
-                            String::from_utf8_lossy(h).into_owned()
-                        }
-                        _ => continue,
-                    };
-                    let port = match master.get(1) {
-                        Some(redis::Value::Int(p)) => *p as u16,
-                        _ => continue,
-                    };
-                    if seen.insert((host.clone(), port)) {
-                        let addr = match base.addr() {
-                            redis::ConnectionAddr::TcpTls {
-                                insecure,
-                                tls_params,
-                                ..
-                            } => redis::ConnectionAddr::TcpTls {
-                                host,
-                                port,
-                                insecure: *insecure,
-                                tls_params: tls_params.clone(),
-                            },
-                            _ => redis::ConnectionAddr::Tcp(host, port),
-                        };
-                        let info = base.clone().set_addr(addr);
-                        clients.push(redis::Client::open(info).map_err(unavailable)?);
-                    }
-                }
-                Ok(clients)
-            }
-        }
     }
 
     // === idempotency ===
