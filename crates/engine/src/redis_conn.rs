@@ -260,8 +260,10 @@ impl Redis {
         let attempt = connect_timeout * 2 + timeout * 2;
         let conn = match &cfg.sentinel {
             Some(s) => {
-                let locate =
-                    Locate::Sentinel(tokio::sync::Mutex::new(sentinel_client(cfg, s, certs)?));
+                let locate = Locate::Sentinel {
+                    client: tokio::sync::Mutex::new(sentinel_client(cfg, s, certs)?),
+                    master_name: s.master_name.clone(),
+                };
                 RedisConn::Primary(Primary::start(locate, config, attempt, 0, observer.clone()))
             }
             None if cfg.cluster => {
@@ -462,6 +464,15 @@ impl Redis {
 
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
+    }
+
+    /// The primary's address each time it changes; `None` for a cluster, whose every node
+    /// carries the key events.
+    pub fn primary_changes(&self) -> Option<tokio::sync::watch::Receiver<Option<Arc<str>>>> {
+        match &self.conn {
+            RedisConn::Primary(p) => Some(p.changes()),
+            RedisConn::Cluster(_) => None,
+        }
     }
 
     /// Where the parts of this connection report.

@@ -1,20 +1,23 @@
 //! The connection to one primary: a single node at a fixed address, or the primary a set of Redis
 //! Sentinels names. One multiplexed connection, made again when a failover shows: a connection
-//! that broke (a reset, a primary that died) or a `READONLY` answer (a write that reached a
-//! primary demoted to replica). Connecting again asks the sentinels afresh, so everything on this
+//! that broke (a reset, a primary that died), a `READONLY` answer (a write that reached a primary
+//! demoted to replica), or the sentinels' `+switch-master` announcement (a graceful failover,
+//! where the old primary keeps taking writes, to be thrown away, until the sentinels reconfigure
+//! it many seconds later). Connecting again asks the sentinels afresh, so everything on this
 //! connection (key lookups, the limiter, usage, key writes) moves to the new primary on its own,
 //! without a restart. The `redis` crate has Sentinel lookups (`SentinelClient`) but no connection
 //! that follows them, and its `ConnectionManager` reconnects only to the address it started with.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use futures_util::{FutureExt, StreamExt};
 use redis::aio::MultiplexedConnection;
 use redis::sentinel::SentinelClient;
 use redis::{AsyncConnectionConfig, RedisError, RedisResult};
+use tokio::sync::watch;
 
 use crate::event::RedisReconnect;
 use crate::observe::Observer;
@@ -23,20 +26,29 @@ use crate::observe::Observer;
 /// while a primary is down, requests fail at once instead of each paying for a connect; the
 /// breaker's probe keeps trying at its own pace.
 const RETRY_GAP: Duration = Duration::from_millis(100);
+/// The sentinels' channel announcing a new primary: `<name> <old ip> <old port> <new ip> <new port>`.
+const SWITCH_MASTER: &str = "+switch-master";
+/// How often a quiet subscription to the sentinels is PINGed, and the wait before subscribing
+/// again when no sentinel answers.
+const SENTINEL_PING_EVERY: Duration = Duration::from_secs(2);
 
 /// Where the primary is.
 pub enum Locate {
     /// One node; a DNS name is resolved again on every connect.
     Node(redis::Client),
-    /// The primary the sentinels name (a lookup checks with `ROLE` that it is one).
-    Sentinel(tokio::sync::Mutex<SentinelClient>),
+    /// The primary the sentinels name under `master_name` (a lookup checks with `ROLE` that it is
+    /// one).
+    Sentinel {
+        client: tokio::sync::Mutex<SentinelClient>,
+        master_name: String,
+    },
 }
 
 impl Locate {
     async fn client(&self) -> RedisResult<redis::Client> {
         match self {
             Locate::Node(c) => Ok(c.clone()),
-            Locate::Sentinel(s) => s.lock().await.async_get_client().await,
+            Locate::Sentinel { client, .. } => client.lock().await.async_get_client().await,
         }
     }
 }
@@ -62,8 +74,9 @@ pub struct Primary {
     attempt_timeout: Duration,
     link: RwLock<Arc<Link>>,
     next_id: AtomicU64,
-    /// The last primary connected to: another one is a failover.
-    last_addr: Mutex<Option<Arc<str>>>,
+    /// The primary last connected to (another one is a failover), for those that must follow
+    /// it too (the key-events subscription).
+    addr: watch::Sender<Option<Arc<str>>>,
     db: i64,
     observer: Arc<Observer>,
 }
@@ -95,13 +108,21 @@ impl Primary {
                     connected: first.shared(),
                 })),
                 next_id: AtomicU64::new(1),
-                last_addr: Mutex::new(None),
+                addr: watch::Sender::new(None),
                 db,
                 observer,
             }
         });
         tokio::spawn(this.current().connected.clone().map(drop));
+        if matches!(this.locate, Locate::Sentinel { .. }) {
+            tokio::spawn(follow_switches(Arc::downgrade(&this)));
+        }
         this
+    }
+
+    /// The primary's address each time it changes (`None` until first connected).
+    pub fn changes(&self) -> watch::Receiver<Option<Arc<str>>> {
+        self.addr.subscribe()
     }
 
     pub fn db(&self) -> i64 {
@@ -153,11 +174,7 @@ impl Primary {
         let connected = tokio::time::timeout(self.attempt_timeout, attempt)
             .await
             .unwrap_or_else(|_| Err(timed_out("connecting to the primary")))?;
-        let before = self
-            .last_addr
-            .lock()
-            .expect("last address")
-            .replace(connected.addr.clone());
+        let before = self.addr.send_replace(Some(connected.addr.clone()));
         match (before, cause) {
             (Some(before), _) if before != connected.addr => {
                 self.observer.redis_reconnected(
@@ -220,7 +237,7 @@ impl Primary {
             // Still connecting: wait for that attempt below.
             (None, _) => false,
             (Some(Err(_)), _) => true,
-            (Some(Ok(c)), Locate::Sentinel(_)) => {
+            (Some(Ok(c)), Locate::Sentinel { .. }) => {
                 let now = self.locate().await?;
                 now.get_connection_info().addr().to_string() != *c.addr
             }
@@ -232,6 +249,57 @@ impl Primary {
         self.request(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await
             .map(drop)
+    }
+}
+
+/// Listens to the sentinels' `+switch-master` for as long as the primary lives, and connects
+/// again (asking the sentinels) when they announce a new primary under this name.
+async fn follow_switches(primary: Weak<Primary>) {
+    loop {
+        let Some(p) = primary.upgrade() else { return };
+        let Locate::Sentinel { client, .. } = &p.locate else {
+            return;
+        };
+        let subscribed = async {
+            let client = client.lock().await.async_get_sentinel_client().await?;
+            let mut ps = client.get_async_pubsub().await?;
+            ps.subscribe(SWITCH_MASTER).await?;
+            Ok::<_, RedisError>(ps)
+        };
+        let ps = tokio::time::timeout(p.attempt_timeout, subscribed).await;
+        drop(p);
+        let Ok(Ok(ps)) = ps else {
+            tracing::debug!("No sentinel takes a subscription to +switch-master; retrying.");
+            tokio::time::sleep(SENTINEL_PING_EVERY).await;
+            continue;
+        };
+        let (mut sink, mut messages) = ps.split();
+        let mut ping = tokio::time::interval(SENTINEL_PING_EVERY);
+        ping.reset();
+        loop {
+            tokio::select! {
+                msg = messages.next() => {
+                    let Some(msg) = msg else { break };
+                    let Some(p) = primary.upgrade() else { return };
+                    let text: String = msg.get_payload().unwrap_or_default();
+                    if let Locate::Sentinel { master_name, .. } = &p.locate
+                        && text.split(' ').next() == Some(master_name.as_str())
+                    {
+                        let link = p.current();
+                        p.replace(link.id, RedisReconnect::ConnectionLost);
+                    }
+                }
+                _ = ping.tick() => {
+                    if primary.strong_count() == 0 {
+                        return;
+                    }
+                    let pong = tokio::time::timeout(SENTINEL_PING_EVERY, sink.ping::<redis::Value>()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        break;
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -181,7 +181,7 @@ pub fn spawn_event_listener(redis: Redis, cache: Weak<CachedStore>) -> tokio::ta
             }
             first = false;
             drop(c);
-            if follow(&redis, ps, &cache, &channel).await.is_break() {
+            if follow(&redis, ps, &node, &cache, &channel).await.is_break() {
                 return;
             }
             tracing::warn!(node = %node, "Key event subscription lost; subscribing again.");
@@ -215,19 +215,37 @@ async fn subscribe(redis: &Redis, channel: &str) -> Option<(String, redis::aio::
     None
 }
 
-/// Applies events until the subscription ends (or stops answering a PING); `Break` once the cache
-/// is gone.
+/// Applies events until the subscription ends, stops answering a PING, or (with Sentinel) the
+/// primary moves away from `node`: after a graceful failover the old primary keeps the
+/// subscription open but hears nothing the new one publishes. `Break` once the cache is gone.
 async fn follow(
     redis: &Redis,
     ps: redis::aio::PubSub,
+    node: &str,
     cache: &Weak<CachedStore>,
     channel: &str,
 ) -> std::ops::ControlFlow<()> {
     let (mut sink, mut messages) = ps.split();
     let mut ping = tokio::time::interval(SUBSCRIPTION_PING_EVERY);
     ping.reset();
+    let mut primary = redis.primary_changes();
+    if let Some(p) = primary.as_mut() {
+        p.mark_unchanged();
+    }
     loop {
         tokio::select! {
+            Ok(()) = async { match primary.as_mut() {
+                Some(p) => p.changed().await,
+                None => std::future::pending().await,
+            } } => {
+                let moved = primary
+                    .as_mut()
+                    .and_then(|p| p.borrow_and_update().clone())
+                    .is_some_and(|now| &*now != node);
+                if moved {
+                    return std::ops::ControlFlow::Continue(());
+                }
+            }
             msg = messages.next() => {
                 let Some(msg) = msg else { return std::ops::ControlFlow::Continue(()) };
                 ping.reset();
