@@ -232,6 +232,13 @@ impl Drop for RedisServer {
     }
 }
 
+/// One node of `CLUSTER NODES`: its port, flags (`master`, `slave`, `fail`, …) and slot ranges.
+struct NodeLine {
+    port: u16,
+    flags: String,
+    ranges: Vec<(u16, u16)>,
+}
+
 /// A local Redis Cluster of `n` masters, no replicas.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
@@ -296,8 +303,8 @@ impl RedisCluster {
         cluster
     }
 
-    /// `CLUSTER NODES` as one node sees it: (port, flags, slot ranges) per node.
-    fn layout(&self, asking: usize) -> Vec<(u16, String, Vec<(u16, u16)>)> {
+    /// `CLUSTER NODES` as one node sees it.
+    fn layout(&self, asking: usize) -> Vec<NodeLine> {
         self.nodes[asking]
             .cli(&["CLUSTER", "NODES"])
             .lines()
@@ -320,7 +327,11 @@ impl RedisCluster {
                         None => r.parse().ok().map(|s| (s, s)),
                     })
                     .collect();
-                Some((port, f.get(2)?.to_string(), ranges))
+                Some(NodeLine {
+                    port,
+                    flags: f.get(2)?.to_string(),
+                    ranges,
+                })
             })
             .collect()
     }
@@ -334,12 +345,12 @@ impl RedisCluster {
         let port = self
             .layout(asking)
             .into_iter()
-            .find(|(_, flags, ranges)| {
-                flags.contains("master")
-                    && !flags.contains("fail")
-                    && ranges.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+            .find(|n| {
+                n.flags.contains("master")
+                    && !n.flags.contains("fail")
+                    && n.ranges.iter().any(|(a, b)| (*a..=*b).contains(&slot))
             })?
-            .0;
+            .port;
         self.nodes.iter().position(|n| n.port == port)
     }
 
