@@ -323,6 +323,21 @@ impl Fleet {
         n
     }
 
+    /// Times each replica's circuit breaker opened so far.
+    async fn breaker_opens(&self) -> [f64; 2] {
+        let mut n = [0.0; 2];
+        for (i, s) in [&self.a, &self.b].into_iter().enumerate() {
+            n[i] = self
+                .metric(
+                    s,
+                    "gybc_authz_redis_breaker_transitions_total",
+                    &[("to", "open")],
+                )
+                .await;
+        }
+        n
+    }
+
     /// A metric of one replica's engine, as its operator scrapes it.
     async fn metric(&self, s: &Stack, name: &str, labels: &[(&str, &str)]) -> f64 {
         match s.mode {
@@ -351,6 +366,8 @@ struct Figures {
     new_key: Duration,
     revocation: Duration,
     graceful_longest: Duration,
+    /// How often each replica's breaker opened between the kill and the rejoin.
+    breaker_opens: [f64; 2],
     /// How long each part of the test took: set-up, the crash until the rejoin, the rejoin, the
     /// graceful failover.
     phases: [Duration; 4],
@@ -367,14 +384,15 @@ impl Figures {
         println!(
             "FAILOVER {} {:?}: promotion {} ms after the kill; longest non-2xx run: {longest}; \
              fleet limit exact {} ms after the promotion; new key on both replicas in {} ms; \
-             revocation on both in {} ms; graceful failover: longest non-2xx run {} ms; \
-             phases (set-up, crash, rejoin, graceful) {:?}",
+             revocation on both in {} ms; breaker opened {:?} times; graceful failover: \
+             longest non-2xx run {} ms; phases (set-up, crash, rejoin, graceful) {:?}",
             self.setup,
             self.mode,
             self.promotion.as_millis(),
             self.exact_after.as_millis(),
             self.new_key.as_millis(),
             self.revocation.as_millis(),
+            self.breaker_opens,
             self.graceful_longest.as_millis(),
             self.phases,
         );
@@ -585,6 +603,7 @@ async fn a_sentinel_failover_under_load(mode: Mode) {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    let opens_before = f.breaker_opens().await;
     let killed = Instant::now();
     blocking(|| set.nodes[0].kill());
     // The uncached key is first asked for once the primary is gone.
@@ -598,6 +617,7 @@ async fn a_sentinel_failover_under_load(mode: Mode) {
     let mut exact_keys = exact.into_iter();
     let (exact_after, new_key, revocation) = after_promotion(&f, promoted, &mut exact_keys).await;
     failover_counted(&f).await;
+    let breaker_opens = breaker_did_not_flap(&f, opens_before).await;
 
     // The old primary, back: the sentinels make it a replica of the new one. No error meanwhile.
     let rejoin = Instant::now();
@@ -653,6 +673,7 @@ async fn a_sentinel_failover_under_load(mode: Mode) {
         new_key,
         revocation,
         graceful_longest,
+        breaker_opens,
         phases: [
             killed - started,
             rejoin - killed,
@@ -724,6 +745,7 @@ async fn a_cluster_failover_under_load(mode: Mode) {
             .find(|&i| i != victim && cluster.role(i).0 == "master")
             .unwrap()
     });
+    let opens_before = f.breaker_opens().await;
     let killed = Instant::now();
     blocking(|| cluster.nodes[victim].kill());
     let load_uncached = Load::start(&f.urls(), &[(Kind::Uncached, uncached.clone())]);
@@ -737,6 +759,7 @@ async fn a_cluster_failover_under_load(mode: Mode) {
     let mut exact_keys = exact.into_iter();
     let (exact_after, new_key, revocation) = after_promotion(&f, promoted, &mut exact_keys).await;
     failover_counted(&f).await;
+    let breaker_opens = breaker_did_not_flap(&f, opens_before).await;
 
     // The old primary, back: it learns it lost its slots and follows the new primary.
     let rejoin = Instant::now();
@@ -793,6 +816,7 @@ async fn a_cluster_failover_under_load(mode: Mode) {
         new_key,
         revocation,
         graceful_longest,
+        breaker_opens,
         phases: [
             killed - started,
             rejoin - killed,
@@ -831,6 +855,21 @@ both_modes_threaded!(
 async fn no_redis_error(f: &Fleet, before: f64) {
     let now = f.redis_errors().await;
     assert_eq!(now - before, 0.0, "Redis errors during a graceful failover");
+}
+
+/// Each replica's breaker opened at most twice in the failover (once when the primary died, and
+/// at most once more if its first commands after the promotion still failed): it must not open
+/// and close again and again while the shard has no primary. How often it did.
+async fn breaker_did_not_flap(f: &Fleet, before: [f64; 2]) -> [f64; 2] {
+    let now = f.breaker_opens().await;
+    let opens = [now[0] - before[0], now[1] - before[1]];
+    for (replica, n) in ["a", "b"].into_iter().zip(opens) {
+        assert!(
+            n <= 2.0,
+            "replica {replica}'s breaker opened {n} times in one failover"
+        );
+    }
+    opens
 }
 
 /// Both replicas counted the failover (`redis_reconnects_total{reason="failover"}`).

@@ -369,7 +369,7 @@ impl Redis {
                 RedisConn::Primary(p) => p.probe().await.is_ok(),
                 RedisConn::Cluster(cell) => {
                     let mut c = cell.wait().await.clone();
-                    match cluster::probe(&mut c).await {
+                    match cluster::probe(&mut c, &self.names.prefix).await {
                         Ok(shards) => {
                             self.layout.update(shards, &self.breaker.observer);
                             true
@@ -492,8 +492,8 @@ impl RedisBreaker {
     }
 }
 
-/// The one probe of an open breaker: a [`Redis::check`] per interval, backing off, until one
-/// passes (closing the breaker) or the connection is dropped. The check is what the data path
+/// The one probe of an open breaker: a [`Redis::check`] per interval, backing off (and at once
+/// when the primary moves), until one passes (closing the breaker) or the connection is dropped. The check is what the data path
 /// needs, not a PING to any node: a cluster's surviving nodes answer a PING while one shard has
 /// no primary, and closing on that made the breaker open and close many times in one failover.
 async fn probe(breaker: Weak<RedisBreaker>, redis: Redis) {
@@ -512,8 +512,18 @@ async fn probe(breaker: Weak<RedisBreaker>, redis: Redis) {
         redis.breaker.probe_interval,
         redis.breaker.max_probe_interval,
     );
+    // The sentinels naming a new primary is worth a probe at once.
+    let mut moved = redis.primary_changes();
     for (probes, delay) in (1u32..).zip(delays) {
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            Ok(()) = async {
+                match moved.as_mut() {
+                    Some(m) => m.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
         // Held only between sleeps, so a dropped engine ends the probe within one interval.
         let Some(b) = breaker.upgrade() else { return };
         if redis.check().await {

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{FromRedisValue, RedisError, RedisResult, Role, Value};
+use redis::{RedisError, RedisResult, Value};
 
 use crate::event::RedisReconnect;
 use crate::observe::Observer;
@@ -94,29 +93,66 @@ pub async fn slots(conn: &mut ClusterConnection) -> RedisResult<Vec<Shard>> {
     Ok(shards)
 }
 
-/// Whether every shard has a primary taking commands, as the data path reaches it: `ROLE` sent
-/// the way a command on the shard's first slot is routed must come back from a primary. A
-/// replica answers too when its primary is gone (the client falls back to it), so a plain PING
-/// would pass while a shard cannot take a write; this passes only once its replica is promoted.
-pub async fn probe(conn: &mut ClusterConnection) -> RedisResult<Vec<Shard>> {
+/// Whether every shard has a primary taking commands, as the data path reaches it: a read of a
+/// key in one of each primary's slots, routed the way a lookup is, must be answered. A node that
+/// does not own the slot answers `MOVED` to the owner, and a replica too (it is not in `READONLY`
+/// mode), so the read fails until the shard's replica is promoted, and passes once the client
+/// reaches the new primary. A PING or a `ROLE` would not tell: the client sends a command it
+/// cannot route to any node it is connected to, and any primary answers those.
+pub async fn probe(conn: &mut ClusterConnection, prefix: &str) -> RedisResult<Vec<Shard>> {
     let shards = slots(conn).await?;
     let mut seen = BTreeSet::new();
-    for shard in shards.iter().filter(|s| seen.insert(s.primary.as_str())) {
-        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
-            shard.start,
-            SlotAddr::Master,
-        )));
-        let role = Role::from_redis_value(conn.route_command(redis::cmd("ROLE"), route).await?)
-            .map_err(|e| RedisError::from((redis::ErrorKind::Client, "ROLE", e.to_string())))?;
-        if !matches!(role, Role::Primary { .. }) {
-            return Err(RedisError::from((
-                redis::ErrorKind::Client,
-                "no primary for slots",
-                format!("{}-{}", shard.start, shard.end),
-            )));
-        }
+    let reads = shards
+        .iter()
+        .filter(|s| seen.insert(s.primary.as_str()))
+        .map(|s| {
+            let mut conn = conn.clone();
+            let key = probe_key(prefix, s.start, s.end);
+            async move {
+                redis::cmd("EXISTS")
+                    .arg(key)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            }
+        });
+    for read in futures_util::future::join_all(reads).await {
+        read?;
     }
     Ok(shards)
+}
+
+/// A key name whose slot is in `start..=end`: `<prefix>:probe:{<n>}` for the first `n` that fits.
+pub fn probe_key(prefix: &str, start: u16, end: u16) -> String {
+    (0u32..)
+        .map(|n| format!("{prefix}:probe:{{{n}}}"))
+        .find(|k| (start..=end).contains(&slot(k.as_bytes())))
+        .expect("every slot is some n's")
+}
+
+/// A key's cluster slot: CRC16 (XMODEM) of its hash tag (what is between the first `{` and the
+/// next `}`, when not empty) or of the whole name, modulo 16384.
+pub fn slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16_xmodem(tagged.unwrap_or(key)) % 16384
+}
+
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
 }
 
 /// The layout last read, to tell when a shard's primary changed.
@@ -188,6 +224,24 @@ mod tests {
         let mut v = vec![Value::Int(start), Value::Int(end)];
         v.extend(nodes);
         Value::Array(v)
+    }
+
+    #[test]
+    fn slots_are_computed_as_redis_does() {
+        // CLUSTER KEYSLOT's answers, and the CRC16 check value.
+        assert_eq!(crc16_xmodem(b"123456789"), 0x31c3);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"somekey"), 11058);
+        assert_eq!(slot(b"user:{foo}:x"), slot(b"foo"), "the hash tag decides");
+        assert_eq!(
+            slot(b"{}foo"),
+            crc16_xmodem(b"{}foo") % 16384,
+            "an empty tag: the whole name"
+        );
+        for (start, end) in [(0, 5460), (16383, 16383), (7000, 7000)] {
+            let key = probe_key("gybc", start, end);
+            assert!((start..=end).contains(&slot(key.as_bytes())), "{key}");
+        }
     }
 
     #[test]
