@@ -239,7 +239,8 @@ struct NodeLine {
     ranges: Vec<(u16, u16)>,
 }
 
-/// A local Redis Cluster of `n` masters, no replicas.
+/// A local Redis Cluster: `n` primaries without replicas (`start`), or shards of a primary and
+/// its replicas (`start_with_replicas`).
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }

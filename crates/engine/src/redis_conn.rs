@@ -357,16 +357,25 @@ impl Redis {
         Err(failure)
     }
 
-    /// Whether Redis takes commands now, as the data path would send them: the primary (asked of
-    /// the sentinels afresh, with Sentinel) answers a PING, or every shard of a cluster has a
-    /// primary (`redis_conn/cluster.rs`); a cluster connection still being set up is waited for.
-    /// Readiness waits for the first success; the breaker closes on one; the cluster's layout
-    /// (and so its failovers) is read here.
+    /// Whether Redis takes commands now, as the data path would send them: the primary answers
+    /// a PING, or every shard of a cluster has a primary (`redis_conn/cluster.rs`); a cluster
+    /// connection still being set up is waited for. Readiness waits for the first success and
+    /// the health gauge shows the last; the cluster's layout (and so its failovers) is read here.
     pub async fn check(&self) -> bool {
+        self.checked(false).await
+    }
+
+    /// [`Redis::check`] for the breaker's probe: with Sentinel, the sentinels are asked afresh
+    /// where the primary is, and the probe passes only once it answers.
+    async fn probe_passes(&self) -> bool {
+        self.checked(true).await
+    }
+
+    async fn checked(&self, ask_sentinels: bool) -> bool {
         let within = self.connect_timeout + self.timeout * 2;
         let check = async {
             match &self.conn {
-                RedisConn::Primary(p) => p.probe().await.is_ok(),
+                RedisConn::Primary(p) => p.ping(ask_sentinels).await.is_ok(),
                 RedisConn::Cluster(cell) => {
                     let mut c = cell.wait().await.clone();
                     match cluster::probe(&mut c, &self.names.prefix).await {
@@ -492,7 +501,7 @@ impl RedisBreaker {
     }
 }
 
-/// The one probe of an open breaker: a [`Redis::check`] per interval, backing off (and at once
+/// The one probe of an open breaker: a [`Redis::probe_passes`] per interval, backing off (and at once
 /// when the primary moves), until one passes (closing the breaker) or the connection is dropped. The check is what the data path
 /// needs, not a PING to any node: a cluster's surviving nodes answer a PING while one shard has
 /// no primary, and closing on that made the breaker open and close many times in one failover.
@@ -526,7 +535,7 @@ async fn probe(breaker: Weak<RedisBreaker>, redis: Redis) {
         }
         // Held only between sleeps, so a dropped engine ends the probe within one interval.
         let Some(b) = breaker.upgrade() else { return };
-        if redis.check().await {
+        if redis.probe_passes().await {
             if b.breaker.close() {
                 b.observer.redis_breaker_closed(opened.elapsed(), probes);
             }

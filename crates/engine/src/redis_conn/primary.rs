@@ -228,20 +228,23 @@ impl Primary {
         }
     }
 
-    /// The breaker's probe: asks where the primary is now (with Sentinel, the sentinels), moves
-    /// there if it changed, and PINGs it. Answered only by a primary that takes commands.
-    pub async fn probe(self: &Arc<Self>) -> RedisResult<()> {
+    /// A PING to the primary. `ask_sentinels` (the breaker's probe): with Sentinel, first ask
+    /// them where the primary is now, and move there if it changed, so that the probe passes only
+    /// once a primary that takes commands answers. Without it (the health check every few
+    /// seconds, on every replica) the sentinels are not asked: their `+switch-master` and the
+    /// connection's own failover signals move it.
+    pub async fn ping(self: &Arc<Self>, ask_sentinels: bool) -> RedisResult<()> {
         let link = self.current();
         let settled = link.connected.peek().cloned();
         let moved = match (&settled, &self.locate) {
             // Still connecting: wait for that attempt below.
             (None, _) => false,
             (Some(Err(_)), _) => true,
-            (Some(Ok(c)), Locate::Sentinel { .. }) => {
+            (Some(Ok(c)), Locate::Sentinel { .. }) if ask_sentinels => {
                 let now = self.locate().await?;
                 now.get_connection_info().addr().to_string() != *c.addr
             }
-            (Some(Ok(_)), Locate::Node(_)) => false,
+            (Some(Ok(_)), _) => false,
         };
         if moved {
             self.replace(link.id, RedisReconnect::ConnectionLost);
