@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::redis::{MASTER_NAME, RedisCluster, RedisServer, SentinelSet};
+use support::redis::{MASTER_NAME, RedisCluster, RedisServer, SentinelSet, yaml_list};
 use support::*;
 
 fn keys(config: &Path, args: &[&str]) -> Output {
@@ -62,13 +62,6 @@ fn redis_section_config(dir: &Path, redis_yaml: &str) -> std::path::PathBuf {
     )
     .unwrap();
     cfg
-}
-
-fn quoted(urls: &[String]) -> String {
-    urls.iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// `usage` for every key `list` shows: answered, and with the hours of the range.
@@ -385,18 +378,10 @@ async fn every_command_against_redis() {
     assert_eq!(keys(&dead, &["list"]).status.code(), Some(64));
 }
 
-/// Against a healthy cluster of 3 primaries and 3 replicas, every command works on the first try
-/// (each is run once and must succeed): the CLI waits for the cluster connection to be set up
-/// before it checks that Redis answers, instead of finding it not connected yet.
-#[tokio::test]
-async fn every_command_against_a_redis_cluster_on_the_first_try() {
-    let cluster = RedisCluster::start_with_replicas(3, 1, 2000);
+/// Every command, then `usage` for every key, with this `redis:` section, over a daemon on it.
+async fn every_command_with(redis_yaml: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let redis_yaml = format!(
-        "redis: {{ urls: [{}], cluster: true }}",
-        quoted(&cluster.urls())
-    );
-    let cfg = redis_section_config(dir.path(), &redis_yaml);
+    let cfg = redis_section_config(dir.path(), redis_yaml);
     let env = daemon_over(
         "key_store: { type: redis }".into(),
         format!("{redis_yaml}\n"),
@@ -407,24 +392,28 @@ async fn every_command_against_a_redis_cluster_on_the_first_try() {
     env.stop().await;
 }
 
+/// Against a healthy cluster of 3 primaries and 3 replicas, every command works on the first try
+/// (each is run once and must succeed): the CLI waits for the cluster connection to be set up
+/// before it checks that Redis answers, instead of finding it not connected yet.
+#[tokio::test]
+async fn every_command_against_a_redis_cluster_on_the_first_try() {
+    let cluster = RedisCluster::start_with_replicas(3, 1, 2000);
+    every_command_with(&format!(
+        "redis: {{ urls: [{}], cluster: true }}",
+        yaml_list(&cluster.urls())
+    ))
+    .await;
+}
+
 /// The same through three sentinels: the CLI asks them for the primary.
 #[tokio::test]
 async fn every_command_through_redis_sentinels() {
     let set = SentinelSet::start();
-    let dir = tempfile::tempdir().unwrap();
-    let redis_yaml = format!(
+    every_command_with(&format!(
         "redis: {{ sentinel: {{ master_name: {MASTER_NAME}, urls: [{}] }} }}",
-        quoted(&set.urls())
-    );
-    let cfg = redis_section_config(dir.path(), &redis_yaml);
-    let env = daemon_over(
-        "key_store: { type: redis }".into(),
-        format!("{redis_yaml}\n"),
-    )
+        yaml_list(&set.urls())
+    ))
     .await;
-    exercise(&cfg, &env).await;
-    usage_of_every_key(&cfg);
-    env.stop().await;
 }
 
 #[test]

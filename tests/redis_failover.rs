@@ -560,40 +560,202 @@ async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) 
     }
 }
 
-// === Sentinel ===
+// === the two setups ===
 
-async fn a_sentinel_failover_under_load(mode: Mode) {
+/// What a Redis setup that fails over has to do for the test; the test itself is
+/// [`failover_under_load`]. Every method may block (a `redis-cli`, a process start): the
+/// driver calls them through [`blocking`], where an async helper is run with `block_on`.
+trait Setup: Send {
+    const NAME: &'static str;
+    /// The uncached key: one that lives on the primary that dies, where that matters.
+    fn uncached(&self, base: &KeyRecord) -> (String, KeyRecord);
+    /// Writes the records as the key service would, on every node before the primary dies.
+    fn seed(&self, records: &[KeyRecord]);
+    /// The daemon's (and the key service's) `redis:` section.
+    fn redis_yaml(&self) -> String;
+    fn kill_primary(&mut self);
+    fn promoted(&self) -> bool;
+    /// Starts the old primary again, and waits until it is a replica in sync.
+    fn rejoin(&mut self);
+    /// Starts a graceful failover back to the old primary.
+    fn graceful_failover(&mut self);
+    fn graceful_done(&self) -> bool;
+}
+
+/// A primary (node 0), its replica (node 1) and three sentinels.
+struct Sentinels(SentinelSet);
+
+impl Setup for Sentinels {
+    const NAME: &'static str = "sentinel";
+
+    fn uncached(&self, base: &KeyRecord) -> (String, KeyRecord) {
+        record(base, "key_uncached", None)
+    }
+
+    fn seed(&self, records: &[KeyRecord]) {
+        tokio::runtime::Handle::current().block_on(seed(&self.0.nodes[0].url(), records));
+        self.0.nodes[0].cli(&["WAIT", "1", "5000"]);
+    }
+
+    fn redis_yaml(&self) -> String {
+        format!(
+            "redis: {{ sentinel: {{ master_name: {MASTER_NAME}, urls: [{}] }}, timeout_ms: 200, connect_timeout_ms: 300 }}",
+            yaml_list(&self.0.urls())
+        )
+    }
+
+    fn kill_primary(&mut self) {
+        self.0.nodes[0].kill();
+    }
+
+    fn promoted(&self) -> bool {
+        self.0.primary_port() == Some(self.0.nodes[1].port)
+    }
+
+    /// Started as it was, a primary with nothing in it: the sentinels make it a replica.
+    fn rejoin(&mut self) {
+        self.0.nodes[0].restart();
+        self.0.wait_replica_synced(0, Duration::from_secs(30));
+    }
+
+    fn graceful_failover(&mut self) {
+        let out = self.0.sentinels[0].cli(&["SENTINEL", "FAILOVER", MASTER_NAME]);
+        assert_eq!(out, "OK", "SENTINEL FAILOVER: {out}");
+    }
+
+    /// Back on node 0, and node 1 reconfigured as its replica (when the sentinels reconfigure
+    /// the old primary, they drop its clients: that moment is inside the graceful window).
+    fn graceful_done(&self) -> bool {
+        self.0.primary_port() == Some(self.0.nodes[0].port)
+            && self.0.nodes[1]
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
+    }
+}
+
+/// 3 primaries and 3 replicas; `victim` is the primary that dies: the owner of the cached key's
+/// limiter slot, and the first seed address.
+struct Cluster {
+    cluster: RedisCluster,
+    urls: Vec<String>,
+    hot: u16,
+    victim: usize,
+    /// Another primary, alive throughout: it is asked who owns the hot slot.
+    other: usize,
+    /// The victim's replica, promoted.
+    promoted: Option<usize>,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let cluster = RedisCluster::start_with_replicas(3, 1, 1000);
+        let hot = cluster.slot(&Names::new("gybc").rate_limit("key_impersonator"));
+        let victim = cluster.primary_of(hot, 0).expect("a primary owns the slot");
+        let other = (0..cluster.nodes.len())
+            .find(|&i| i != victim && cluster.role(i).0 == "master")
+            .unwrap();
+        let mut urls = cluster.urls();
+        urls.swap(0, victim);
+        Self {
+            cluster,
+            urls,
+            hot,
+            victim,
+            other,
+            promoted: None,
+        }
+    }
+}
+
+impl Setup for Cluster {
+    const NAME: &'static str = "cluster";
+
+    /// A key whose record lives on the victim too.
+    fn uncached(&self, base: &KeyRecord) -> (String, KeyRecord) {
+        let names = Names::new("gybc");
+        loop {
+            let (key, r) = record(base, "key_uncached", None);
+            let slot = self.cluster.slot(&names.key(&r.hash));
+            if self.cluster.primary_of(slot, self.other) == Some(self.victim) {
+                return (key, r);
+            }
+        }
+    }
+
+    fn seed(&self, records: &[KeyRecord]) {
+        tokio::runtime::Handle::current().block_on(seed_cluster(&self.urls, records));
+        for i in 0..self.cluster.nodes.len() {
+            if self.cluster.role(i).0 == "master" {
+                self.cluster.nodes[i].cli(&["WAIT", "1", "5000"]);
+            }
+        }
+    }
+
+    fn redis_yaml(&self) -> String {
+        format!(
+            "redis: {{ urls: [{}], cluster: true, timeout_ms: 200, connect_timeout_ms: 300 }}",
+            yaml_list(&self.urls)
+        )
+    }
+
+    fn kill_primary(&mut self) {
+        self.cluster.nodes[self.victim].kill();
+    }
+
+    fn promoted(&self) -> bool {
+        self.cluster
+            .primary_of(self.hot, self.other)
+            .is_some_and(|p| p != self.victim)
+    }
+
+    /// Started with its nodes.conf: it learns its slots are served elsewhere and follows.
+    fn rejoin(&mut self) {
+        self.promoted = self.cluster.primary_of(self.hot, self.other);
+        self.cluster.nodes[self.victim].restart();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.cluster.role(self.victim) != ("slave".into(), true) {
+            assert!(
+                Instant::now() < deadline,
+                "the old primary did not rejoin as a replica"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn graceful_failover(&mut self) {
+        let out = self.cluster.nodes[self.victim].cli(&["CLUSTER", "FAILOVER"]);
+        assert_eq!(out, "OK", "CLUSTER FAILOVER: {out}");
+    }
+
+    fn graceful_done(&self) -> bool {
+        self.cluster.primary_of(self.hot, self.other) == Some(self.victim)
+            && self.promoted.is_some_and(|p| self.cluster.role(p).1)
+    }
+}
+
+/// The whole test, for either setup: load, SIGKILL of the primary, the checks after the
+/// promotion, the old primary's rejoin, a graceful failover, and the figures.
+async fn failover_under_load<S: Setup>(mode: Mode, start: fn() -> S) {
     let _one = ONE_AT_A_TIME.lock().await;
     let started = Instant::now();
-    let mut set = blocking(SentinelSet::start);
+    let mut setup = blocking(start);
     let keys = TestKeys::generate();
     let records = keys.records();
     let base = records.iter().find(|r| r.id == "key_impersonator").unwrap();
-    let (uncached, uncached_record) = record(base, "key_uncached", None);
+    let (uncached, uncached_record) = blocking(|| setup.uncached(base));
     let limit: RateLimit = format!("{N}/60s").parse().unwrap();
-    let (exact, exact_records): (Vec<String>, Vec<KeyRecord>) = (0..EXACT_KEYS)
+    let (exact, mut seeded): (Vec<String>, Vec<KeyRecord>) = (0..EXACT_KEYS)
         .map(|i| record(base, &format!("key_exact_{i}"), Some(limit)))
         .unzip();
-    let primary = set.nodes[0].url();
-    seed(&primary, &records).await;
-    seed(&primary, &[uncached_record]).await;
-    seed(&primary, &exact_records).await;
-    // Everything on the replica before the primary dies.
-    blocking(|| set.nodes[0].cli(&["WAIT", "1", "5000"]));
+    seeded.extend(records.iter().cloned());
+    seeded.push(uncached_record);
+    // Everything on the replicas before the primary dies.
+    blocking(|| setup.seed(&seeded));
 
-    let redis_yaml = format!(
-        "redis: {{ sentinel: {{ master_name: {MASTER_NAME}, urls: [{}] }}, timeout_ms: 200, connect_timeout_ms: 300 }}",
-        set.urls()
-            .iter()
-            .map(|u| format!("\"{u}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let f = Fleet::start(mode, &keys, &redis_yaml).await;
+    let f = Fleet::start(mode, &keys, &setup.redis_yaml()).await;
     let cached = keys.impersonator.clone();
     f.on_both("the cached key", &cached, 200, Duration::from_secs(5))
         .await;
-
     let load = Load::start(
         &f.urls(),
         &[
@@ -605,38 +767,31 @@ async fn a_sentinel_failover_under_load(mode: Mode) {
 
     let opens_before = f.breaker_opens().await;
     let killed = Instant::now();
-    blocking(|| set.nodes[0].kill());
+    blocking(|| setup.kill_primary());
     // The uncached key is first asked for once the primary is gone.
     let load_uncached = Load::start(&f.urls(), &[(Kind::Uncached, uncached.clone())]);
-    let promoted = wait_for(
-        "the sentinels promote the replica",
-        Duration::from_secs(30),
-        || set.primary_port() == Some(set.nodes[1].port),
-    )
+    let promoted = wait_for("the promotion", Duration::from_secs(30), || {
+        setup.promoted()
+    })
     .await;
     let mut exact_keys = exact.into_iter();
     let (exact_after, new_key, revocation) = after_promotion(&f, promoted, &mut exact_keys).await;
     failover_counted(&f).await;
     let breaker_opens = breaker_did_not_flap(&f, opens_before).await;
 
-    // The old primary, back: the sentinels make it a replica of the new one. No error meanwhile.
+    // The old primary, back: it rejoins as a replica. No error meanwhile.
     let rejoin = Instant::now();
-    blocking(|| {
-        set.nodes[0].restart();
-        set.wait_replica_synced(0, Duration::from_secs(30));
-    });
+    blocking(|| setup.rejoin());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A graceful failover back to it: no error at all.
     let errors_before = f.redis_errors().await;
     let graceful = Instant::now();
-    let out = blocking(|| set.sentinels[0].cli(&["SENTINEL", "FAILOVER", MASTER_NAME]));
-    assert_eq!(out, "OK", "SENTINEL FAILOVER: {out}");
+    blocking(|| setup.graceful_failover());
     wait_for("the graceful failover", Duration::from_secs(30), || {
-        set.primary_port() == Some(set.nodes[0].port)
+        setup.graceful_done()
     })
     .await;
-    blocking(|| set.wait_replica_synced(1, Duration::from_secs(30)));
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let end = Instant::now();
     let mut series = load.stop().await;
@@ -648,24 +803,15 @@ async fn a_sentinel_failover_under_load(mode: Mode) {
     no_redis_error(&f, errors_before).await;
     // The key service and the events follow the graceful failover too.
     let (secret, id) = f.create_key(Duration::ZERO).await;
-    f.on_both(
-        "a new key after the graceful failover",
-        &secret,
-        200,
-        PROPAGATION,
-    )
-    .await;
+    let after = "after the graceful failover";
+    f.on_both(&format!("a new key {after}"), &secret, 200, PROPAGATION)
+        .await;
     f.revoke_key(&id).await;
-    f.on_both(
-        "a revocation after the graceful failover",
-        &secret,
-        401,
-        PROPAGATION,
-    )
-    .await;
+    f.on_both(&format!("a revocation {after}"), &secret, 401, PROPAGATION)
+        .await;
 
     Figures {
-        setup: "sentinel",
+        setup: S::NAME,
         mode,
         promotion: promoted - killed,
         longest: longest_runs(&series, killed, rejoin),
@@ -685,147 +831,12 @@ async fn a_sentinel_failover_under_load(mode: Mode) {
     f.stop().await;
 }
 
-// === Cluster ===
+async fn a_sentinel_failover_under_load(mode: Mode) {
+    failover_under_load(mode, || Sentinels(SentinelSet::start())).await
+}
 
 async fn a_cluster_failover_under_load(mode: Mode) {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let started = Instant::now();
-    let mut cluster = blocking(|| RedisCluster::start_with_replicas(3, 1, 1000));
-    let keys = TestKeys::generate();
-    let records = keys.records();
-    let base = records.iter().find(|r| r.id == "key_impersonator").unwrap();
-    let names = Names::new("gybc");
-    // The hot key: the cached key's limiter state. Its primary is the one that dies.
-    let hot = blocking(|| cluster.slot(&names.rate_limit("key_impersonator")));
-    let victim = blocking(|| cluster.primary_of(hot, 0)).expect("a primary owns the slot");
-    // An uncached key whose record lives on that primary too.
-    let (uncached, uncached_record) = blocking(|| {
-        loop {
-            let (key, r) = record(base, "key_uncached", None);
-            if cluster.primary_of(cluster.slot(&names.key(&r.hash)), 0) == Some(victim) {
-                break (key, r);
-            }
-        }
-    });
-    let limit: RateLimit = format!("{N}/60s").parse().unwrap();
-    let (exact, exact_records): (Vec<String>, Vec<KeyRecord>) = (0..EXACT_KEYS)
-        .map(|i| record(base, &format!("key_exact_{i}"), Some(limit)))
-        .unzip();
-    // The victim is the first seed address.
-    let mut urls = cluster.urls();
-    urls.swap(0, victim);
-    seed_cluster(&urls, &records).await;
-    seed_cluster(&urls, &[uncached_record]).await;
-    seed_cluster(&urls, &exact_records).await;
-    blocking(|| cluster.nodes[victim].cli(&["WAIT", "1", "5000"]));
-
-    let redis_yaml = format!(
-        "redis: {{ urls: [{}], cluster: true, timeout_ms: 200, connect_timeout_ms: 300 }}",
-        urls.iter()
-            .map(|u| format!("\"{u}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let f = Fleet::start(mode, &keys, &redis_yaml).await;
-    let cached = keys.impersonator.clone();
-    f.on_both("the cached key", &cached, 200, Duration::from_secs(5))
-        .await;
-
-    let load = Load::start(
-        &f.urls(),
-        &[
-            (Kind::Cached, cached.clone()),
-            (Kind::Limited, keys.limited.clone()),
-        ],
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let other = blocking(|| {
-        (0..cluster.nodes.len())
-            .find(|&i| i != victim && cluster.role(i).0 == "master")
-            .unwrap()
-    });
-    let opens_before = f.breaker_opens().await;
-    let killed = Instant::now();
-    blocking(|| cluster.nodes[victim].kill());
-    let load_uncached = Load::start(&f.urls(), &[(Kind::Uncached, uncached.clone())]);
-    let promoted = wait_for(
-        "the cluster promotes a replica",
-        Duration::from_secs(30),
-        || cluster.primary_of(hot, other).is_some_and(|p| p != victim),
-    )
-    .await;
-    let replica = blocking(|| cluster.primary_of(hot, other)).unwrap();
-    let mut exact_keys = exact.into_iter();
-    let (exact_after, new_key, revocation) = after_promotion(&f, promoted, &mut exact_keys).await;
-    failover_counted(&f).await;
-    let breaker_opens = breaker_did_not_flap(&f, opens_before).await;
-
-    // The old primary, back: it learns it lost its slots and follows the new primary.
-    let rejoin = Instant::now();
-    blocking(|| cluster.nodes[victim].restart());
-    wait_for(
-        "the old primary rejoins as a replica",
-        Duration::from_secs(30),
-        || cluster.role(victim) == ("slave".into(), true),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    // A graceful failover back to it: no error at all.
-    let errors_before = f.redis_errors().await;
-    let graceful = Instant::now();
-    let out = blocking(|| cluster.nodes[victim].cli(&["CLUSTER", "FAILOVER"]));
-    assert_eq!(out, "OK", "CLUSTER FAILOVER: {out}");
-    wait_for("the graceful failover", Duration::from_secs(30), || {
-        cluster.primary_of(hot, other) == Some(victim) && cluster.role(replica).1
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let end = Instant::now();
-    let mut series = load.stop().await;
-    series.extend(load_uncached.stop().await);
-
-    check_crash(&series, killed, rejoin, promoted);
-    check_no_error("the old primary rejoining", &series, rejoin, graceful);
-    let graceful_longest = check_no_error("a graceful failover", &series, graceful, end);
-    no_redis_error(&f, errors_before).await;
-    let (secret, id) = f.create_key(Duration::ZERO).await;
-    f.on_both(
-        "a new key after the graceful failover",
-        &secret,
-        200,
-        PROPAGATION,
-    )
-    .await;
-    f.revoke_key(&id).await;
-    f.on_both(
-        "a revocation after the graceful failover",
-        &secret,
-        401,
-        PROPAGATION,
-    )
-    .await;
-
-    Figures {
-        setup: "cluster",
-        mode,
-        promotion: promoted - killed,
-        longest: longest_runs(&series, killed, rejoin),
-        exact_after,
-        new_key,
-        revocation,
-        graceful_longest,
-        breaker_opens,
-        phases: [
-            killed - started,
-            rejoin - killed,
-            graceful - rejoin,
-            end - graceful,
-        ],
-    }
-    .print();
-    f.stop().await;
+    failover_under_load(mode, Cluster::start).await
 }
 
 /// Both setups in both modes, on a runtime with threads to spare: the engines, the load and the

@@ -548,31 +548,11 @@ impl SentinelSet {
     }
 }
 
-/// Daemon options for a Redis key store and the Redis rate limiter through `sentinels`.
-pub fn sentinel_yaml(sentinels: &[String], failure_mode: &str) -> EnvOptions {
-    let urls = sentinels
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    EnvOptions {
-        key_store_yaml: Some("key_store: { type: redis }".into()),
-        extra_yaml: format!(
-            "redis: {{ sentinel: {{ master_name: {MASTER_NAME}, urls: [{urls}] }}, timeout_ms: 200, connect_timeout_ms: 300 }}\nrate_limit: {{ backend: redis, failure_mode: {failure_mode} }}\n"
-        ),
-        ..Default::default()
-    }
-}
-
 // === what the key service does ===
 
 /// Daemon options for a Redis key store and the Redis rate limiter on `urls`.
 pub fn redis_yaml(urls: &[String], cluster: bool, failure_mode: &str) -> EnvOptions {
-    let urls = urls
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let urls = yaml_list(urls);
     EnvOptions {
         key_store_yaml: Some("key_store: { type: redis }".into()),
         extra_yaml: format!(
@@ -580,6 +560,14 @@ pub fn redis_yaml(urls: &[String], cluster: bool, failure_mode: &str) -> EnvOpti
         ),
         ..Default::default()
     }
+}
+
+/// URLs as the items of a YAML flow list: `"redis://a", "redis://b"`.
+pub fn yaml_list(urls: &[String]) -> String {
+    urls.iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub async fn seed(url: &str, records: &[KeyRecord]) {
