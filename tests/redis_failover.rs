@@ -11,14 +11,16 @@
 //! - the limited key gets only 200 and 429;
 //! - from 2 s after the promotion: a key made through the key service works on both replicas
 //!   within 1 s, its revocation is seen by both within 1 s, and the fleet limit is exact (N of N);
+//! - each replica counts the failover, and its circuit breaker opens at most twice (no flapping);
 //! - the old primary, restarted, rejoins as a replica with no error on our side;
-//! - a graceful failover (`SENTINEL FAILOVER`, `CLUSTER FAILOVER`) gives no error at all, and the
-//!   key service and the revocation events follow it too.
+//! - a graceful failover (`SENTINEL FAILOVER`, `CLUSTER FAILOVER`) gives no error at all (not one
+//!   answer, not one Redis error counted), and the key service and the revocation events follow
+//!   it too.
 //!
 //! Every run prints the promotion time, the longest run of non-2xx answers per key type and the
-//! time until the limits were exact again (BENCHMARKS.md records one run). The four tests run one
-//! at a time (a lock): each starts its own Redis, Envoys and engines, and two at once on a small
-//! machine would only measure each other.
+//! time until the limits were exact again (docs/operations.md records one run). The four tests
+//! run one at a time (a lock): each starts its own Redis, Envoys and engines, and two at once on
+//! a small machine would only measure each other.
 
 mod support;
 
@@ -338,7 +340,8 @@ impl Fleet {
         n
     }
 
-    /// A metric of one replica's engine, as its operator scrapes it.
+    /// A metric of one replica's engine, as its operator scrapes it (`Stack::metric` sends its
+    /// probe request through `send`, which counts upstream hits and cannot share them with load).
     async fn metric(&self, s: &Stack, name: &str, labels: &[(&str, &str)]) -> f64 {
         match s.mode {
             Mode::Sidecar => scrape(&s.env).await.get(name, labels),

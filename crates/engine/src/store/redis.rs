@@ -162,8 +162,14 @@ pub fn spawn_event_listener(redis: Redis, cache: Weak<CachedStore>) -> tokio::ta
         let channel = redis.names.events_channel();
         let mut first = true;
         let mut delays = redis.retry_delays();
+        // One warning per outage, not one per attempt.
+        let mut warned = false;
         loop {
             let Some((node, ps)) = subscribe(&redis, &channel).await else {
+                if !warned {
+                    tracing::warn!("Cannot subscribe to key events on any Redis node; retrying.");
+                    warned = true;
+                }
                 let delay = delays.next().unwrap_or(Duration::from_secs(1));
                 tokio::time::sleep(delay).await;
                 if cache.strong_count() == 0 {
@@ -172,6 +178,7 @@ pub fn spawn_event_listener(redis: Redis, cache: Weak<CachedStore>) -> tokio::ta
                 continue;
             };
             delays = redis.retry_delays();
+            warned = false;
             let Some(c) = cache.upgrade() else { return };
             if !first {
                 c.revalidate_all();
@@ -191,11 +198,7 @@ pub fn spawn_event_listener(redis: Redis, cache: Weak<CachedStore>) -> tokio::ta
 
 /// A subscription on the first node that takes one, and its address.
 async fn subscribe(redis: &Redis, channel: &str) -> Option<(String, redis::aio::PubSub)> {
-    let nodes = redis.subscription_nodes().await;
-    if nodes.is_empty() {
-        tracing::warn!("Cannot subscribe to key events: no Redis node to ask; retrying.");
-    }
-    for client in nodes {
+    for client in redis.subscription_nodes().await {
         let node = client.get_connection_info().addr().to_string();
         let subscribed = async {
             let mut ps = client.get_async_pubsub().await?;
@@ -205,10 +208,10 @@ async fn subscribe(redis: &Redis, channel: &str) -> Option<(String, redis::aio::
         match tokio::time::timeout(redis.connect_timeout() + redis.timeout, subscribed).await {
             Ok(Ok(ps)) => return Some((node, ps)),
             Ok(Err(e)) => {
-                tracing::warn!(node = %node, error = %e, "Cannot subscribe to key events on this node; trying the next.")
+                tracing::debug!(node = %node, error = %e, "Cannot subscribe to key events on this node; trying the next.")
             }
             Err(_) => {
-                tracing::warn!(node = %node, "Subscribing to key events timed out on this node; trying the next.")
+                tracing::debug!(node = %node, "Subscribing to key events timed out on this node; trying the next.")
             }
         }
     }
