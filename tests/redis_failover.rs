@@ -11,7 +11,8 @@
 //! - the limited key gets only 200 and 429;
 //! - from 2 s after the promotion: a key made through the key service works on both replicas
 //!   within 1 s, its revocation is seen by both within 1 s, and the fleet limit is exact (N of N);
-//! - each replica counts the failover, and its circuit breaker opens at most twice (no flapping);
+//! - each replica counts the failover, writes its usage counts to the new primary, and its circuit
+//!   breaker opens at most twice (no flapping);
 //! - the old primary, restarted, rejoins as a replica with no error on our side;
 //! - a graceful failover (`SENTINEL FAILOVER`, `CLUSTER FAILOVER`) gives no error at all (not one
 //!   answer, not one Redis error counted), and the key service and the revocation events follow
@@ -780,6 +781,7 @@ async fn failover_under_load<S: Setup>(mode: Mode, start: fn() -> S) {
     let mut exact_keys = exact.into_iter();
     let (exact_after, new_key, revocation) = after_promotion(&f, promoted, &mut exact_keys).await;
     failover_counted(&f).await;
+    usage_written_again(&f).await;
     let breaker_opens = breaker_did_not_flap(&f, opens_before).await;
 
     // The old primary, back: it rejoins as a replica. No error meanwhile.
@@ -884,6 +886,20 @@ async fn breaker_did_not_flap(f: &Fleet, before: [f64; 2]) -> [f64; 2] {
         );
     }
     opens
+}
+
+/// Both replicas write their usage counts to the new primary: a flush succeeds after this point.
+async fn usage_written_again(f: &Fleet) {
+    for s in [&f.a, &f.b] {
+        let ok = [("result", "ok")];
+        let before = f.metric(s, "gybc_authz_usage_flushes_total", &ok).await;
+        wait_until(
+            "a usage flush after the failover",
+            Duration::from_secs(5),
+            async || f.metric(s, "gybc_authz_usage_flushes_total", &ok).await > before,
+        )
+        .await;
+    }
 }
 
 /// Both replicas counted the failover (`redis_reconnects_total{reason="failover"}`).
