@@ -11,16 +11,18 @@ command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo --version
 
-step "system packages (redis-server, redis-tools, nginx, chromium, chromium-driver)"
-# Tests start real redis-server processes (single nodes and a 3-node cluster) and a real nginx
-# (HTTP authorization mode) on loopback ports, and a real headless Chromium with its WebDriver
-# (tests/browser.rs: a web page calling the API through Envoy). Debian's browser: none is downloaded.
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null || [ ! -x /usr/sbin/nginx ] \
+step "system packages (redis-server, redis-tools, redis-sentinel, nginx, chromium, chromium-driver)"
+# Tests start real redis-server processes (single nodes and clusters), real redis-sentinels
+# (failovers) and a real nginx (HTTP authorization mode) on loopback ports, and a real headless
+# Chromium with its WebDriver (tests/browser.rs: a web page calling the API through Envoy).
+# Debian's browser: none is downloaded.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null \
+    || ! command -v redis-sentinel >/dev/null || [ ! -x /usr/sbin/nginx ] \
     || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools nginx \
-    chromium chromium-driver >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools \
+    redis-sentinel nginx chromium chromium-driver >/dev/null
 fi
 redis-server --version
 /usr/bin/chromium --version 2>/dev/null

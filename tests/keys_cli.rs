@@ -1,4 +1,5 @@
-//! `gybc-authz keys …` end to end: every command against a file store and a real redis-server,
+//! `gybc-authz keys …` end to end: every command against a file store, a real redis-server, a
+//! healthy 6-node Redis Cluster and a Sentinel setup, each on the first try as a user runs it;
 //! keys it creates authenticate through the daemon, revocation and rotation take effect, and
 //! concurrent creates on one file lose nothing.
 
@@ -9,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::redis::RedisServer;
+use support::redis::{MASTER_NAME, RedisCluster, RedisServer, SentinelSet, yaml_list};
 use support::*;
 
 fn keys(config: &Path, args: &[&str]) -> Output {
@@ -49,13 +50,38 @@ fn file_config(dir: &Path) -> std::path::PathBuf {
 }
 
 fn redis_config(dir: &Path, url: &str) -> std::path::PathBuf {
+    redis_section_config(dir, &format!("redis: {{ urls: [\"{url}\"] }}"))
+}
+
+/// A config with the Redis key store and this `redis:` section.
+fn redis_section_config(dir: &Path, redis_yaml: &str) -> std::path::PathBuf {
     let cfg = dir.join("config.yaml");
     std::fs::write(
         &cfg,
-        format!("key_store: {{ type: redis }}\nredis: {{ urls: [\"{url}\"] }}\njwt:\n  providers:\n    - {{ name: endusers, project_id: {APP_PROJECT} }}\n"),
+        format!("key_store: {{ type: redis }}\n{redis_yaml}\njwt:\n  providers:\n    - {{ name: endusers, project_id: {APP_PROJECT} }}\n"),
     )
     .unwrap();
     cfg
+}
+
+/// `usage` for every key `list` shows: answered, and with the hours of the range.
+fn usage_of_every_key(cfg: &Path) {
+    let listed = json_ok(&keys(cfg, &["list", "--output", "json"]));
+    let ids: Vec<&str> = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert!(!ids.is_empty());
+    for id in ids {
+        let used = json_ok(&keys(
+            cfg,
+            &["usage", id, "--since", "2h", "--output", "json"],
+        ));
+        assert_eq!(used["id"], id);
+        assert!(used["total"]["allowed"].is_u64(), "{used}");
+    }
 }
 
 /// A daemon whose key store is the one the CLI writes.
@@ -350,6 +376,44 @@ async fn every_command_against_redis() {
     // A bad config file.
     std::fs::write(&dead, "key_store: { type: redis }\n").unwrap();
     assert_eq!(keys(&dead, &["list"]).status.code(), Some(64));
+}
+
+/// Every command, then `usage` for every key, with this `redis:` section, over a daemon on it.
+async fn every_command_with(redis_yaml: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = redis_section_config(dir.path(), redis_yaml);
+    let env = daemon_over(
+        "key_store: { type: redis }".into(),
+        format!("{redis_yaml}\n"),
+    )
+    .await;
+    exercise(&cfg, &env).await;
+    usage_of_every_key(&cfg);
+    env.stop().await;
+}
+
+/// Against a healthy cluster of 3 primaries and 3 replicas, every command works on the first try
+/// (each is run once and must succeed): the CLI waits for the cluster connection to be set up
+/// before it checks that Redis answers, instead of finding it not connected yet.
+#[tokio::test]
+async fn every_command_against_a_redis_cluster_on_the_first_try() {
+    let cluster = RedisCluster::start_with_replicas(3, 1, 2000);
+    every_command_with(&format!(
+        "redis: {{ urls: [{}], cluster: true }}",
+        yaml_list(&cluster.urls())
+    ))
+    .await;
+}
+
+/// The same through three sentinels: the CLI asks them for the primary.
+#[tokio::test]
+async fn every_command_through_redis_sentinels() {
+    let set = SentinelSet::start();
+    every_command_with(&format!(
+        "redis: {{ sentinel: {{ master_name: {MASTER_NAME}, urls: [{}] }} }}",
+        yaml_list(&set.urls())
+    ))
+    .await;
 }
 
 #[test]

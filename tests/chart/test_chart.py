@@ -219,6 +219,7 @@ def test_there_are_scenarios():
         "key-service-values",
         "module-key-service-values",
         "browser-values",
+        "redis-sentinel-values",
     } <= names, names
 
 
@@ -715,6 +716,39 @@ def test_redis_urls_from_values_with_the_password_from_a_secret(chart, daemon, t
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_redis_by_sentinel(chart, daemon, tmp_path):
+    """gybcAuthz.redis.sentinel renders `redis.sentinel` (no URLs), both passwords come from the
+    Secret as variables the config names, and the daemon, and the key service, accept it."""
+    values = load_values(CHART / "ci" / "redis-sentinel-values.yaml")
+    for docs in [render(chart, values), render(chart, merged(values, mode="module"))]:
+        cfg = yaml.safe_load(daemon_yaml(docs))
+        redis = cfg["redis"]
+        assert "urls" not in redis and "cluster" not in redis
+        assert redis["password_env"] == "GYBC_AUTHZ_REDIS_PASSWORD"
+        assert redis["sentinel"] == {
+            "master_name": "mymaster",
+            "urls": values["gybcAuthz"]["redis"]["sentinel"]["urls"],
+            "password_env": "GYBC_AUTHZ_REDIS_SENTINEL_PASSWORD",
+        }
+        env = {e["name"]: e for e in engine_container(docs)["env"]}
+        for var in ["GYBC_AUTHZ_REDIS_PASSWORD", "GYBC_AUTHZ_REDIS_SENTINEL_PASSWORD"]:
+            assert env[var]["valueFrom"]["secretKeyRef"] == {
+                "name": "gybc-redis", "key": "redis-password"}, var
+        proc = check_config(daemon, docs, tmp_path, pod_env(docs))
+        assert proc.returncode == 0, proc.stdout + proc.stderr + daemon_yaml(docs)
+    # Without the sentinels' password variable the daemon says which one is missing.
+    docs = render(chart, values)
+    env = {k: v for k, v in pod_env(docs).items() if k != "GYBC_AUTHZ_REDIS_SENTINEL_PASSWORD"}
+    proc = check_config(daemon, docs, tmp_path, env)
+    assert proc.returncode == 64 and "redis.sentinel.password_env" in proc.stderr, proc.stderr
+    # A CA and TLS to the data nodes, as a user adds them.
+    docs = render(chart, merged(values, gybcAuthz__redis__sentinel__dataNodesTls=True,
+                                gybcAuthz__config__redis={"sentinel": {"tls_ca_file": "/ca.pem"}}))
+    sentinel = yaml.safe_load(daemon_yaml(docs))["redis"]["sentinel"]
+    assert sentinel["data_nodes_tls"] is True and sentinel["tls_ca_file"] == "/ca.pem"
+    assert sentinel["master_name"] == "mymaster"
+
+
 def test_key_file_from_a_configmap(chart):
     docs = render(chart, load_values(CHART / "ci" / "with-app-container-values.yaml"))
     vols = {v["name"]: v for v in deployment(docs)["spec"]["template"]["spec"]["volumes"]}
@@ -1092,6 +1126,20 @@ def test_app_probes_through_envoy_are_accepted(chart):
         ({"gybcAuthz": {"redis": {"urls": ["redis://r:6379"]}, "config": {"redis": {"urls": ["redis://x"]}}}},
          "set twice"),
         ({"gybcAuthz": {"redis": {"urlKey": "url"}}}, "existingSecret, which is empty"),
+        ({"gybcAuthz": {"redis": {"urls": ["redis://r:6379"],
+                                  "sentinel": {"masterName": "m", "urls": ["redis://s:26379"]}}}},
+         "gybcAuthz.redis.sentinel names the primary"),
+        ({"gybcAuthz": {"redis": {"cluster": True,
+                                  "sentinel": {"masterName": "m", "urls": ["redis://s:26379"]}}}},
+         "gybcAuthz.redis.sentinel names the primary"),
+        ({"gybcAuthz": {"redis": {"sentinel": {"masterName": "m"}}}}, "needs gybcAuthz.redis.sentinel.urls"),
+        ({"gybcAuthz": {"redis": {"sentinel": {"urls": ["redis://s:26379"]}}}}, "needs gybcAuthz.redis.sentinel.masterName"),
+        ({"gybcAuthz": {"redis": {"sentinel": {"masterName": "m", "urls": ["redis://s:26379"],
+                                               "passwordKey": "p"}}}},
+         "sentinel.passwordKey names an item of gybcAuthz.redis.existingSecret, which is empty"),
+        ({"gybcAuthz": {"redis": {"sentinel": {"masterName": "m", "urls": ["redis://s:26379"]}},
+                        "config": {"redis": {"sentinel": {"master_name": "x", "urls": ["redis://s"]}}}}},
+         "sentinels are set twice"),
         ({"gybcAuthz": {"redis": {"urls": ["redis://r:6379"], "existingSecret": "s", "urlKey": "url"}}},
          "Redis URLs are set twice: gybcAuthz.redis.urlKey"),
         ({"gybcAuthz": {"redis": {"existingSecret": "s", "urlKey": "url"},

@@ -1,5 +1,6 @@
 //! Real `redis-server` processes on ephemeral loopback ports: single nodes that can be killed and
-//! restarted on the same port, and a local 3-node Redis Cluster. Missing binaries fail loudly.
+//! restarted on the same port, local Redis Clusters (with or without replicas), and a Sentinel
+//! setup (a primary, a replica and three real `redis-sentinel`s). Missing binaries fail loudly.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use gybc_authz_engine::store::redis::{encode_event, encode_record};
 use super::EnvOptions;
 
 const INSTALL_HINT: &str = "redis-server / redis-cli not found: install them with `apt-get install redis-server redis-tools` (./scripts/test.sh does)";
+const SENTINEL_HINT: &str = "redis-sentinel not found: install it with `apt-get install redis-sentinel` (./scripts/test.sh does)";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -230,14 +232,29 @@ impl Drop for RedisServer {
     }
 }
 
-/// A local Redis Cluster of `n` masters, no replicas.
+/// One node of `CLUSTER NODES`: its port, flags (`master`, `slave`, `fail`, …) and slot ranges.
+struct NodeLine {
+    port: u16,
+    flags: String,
+    ranges: Vec<(u16, u16)>,
+}
+
+/// A local Redis Cluster: `n` primaries without replicas (`start`), or shards of a primary and
+/// its replicas (`start_with_replicas`).
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
     pub fn start(n: usize) -> Self {
-        let nodes: Vec<RedisServer> = (0..n)
+        Self::start_with_replicas(n, 0, 2000)
+    }
+
+    /// `primaries` shards of one primary and `replicas` replicas each; a node that does not
+    /// answer for `node_timeout_ms` is failed over.
+    pub fn start_with_replicas(primaries: usize, replicas: usize, node_timeout_ms: u64) -> Self {
+        let timeout = node_timeout_ms.to_string();
+        let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
             .map(|_| {
                 RedisServer::start_with(&[
                     "--cluster-enabled",
@@ -245,7 +262,7 @@ impl RedisCluster {
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
-                    "2000",
+                    &timeout,
                 ])
             })
             .collect();
@@ -256,7 +273,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .unwrap_or_else(|e| panic!("{INSTALL_HINT} ({e})"));
         assert!(
@@ -264,14 +281,95 @@ impl RedisCluster {
             "cluster create failed: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         for node in &nodes {
             while !node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
                 assert!(Instant::now() < deadline, "cluster did not reach state ok");
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Self { nodes }
+        let cluster = Self { nodes };
+        // Every replica known to every node and in sync: a failover needs both.
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            if cluster.is_replica(i) {
+                while !node
+                    .cli(&["INFO", "replication"])
+                    .contains("master_link_status:up")
+                {
+                    assert!(Instant::now() < deadline, "replica {i} did not sync");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        cluster
+    }
+
+    /// `CLUSTER NODES` as one node sees it.
+    fn layout(&self, asking: usize) -> Vec<NodeLine> {
+        self.nodes[asking]
+            .cli(&["CLUSTER", "NODES"])
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let port = f
+                    .get(1)?
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                let ranges = f
+                    .iter()
+                    .skip(8)
+                    .filter(|r| !r.starts_with('['))
+                    .filter_map(|r| match r.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => r.parse().ok().map(|s| (s, s)),
+                    })
+                    .collect();
+                Some(NodeLine {
+                    port,
+                    flags: f.get(2)?.to_string(),
+                    ranges,
+                })
+            })
+            .collect()
+    }
+
+    fn is_replica(&self, i: usize) -> bool {
+        self.nodes[i].cli(&["ROLE"]).starts_with("slave")
+    }
+
+    /// The node that is the primary of `slot` now, asked of node `asking` (a live one).
+    pub fn primary_of(&self, slot: u16, asking: usize) -> Option<usize> {
+        let port = self
+            .layout(asking)
+            .into_iter()
+            .find(|n| {
+                n.flags.contains("master")
+                    && !n.flags.contains("fail")
+                    && n.ranges.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+            })?
+            .port;
+        self.nodes.iter().position(|n| n.port == port)
+    }
+
+    /// The slot of a key name.
+    pub fn slot(&self, name: &str) -> u16 {
+        self.nodes
+            .iter()
+            .find_map(|n| n.cli(&["CLUSTER", "KEYSLOT", name]).parse().ok())
+            .expect("a node answers CLUSTER KEYSLOT")
+    }
+
+    /// Node `i`'s own `ROLE` (`master` / `slave`) and, for a replica, whether it is in sync.
+    pub fn role(&self, i: usize) -> (String, bool) {
+        let role = self.nodes[i].cli(&["ROLE"]);
+        let synced = self.nodes[i]
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up");
+        (role.lines().next().unwrap_or("").to_owned(), synced)
     }
 
     pub fn urls(&self) -> Vec<String> {
@@ -280,13 +378,18 @@ impl RedisCluster {
 
     /// `redis-cli -c` against the first node: follows MOVED redirects.
     pub fn cli(&self, args: &[&str]) -> String {
+        self.cli_via(0, args)
+    }
+
+    /// `redis-cli -c` against node `i`.
+    pub fn cli_via(&self, i: usize, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args([
                 "-c",
                 "-h",
                 "127.0.0.1",
                 "-p",
-                &self.nodes[0].port.to_string(),
+                &self.nodes[i].port.to_string(),
             ])
             .args(args)
             .output()
@@ -295,15 +398,161 @@ impl RedisCluster {
     }
 }
 
+// === Sentinel ===
+
+/// The name the sentinels monitor the primary under.
+pub const MASTER_NAME: &str = "gybc-primary";
+
+/// One `redis-sentinel`, stopped on drop.
+pub struct Sentinel {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Sentinel {
+    fn start(primary_port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        // Low timeouts, so a failover takes seconds: down after 1 s without an answer.
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                 sentinel monitor {MASTER_NAME} 127.0.0.1 {primary_port} 2\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                 sentinel failover-timeout {MASTER_NAME} 6000\n\
+                 sentinel parallel-syncs {MASTER_NAME} 1\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-sentinel")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{SENTINEL_HINT} ({e})"));
+        wait_for_ping(port);
+        Self {
+            port,
+            _dir: dir,
+            child,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = redis_cli(self.port, args).unwrap_or_else(|e| panic!("{INSTALL_HINT} ({e})"));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `SENTINEL MASTER`'s fields.
+    fn master_info(&self) -> std::collections::BTreeMap<String, String> {
+        let lines: Vec<String> = self
+            .cli(&["SENTINEL", "MASTER", MASTER_NAME])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (c[0].clone(), c[1].clone()))
+            .collect()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A primary (`nodes[0]` at first), its replica (`nodes[1]`) and three sentinels watching them,
+/// quorum two, all real processes.
+pub struct SentinelSet {
+    pub nodes: Vec<RedisServer>,
+    pub sentinels: Vec<Sentinel>,
+}
+
+impl SentinelSet {
+    pub fn start() -> Self {
+        let primary = RedisServer::start();
+        let replica_of = primary.port.to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &replica_of]);
+        let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(primary.port)).collect();
+        let set = Self {
+            nodes: vec![primary, replica],
+            sentinels,
+        };
+        // Each sentinel must know the replica (to promote it) and the other two (to agree), and
+        // the replica must be in sync, before a failover can work.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for s in &set.sentinels {
+            loop {
+                let m = s.master_info();
+                let n = |k: &str| m.get(k).map(String::as_str).unwrap_or("0").to_owned();
+                if n("num-slaves") == "1" && n("num-other-sentinels") == "2" {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "sentinel {} never saw the replica and its peers: {m:?}",
+                    s.port
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        set.wait_replica_synced(1, Duration::from_secs(20));
+        set
+    }
+
+    /// The sentinels' URLs, for `redis.sentinel.urls`.
+    pub fn urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(Sentinel::url).collect()
+    }
+
+    /// The port of the primary the first sentinel that answers names.
+    pub fn primary_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|s| {
+            let out = s.cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME]);
+            out.lines().nth(1)?.trim().parse().ok()
+        })
+    }
+
+    /// The index of the node the sentinels name as the primary.
+    pub fn primary(&self) -> usize {
+        let port = self.primary_port().expect("a sentinel names a primary");
+        self.nodes.iter().position(|n| n.port == port).unwrap()
+    }
+
+    /// Waits until node `i` is a replica with its link to a primary up.
+    pub fn wait_replica_synced(&self, i: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let info = self.nodes[i].cli(&["INFO", "replication"]);
+            if info.contains("role:slave") && info.contains("master_link_status:up") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} is not a synced replica after {within:?}: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 // === what the key service does ===
 
 /// Daemon options for a Redis key store and the Redis rate limiter on `urls`.
 pub fn redis_yaml(urls: &[String], cluster: bool, failure_mode: &str) -> EnvOptions {
-    let urls = urls
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let urls = yaml_list(urls);
     EnvOptions {
         key_store_yaml: Some("key_store: { type: redis }".into()),
         extra_yaml: format!(
@@ -311,6 +560,14 @@ pub fn redis_yaml(urls: &[String], cluster: bool, failure_mode: &str) -> EnvOpti
         ),
         ..Default::default()
     }
+}
+
+/// URLs as the items of a YAML flow list: `"redis://a", "redis://b"`.
+pub fn yaml_list(urls: &[String]) -> String {
+    urls.iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub async fn seed(url: &str, records: &[KeyRecord]) {

@@ -70,13 +70,19 @@ impl Breaker {
     }
 
     /// A probe was answered: closes the breaker. True if it was open.
+    ///
+    /// The new episode starts on probation: until a call succeeds, one failure opens the breaker
+    /// again. A probe proves the dependency answers, not that every call will; if the first ones
+    /// fail anyway, waiting for `threshold` of them would make each premature close cost
+    /// `threshold` timeouts.
     pub fn close(&self) -> bool {
         let epoch = self.epoch.load(Ordering::Acquire);
         if epoch.is_multiple_of(2) {
             return false;
         }
-        // Reset before the new episode begins: no permit of it can exist yet.
-        self.consecutive.store(0, Ordering::Release);
+        // Set before the new episode begins: no permit of it can exist yet.
+        self.consecutive
+            .store(self.threshold - 1, Ordering::Release);
         self.epoch
             .compare_exchange(epoch, epoch + 1, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
@@ -142,8 +148,33 @@ mod tests {
             assert!(!b.failed(before));
         }
         assert!(!b.is_open());
+        // Once a call of the new episode succeeded, the count starts again at zero.
+        b.succeeded(now);
         assert!(!b.failed(now), "the count started again at zero");
         assert!(b.failed(now));
+    }
+
+    #[test]
+    fn after_a_close_the_first_failure_before_any_success_opens_it_again() {
+        let b = Breaker::new(3);
+        let p = b.permit().unwrap();
+        for _ in 0..2 {
+            assert!(!b.failed(p));
+        }
+        assert!(b.failed(p));
+        assert!(b.close());
+        let now = b.permit().unwrap();
+        assert!(
+            b.failed(now),
+            "on probation: one failure, not three, before the dependency is spared again"
+        );
+        assert!(b.is_open());
+        assert!(b.close());
+        let later = b.permit().unwrap();
+        b.succeeded(later);
+        assert!(!b.failed(later));
+        assert!(!b.failed(later));
+        assert!(b.failed(later), "after a success, the threshold again");
     }
 
     #[test]

@@ -121,16 +121,16 @@ impl Engine {
                 let redis = Redis::connect_observed(r, observer.clone()).await?;
                 let probe = redis.clone();
                 let gate = async move {
-                    while !probe.ping().await {
+                    while !probe.check().await {
                         tokio::time::sleep(Duration::from_millis(250)).await;
                     }
                 };
                 gates.push(("Redis".into(), Box::pin(gate)));
-                // The connection-state gauge.
+                // The connection-state gauge (and, for a cluster, its layout: a failover seen).
                 let (probe, obs) = (redis.clone(), observer.clone());
                 background.push(tokio::spawn(async move {
                     loop {
-                        obs.redis_health(probe.ping().await);
+                        obs.redis_health(probe.check().await);
                         tokio::time::sleep(REDIS_HEALTH_EVERY).await;
                     }
                 }));

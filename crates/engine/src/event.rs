@@ -1,5 +1,6 @@
 //! What the parts report to `observe`, as plain data: a token lookup's outcome, a key lookup's
-//! store and cache outcome, why a key store or Redis gave no answer, which dependency failed.
+//! store and cache outcome, why a key store or Redis gave no answer, which dependency failed,
+//! why Redis was connected to again.
 //! Defined here, below every part that reports them and below the observer, so that `observe`
 //! and `metrics` import nothing they observe.
 
@@ -103,6 +104,40 @@ impl RedisFailure {
             RedisFailure::BreakerOpen => "breaker_open",
             RedisFailure::Timeout(_) => "timeout",
             RedisFailure::Error(_) => "error",
+        }
+    }
+}
+
+/// Why the engine connected to Redis again: the `reason` label of `redis_reconnects_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisReconnect {
+    /// Another node is the primary now: the sentinels named a new one, or a cluster shard's
+    /// replica took over.
+    Failover,
+    /// A node answered `READONLY` (a write reached a primary demoted to replica): connected again
+    /// to whatever is the primary now.
+    Readonly,
+    /// The connection to the primary broke (a reset, a node that went away) and was made again.
+    ConnectionLost,
+    /// The key-events subscription was made again, on the same node or another one; the key
+    /// cache was marked stale, as events may have been missed.
+    Subscription,
+}
+
+impl RedisReconnect {
+    pub const ALL: [RedisReconnect; 4] = [
+        RedisReconnect::Failover,
+        RedisReconnect::Readonly,
+        RedisReconnect::ConnectionLost,
+        RedisReconnect::Subscription,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisReconnect::Failover => "failover",
+            RedisReconnect::Readonly => "readonly",
+            RedisReconnect::ConnectionLost => "connection_lost",
+            RedisReconnect::Subscription => "subscription",
         }
     }
 }

@@ -12,7 +12,7 @@ use prometheus::{
 use std::sync::OnceLock;
 
 use crate::decision::{AuthMethod, Reason};
-use crate::event::{CacheOutcome, StoreKind, UsageDrop};
+use crate::event::{CacheOutcome, RedisReconnect, StoreKind, UsageDrop};
 
 const NAMESPACE: &str = "gybc_authz";
 
@@ -47,6 +47,7 @@ pub struct Metrics {
     pub redis_connected: IntGauge,
     pub redis_breaker_open: IntGauge,
     redis_breaker_transitions: IntCounterVec,
+    redis_reconnects: IntCounterVec,
     /// Resolved once, in `Reason::ALL` order.
     decision_log_suppressed: Vec<IntCounter>,
     unknown_kid_fetches: IntCounterVec,
@@ -109,6 +110,11 @@ impl Metrics {
             "redis_breaker_transitions_total",
             "Transitions of the Redis circuit breaker, by the state entered (open, closed).",
             &["to"],
+        );
+        let redis_reconnects = counter(
+            "redis_reconnects_total",
+            "Connections to Redis made again, by reason (failover: another node is the primary now; readonly: a node answered READONLY; connection_lost: the connection broke; subscription: the key-events subscription was made again and the key cache marked stale).",
+            &["reason"],
         );
         let decision_log_suppressed = counter(
             "decision_log_suppressed_total",
@@ -237,6 +243,7 @@ impl Metrics {
             redis_connected,
             redis_breaker_open,
             redis_breaker_transitions,
+            redis_reconnects,
             decision_log_suppressed: Reason::ALL
                 .iter()
                 .map(|r| decision_log_suppressed.with_label_values(&[r.as_str()]))
@@ -270,6 +277,9 @@ impl Metrics {
         }
         for to in ["open", "closed"] {
             m.redis_breaker_transitions.with_label_values(&[to]);
+        }
+        for reason in RedisReconnect::ALL {
+            m.redis_reconnects.with_label_values(&[reason.as_str()]);
         }
         for (backend, kind) in [
             ("key_store", "unavailable"),
@@ -385,6 +395,19 @@ impl Metrics {
             .with_label_values(&[to])
             .inc();
         self.redis_breaker_open.set((to == "open") as i64);
+    }
+
+    /// Redis was connected to again, for `reason`.
+    pub fn redis_reconnect(&self, reason: RedisReconnect) {
+        self.redis_reconnects
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// How often Redis was connected to again for `reason` (tests).
+    #[cfg(test)]
+    pub fn redis_reconnects_count(&self, reason: &str) -> u64 {
+        self.redis_reconnects.with_label_values(&[reason]).get()
     }
 
     /// One denial line of `reason` left out.

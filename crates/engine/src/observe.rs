@@ -11,7 +11,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{DecisionLevel, LogConfig, SecretKeyFromBrowser};
 use crate::decision::{Decision, Reason};
 use crate::event::{
-    Backend, CacheOutcome, RedisFailure, StoreError, StoreKind, TokenLookup, UsageDrop,
+    Backend, CacheOutcome, RedisFailure, RedisReconnect, StoreError, StoreKind, TokenLookup,
+    UsageDrop,
 };
 use crate::metrics::Metrics;
 use crate::request::RequestContext;
@@ -210,6 +211,30 @@ impl Observer {
             probes,
             "Redis circuit breaker closed: Redis answered a probe."
         );
+    }
+
+    /// Redis was connected to again. A failover (`from` one primary `to` another) is one warning
+    /// per primary replaced: what an operator looks for after an alert; the rest is routine.
+    pub fn redis_reconnected(&self, reason: RedisReconnect, from: Option<&str>, to: &str) {
+        self.metrics.redis_reconnect(reason);
+        match reason {
+            RedisReconnect::Failover => tracing::warn!(
+                reason = reason.as_str(),
+                from = from.unwrap_or("-"),
+                to,
+                "Redis failover seen: another node is the primary now; commands go to it."
+            ),
+            RedisReconnect::Subscription => tracing::info!(
+                reason = reason.as_str(),
+                node = to,
+                "Subscribed to key events again; cached keys are marked stale, as events may have been missed."
+            ),
+            _ => tracing::info!(
+                reason = reason.as_str(),
+                node = to,
+                "Connected to the Redis primary again."
+            ),
+        }
     }
 
     /// A provider's signing keys were fetched.

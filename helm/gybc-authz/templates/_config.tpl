@@ -44,6 +44,11 @@ to the gybc-authz container, or in module mode to Envoy's, where the engine runs
   valueFrom:
     secretKeyRef: { name: {{ $a.redis.existingSecret | quote }}, key: {{ $a.redis.passwordKey | quote }} }
 {{- end }}
+{{- if $a.redis.sentinel.passwordKey }}
+- name: GYBC_AUTHZ_REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef: { name: {{ $a.redis.existingSecret | quote }}, key: {{ $a.redis.sentinel.passwordKey | quote }} }
+{{- end }}
 {{- if $a.redis.urlKey }}
 # The Redis URL(s) from the Secret, then the config override the engine reads:
 # Kubernetes expands $(GYBC_AUTHZ_REDIS_URL), defined just above, into a YAML
@@ -62,8 +67,8 @@ to the gybc-authz container, or in module mode to Envoy's, where the engine runs
 
 {{/*
 gybc-authz's config.yaml: gybcAuthz.config, plus the parts the chart owns (`server`, the
-key file's `key_store`, Redis URLs and password variable, and with keyService.enabled the
-key service's addresses, prefix and scopes in `key_service`). Redis URLs kept in a Secret
+key file's `key_store`, Redis URLs or sentinels and password variables, and with keyService.enabled
+the key service's addresses, prefix and scopes in `key_service`). Redis URLs kept in a Secret
 (gybcAuthz.redis.urlKey) are not in this file: the daemon reads them from the environment.
 */}}
 {{- define "gybc-authz.config" -}}
@@ -79,10 +84,21 @@ key service's addresses, prefix and scopes in `key_service`). Redis URLs kept in
   "path" (printf "%s/%s" (include "gybc-authz.keyFileDir" .) $a.keyFile.key)
   "reload_interval_ms" (int $a.keyFile.reloadIntervalMs)) }}
 {{- end }}
-{{- if or $a.redis.urls (and $a.redis.existingSecret $a.redis.urlKey) }}
+{{- $sentinel := $a.redis.sentinel }}
+{{- if or $a.redis.urls (and $a.redis.existingSecret $a.redis.urlKey) $sentinel.masterName }}
 {{- $r := deepCopy ($c.redis | default dict) }}
 {{- if $a.redis.urls }}
 {{- $_ := set $r "urls" $a.redis.urls }}
+{{- end }}
+{{- if $sentinel.masterName }}
+{{- /* Over whatever gybcAuthz.config.redis.sentinel holds (a tls_ca_file, say). */}}
+{{- $s := deepCopy ($r.sentinel | default dict) }}
+{{- $_ := set $s "master_name" $sentinel.masterName }}
+{{- $_ := set $s "urls" $sentinel.urls }}
+{{- if $sentinel.username }}{{ $_ := set $s "username" $sentinel.username }}{{ end }}
+{{- if $sentinel.passwordKey }}{{ $_ := set $s "password_env" "GYBC_AUTHZ_REDIS_SENTINEL_PASSWORD" }}{{ end }}
+{{- if $sentinel.dataNodesTls }}{{ $_ := set $s "data_nodes_tls" true }}{{ end }}
+{{- $_ := set $r "sentinel" $s }}
 {{- end }}
 {{- /* With urlKey, the URLs come from the Secret as GYBC_AUTHZ__REDIS__URLS (deployment.yaml). */}}
 {{- if $a.redis.cluster }}{{ $_ := set $r "cluster" true }}{{ end }}

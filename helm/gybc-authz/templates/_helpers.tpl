@@ -154,8 +154,24 @@ by every template that depends on these values, so `helm template` fails as `hel
 {{- if and $a.redis.existingSecret $a.redis.passwordKey (or (hasKey $redisCfg "password_env") (hasKey $redisCfg "password_file")) }}
 {{- fail "The Redis password is set twice: gybcAuthz.redis.existingSecret/passwordKey, and gybcAuthz.config.redis.password_env or password_file. Keep one" }}
 {{- end }}
-{{- if and (include "gybc-authz.usesRedis" .) (not (or $a.redis.urls $redisCfg.urls (and $a.redis.existingSecret $a.redis.urlKey))) }}
-{{- fail "gybcAuthz.config uses Redis (key_store.type or rate_limit.backend is redis) but no Redis is named: set gybcAuthz.redis.urls" }}
+{{- $sentinel := $a.redis.sentinel }}
+{{- if and $sentinel.masterName (or $a.redis.urls $a.redis.urlKey $a.redis.cluster (hasKey $redisCfg "urls")) }}
+{{- fail "gybcAuthz.redis.sentinel names the primary: leave gybcAuthz.redis.urls, urlKey and cluster (and gybcAuthz.config.redis.urls) empty" }}
+{{- end }}
+{{- if and $sentinel.masterName (not $sentinel.urls) }}
+{{- fail "gybcAuthz.redis.sentinel.masterName needs gybcAuthz.redis.sentinel.urls: every sentinel" }}
+{{- end }}
+{{- if and $sentinel.urls (not $sentinel.masterName) }}
+{{- fail "gybcAuthz.redis.sentinel.urls needs gybcAuthz.redis.sentinel.masterName: the name the sentinels monitor the primary under" }}
+{{- end }}
+{{- if and $sentinel.passwordKey (not $a.redis.existingSecret) }}
+{{- fail "gybcAuthz.redis.sentinel.passwordKey names an item of gybcAuthz.redis.existingSecret, which is empty" }}
+{{- end }}
+{{- if and $sentinel.masterName (hasKey $redisCfg "sentinel") (hasKey (get $redisCfg "sentinel") "master_name") }}
+{{- fail "The Redis sentinels are set twice: use gybcAuthz.redis.sentinel, not gybcAuthz.config.redis.sentinel.master_name" }}
+{{- end }}
+{{- if and (include "gybc-authz.usesRedis" .) (not (or $a.redis.urls $redisCfg.urls (and $a.redis.existingSecret $a.redis.urlKey) $sentinel.masterName (hasKey $redisCfg "sentinel"))) }}
+{{- fail "gybcAuthz.config uses Redis (key_store.type or rate_limit.backend is redis) but no Redis is named: set gybcAuthz.redis.urls (or gybcAuthz.redis.sentinel)" }}
 {{- end }}
 {{- if and $a.redis.urlKey (not $a.redis.existingSecret) }}
 {{- fail "gybcAuthz.redis.urlKey names an item of gybcAuthz.redis.existingSecret, which is empty" }}

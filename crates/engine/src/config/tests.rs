@@ -255,6 +255,113 @@ fn http_mode_reads_one_named_header_for_method_and_path() {
 }
 
 #[test]
+fn redis_sentinel_names_the_primary_with_credentials_of_its_own() {
+    let yaml = r#"
+redis:
+  sentinel:
+    master_name: gybc
+    urls: ["redis://s1:26379", "redis://s2:26379", "redis://s3:26379"]
+    username: watcher
+    password_env: SENTINEL_PW
+  username: app
+  password_env: REDIS_PW
+key_store: { type: redis }
+"#;
+    let c = Config::from_yaml(
+        yaml,
+        &env(&[("SENTINEL_PW", "s-secret"), ("REDIS_PW", "r-secret")]),
+    )
+    .unwrap();
+    let r = c.redis.as_ref().unwrap();
+    let s = r.sentinel.as_ref().unwrap();
+    assert_eq!(s.master_name, "gybc");
+    assert_eq!(s.urls.len(), 3);
+    assert_eq!(s.username.as_deref(), Some("watcher"));
+    assert_eq!(s.password.as_ref().unwrap().expose(), "s-secret");
+    assert!(!s.data_nodes_tls);
+    assert!(r.urls.is_empty());
+    assert_eq!(r.password.as_ref().unwrap().expose(), "r-secret");
+    assert!(
+        !format!("{c:?}").contains("secret"),
+        "Debug never shows a password"
+    );
+    let err = Config::from_yaml(yaml, &env(&[("REDIS_PW", "r-secret")])).unwrap_err();
+    assert_eq!(paths(err), vec!["redis.sentinel.password_env"]);
+
+    // The whole section from the environment, as a Helm chart or a container sets it.
+    let c = Config::from_yaml(
+        "key_store: { type: redis }\n",
+        &env(&[
+            ("GYBC_AUTHZ__REDIS__SENTINEL__MASTER_NAME", "mymaster"),
+            (
+                "GYBC_AUTHZ__REDIS__SENTINEL__URLS",
+                "[redis://a:26379, redis://b:26379]",
+            ),
+            ("GYBC_AUTHZ__REDIS__SENTINEL__DATA_NODES_TLS", "true"),
+        ]),
+    )
+    .unwrap();
+    let s = c.redis.unwrap().sentinel.unwrap();
+    assert_eq!(s.master_name, "mymaster");
+    assert_eq!(s.urls, ["redis://a:26379", "redis://b:26379"]);
+    assert!(s.data_nodes_tls);
+}
+
+#[test]
+fn redis_sentinel_is_checked_with_every_error_named() {
+    let yaml = r#"
+redis:
+  urls: ["redis://r:6379"]
+  cluster: true
+  tls_ca_file: /ca.pem
+  sentinel:
+    master_name: "my master"
+    urls: ["redis://:pw@s1:26379", "http://s2"]
+    tls_ca_file: /ca.pem
+    password_file: /pw
+    password_env: PW
+"#;
+    let got = paths(Config::from_yaml(yaml, &env(&[])).unwrap_err());
+    assert_eq!(
+        got,
+        [
+            "redis.urls",
+            "redis.cluster",
+            "redis.sentinel.master_name",
+            "redis.sentinel.urls[0]",
+            "redis.sentinel.urls[1]",
+            "redis.sentinel.tls_ca_file",
+            "redis.sentinel.password_env",
+            "redis.tls_ca_file",
+        ]
+    );
+    let err = Config::from_yaml(
+        "redis: { sentinel: { master_name: m, urls: [] } }\n",
+        &env(&[]),
+    )
+    .unwrap_err();
+    assert_eq!(paths(err), ["redis.sentinel.urls"]);
+    let err = Config::from_yaml(
+        "redis: { sentinel: { urls: [\"redis://s\"] } }\n",
+        &env(&[]),
+    )
+    .unwrap_err();
+    assert_eq!(paths(err), ["redis.sentinel"], "master_name is required");
+    let err = Config::from_yaml("redis: { cluster: false }\n", &env(&[])).unwrap_err();
+    assert_eq!(
+        paths(err),
+        ["redis.urls"],
+        "a node, a cluster or the sentinels"
+    );
+    // A CA for the data nodes is fine once they speak TLS.
+    Config::from_yaml(
+        "redis: { tls_ca_file: /ca.pem, sentinel: { master_name: m, urls: [\"rediss://s:26380\"], tls_ca_file: /ca.pem, data_nodes_tls: true } }\n",
+        &env(&[]),
+    )
+    .unwrap();
+}
+
+#[test]
 fn redis_breaker_defaults_and_bounds() {
     let c = Config::from_yaml("redis: { urls: [\"redis://r:6379\"] }\n", &env(&[])).unwrap();
     let b = &c.redis.unwrap().breaker;

@@ -339,10 +339,17 @@ impl AdminStore {
         if let AdminStore::Redis(r) = &store
             && !r.ping().await
         {
-            let urls = cfg.redis.as_ref().map(|r| r.urls.join(", "));
+            let asked = cfg.redis.as_ref().map(|r| match &r.sentinel {
+                Some(s) => format!(
+                    "the primary `{}` of the sentinels {}",
+                    s.master_name,
+                    s.urls.join(", ")
+                ),
+                None => r.urls.join(", "),
+            });
             return Err(AdminError::Unavailable(format!(
                 "no answer from {}",
-                urls.unwrap_or_default()
+                asked.unwrap_or_default()
             )));
         }
         Ok(store)

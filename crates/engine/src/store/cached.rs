@@ -1,9 +1,12 @@
 //! `CachedStore`: the in-process cache in front of a remote key store (Redis). Found keys are
 //! fresh for a short TTL and then served stale while one background refresh runs (up to a hard
 //! maximum age); unknown keys are remembered briefly; concurrent misses for one hash make one
-//! lookup. In-memory stores are not cached: they are their own index.
+//! lookup. When key events may have been missed, every entry is marked stale at once (re-read on
+//! its next use, served meanwhile), so a key cached before a Redis failover keeps working through
+//! it. In-memory stores are not cached: they are their own index.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,8 @@ use crate::observe::Observer;
 struct Entry {
     record: Option<Arc<Key>>,
     fetched: Instant,
+    /// The store's generation when the lookup started: an older one is stale.
+    generation: u64,
 }
 
 struct EntryExpiry {
@@ -53,6 +58,8 @@ pub struct CachedStore {
     ttl: Duration,
     refreshing: Arc<Mutex<HashSet<KeyHash>>>,
     observer: Arc<Observer>,
+    /// Bumped by [`CachedStore::revalidate_all`]: entries read before are stale.
+    generation: Arc<AtomicU64>,
 }
 
 impl CachedStore {
@@ -69,6 +76,7 @@ impl CachedStore {
             ttl: Duration::from_secs(cfg.ttl_secs),
             refreshing: Arc::default(),
             observer: Arc::default(),
+            generation: Arc::default(),
         }
     }
 
@@ -86,12 +94,18 @@ impl CachedStore {
         &self,
         hash: &KeyHash,
     ) -> Result<(Option<Arc<Key>>, CacheOutcome), StoreError> {
+        let generation = self.generation.load(Ordering::Acquire);
         if let Some(e) = self.cache.get(hash).await {
-            if e.record.is_some() && e.fetched.elapsed() >= self.ttl {
+            let outdated = e.generation != generation;
+            if e.record.is_some() && (outdated || e.fetched.elapsed() >= self.ttl) {
                 self.spawn_refresh(*hash);
                 return Ok((e.record, CacheOutcome::Stale));
             }
-            return Ok((e.record, CacheOutcome::Hit));
+            if !outdated {
+                return Ok((e.record, CacheOutcome::Hit));
+            }
+            // "Unknown" from before: the key may have been created since; ask again.
+            self.cache.invalidate(hash).await;
         }
         let inner = self.inner.clone();
         let h = *hash;
@@ -102,6 +116,7 @@ impl CachedStore {
                 Ok::<_, StoreError>(Entry {
                     record,
                     fetched: Instant::now(),
+                    generation,
                 })
             })
             .await
@@ -121,6 +136,8 @@ impl CachedStore {
             self.refreshing.clone(),
             self.observer.clone(),
         );
+        // Read before the lookup: a revalidation while it runs leaves its answer stale too.
+        let generation = self.generation.load(Ordering::Acquire);
         tokio::spawn(async move {
             match inner.lookup(&hash).await {
                 Ok(record) => {
@@ -130,6 +147,7 @@ impl CachedStore {
                             Entry {
                                 record,
                                 fetched: Instant::now(),
+                                generation,
                             },
                         )
                         .await
@@ -140,13 +158,17 @@ impl CachedStore {
         });
     }
 
-    /// Drops one key (a revocation) or everything (events may have been missed).
+    /// Drops one key (a revocation).
     pub async fn invalidate(&self, hash: &KeyHash) {
         self.cache.invalidate(hash).await;
     }
 
-    pub fn invalidate_all(&self) {
-        self.cache.invalidate_all();
+    /// Events may have been missed (the subscription was lost): every key is re-read on its next
+    /// use, as once `ttl_secs` has passed. A found key keeps serving while it is re-read (and
+    /// while the store cannot answer, up to `max_stale_secs`), so a Redis failover does not turn
+    /// cached keys into 503s; an unknown one is asked again at once.
+    pub fn revalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -290,5 +312,41 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let r = cached.lookup(&KeyHash::of("k")).await.unwrap().unwrap();
         assert_eq!(r.status(), KeyStatus::Revoked);
+    }
+
+    #[tokio::test]
+    async fn after_missed_events_every_key_is_read_again_and_a_found_one_keeps_serving() {
+        let store = Arc::new(Counting {
+            record: Mutex::new(Some(rec())),
+            ..Default::default()
+        });
+        // Fresh for a minute: only the revalidation makes them stale.
+        let cached = CachedStore::new(store.clone(), &cfg(60, 60, 600));
+        cached.lookup(&KeyHash::of("k")).await.unwrap();
+        *store.record.lock().unwrap() = None;
+        assert!(cached.lookup(&KeyHash::of("x")).await.unwrap().is_none());
+        assert_eq!(store.calls.load(Ordering::SeqCst), 2);
+
+        // The key was revoked (deleted) and a new one created while events were lost; the store
+        // is down when the subscription comes back.
+        *store.record.lock().unwrap() = Some(rec_with(KeyStatus::Revoked));
+        store.down.store(true, Ordering::SeqCst);
+        cached.revalidate_all();
+        let (r, o) = cached.lookup_traced(&KeyHash::of("k")).await.unwrap();
+        assert_eq!(o, CacheOutcome::Stale, "re-read, and served meanwhile");
+        assert_eq!(r.unwrap().status(), KeyStatus::Active);
+        assert!(
+            cached.lookup(&KeyHash::of("x")).await.is_err(),
+            "an unknown key is asked again, not answered from before"
+        );
+
+        // Once the store answers, the next use reads what is there now.
+        store.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        cached.lookup(&KeyHash::of("k")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = cached.lookup(&KeyHash::of("k")).await.unwrap().unwrap();
+        assert_eq!(r.status(), KeyStatus::Revoked);
+        assert!(cached.lookup(&KeyHash::of("x")).await.unwrap().is_some());
     }
 }

@@ -11,7 +11,7 @@ use prost::Message;
 
 use super::{CachedStore, Interner, Key, KeyRecord, KeyStatus, KeyStore, StoreError};
 use crate::authn::apikey::{KeyHash, KeyKind};
-use crate::event::RedisFailure;
+use crate::event::{RedisFailure, RedisReconnect};
 use crate::proto::v1 as pb;
 use crate::ratelimit::RateLimit;
 use crate::redis_conn::Redis;
@@ -149,45 +149,112 @@ pub fn encode_event(hash: &KeyHash, kind: pb::KeyEventType) -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// Follows the events channel until aborted: each event evicts that key; after every reconnect the
-/// whole cache is dropped, since events may have been missed while disconnected.
+/// How often a subscription that has been quiet is PINGed: a node that went away without closing
+/// the connection (a network cut) is noticed within this and the command timeout.
+const SUBSCRIPTION_PING_EVERY: Duration = Duration::from_secs(2);
+
+/// Follows the events channel until aborted: each event evicts that key. The subscription is on
+/// any node that takes it (`Redis::subscription_nodes`: the primary, or any node of a cluster),
+/// tried in turn, so it never waits on one node coming back; after every resubscription the whole
+/// cache is marked stale, since events may have been missed meanwhile.
 pub fn spawn_event_listener(redis: Redis, cache: Weak<CachedStore>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let channel = redis.names.events_channel();
         let mut first = true;
-        let mut delay = Duration::from_millis(100);
+        let mut delays = redis.retry_delays();
+        // One warning per outage, not one per attempt.
+        let mut warned = false;
         loop {
-            let subscribed = async {
-                let mut ps = redis.pubsub_client.get_async_pubsub().await?;
-                ps.subscribe(&channel).await?;
-                Ok::<_, redis::RedisError>(ps)
-            };
-            let mut ps = match tokio::time::timeout(Duration::from_secs(5), subscribed).await {
-                Ok(Ok(ps)) => ps,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "Cannot subscribe to key events; retrying.");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    continue;
+            let Some((node, ps)) = subscribe(&redis, &channel).await else {
+                if !warned {
+                    tracing::warn!("Cannot subscribe to key events on any Redis node; retrying.");
+                    warned = true;
                 }
-                Err(_) => {
-                    tracing::warn!("Subscribing to key events timed out; retrying.");
-                    continue;
+                let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                tokio::time::sleep(delay).await;
+                if cache.strong_count() == 0 {
+                    return;
                 }
+                continue;
             };
-            delay = Duration::from_millis(100);
+            delays = redis.retry_delays();
+            warned = false;
             let Some(c) = cache.upgrade() else { return };
             if !first {
-                c.invalidate_all();
-                tracing::info!(
-                    "Resubscribed to key events; cached keys dropped in case events were missed."
-                );
+                c.revalidate_all();
+                redis
+                    .observer()
+                    .redis_reconnected(RedisReconnect::Subscription, None, &node);
             }
             first = false;
             drop(c);
-            let mut messages = ps.on_message();
-            while let Some(msg) = messages.next().await {
-                let Some(c) = cache.upgrade() else { return };
+            if follow(&redis, ps, &node, &cache, &channel).await.is_break() {
+                return;
+            }
+            tracing::warn!(node = %node, "Key event subscription lost; subscribing again.");
+        }
+    })
+}
+
+/// A subscription on the first node that takes one, and its address.
+async fn subscribe(redis: &Redis, channel: &str) -> Option<(String, redis::aio::PubSub)> {
+    for client in redis.subscription_nodes().await {
+        let node = client.get_connection_info().addr().to_string();
+        let subscribed = async {
+            let mut ps = client.get_async_pubsub().await?;
+            ps.subscribe(channel).await?;
+            Ok::<_, redis::RedisError>(ps)
+        };
+        match tokio::time::timeout(redis.connect_timeout() + redis.timeout, subscribed).await {
+            Ok(Ok(ps)) => return Some((node, ps)),
+            Ok(Err(e)) => {
+                tracing::debug!(node = %node, error = %e, "Cannot subscribe to key events on this node; trying the next.")
+            }
+            Err(_) => {
+                tracing::debug!(node = %node, "Subscribing to key events timed out on this node; trying the next.")
+            }
+        }
+    }
+    None
+}
+
+/// Applies events until the subscription ends, stops answering a PING, or (with Sentinel) the
+/// primary moves away from `node`: after a graceful failover the old primary keeps the
+/// subscription open but hears nothing the new one publishes. `Break` once the cache is gone.
+async fn follow(
+    redis: &Redis,
+    ps: redis::aio::PubSub,
+    node: &str,
+    cache: &Weak<CachedStore>,
+    channel: &str,
+) -> std::ops::ControlFlow<()> {
+    let (mut sink, mut messages) = ps.split();
+    let mut ping = tokio::time::interval(SUBSCRIPTION_PING_EVERY);
+    ping.reset();
+    let mut primary = redis.primary_changes();
+    if let Some(p) = primary.as_mut() {
+        p.mark_unchanged();
+    }
+    loop {
+        tokio::select! {
+            Ok(()) = async { match primary.as_mut() {
+                Some(p) => p.changed().await,
+                None => std::future::pending().await,
+            } } => {
+                let moved = primary
+                    .as_mut()
+                    .and_then(|p| p.borrow_and_update().clone())
+                    .is_some_and(|now| &*now != node);
+                if moved {
+                    return std::ops::ControlFlow::Continue(());
+                }
+            }
+            msg = messages.next() => {
+                let Some(msg) = msg else { return std::ops::ControlFlow::Continue(()) };
+                ping.reset();
+                let Some(c) = cache.upgrade() else {
+                    return std::ops::ControlFlow::Break(());
+                };
                 match pb::KeyEvent::decode(msg.get_payload_bytes()) {
                     Ok(ev) if ev.hash.len() == 32 => {
                         let mut h = [0u8; 32];
@@ -198,9 +265,21 @@ pub fn spawn_event_listener(redis: Redis, cache: Weak<CachedStore>) -> tokio::ta
                     _ => tracing::warn!(channel = %channel, "Ignoring a malformed key event."),
                 }
             }
-            tracing::warn!("Key event subscription lost; reconnecting.");
+            _ = ping.tick() => {
+                if cache.strong_count() == 0 {
+                    return std::ops::ControlFlow::Break(());
+                }
+                let answered = tokio::time::timeout(
+                    redis.timeout * 5,
+                    sink.ping::<redis::Value>(),
+                )
+                .await;
+                if !matches!(answered, Ok(Ok(_))) {
+                    return std::ops::ControlFlow::Continue(());
+                }
+            }
         }
-    })
+    }
 }
 
 #[cfg(test)]

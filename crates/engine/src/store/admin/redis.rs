@@ -9,14 +9,13 @@
 
 mod ledger;
 
-use std::collections::BTreeSet;
 use std::ops::Range;
 
 use super::{AdminError, Bound, Cursor, IdemEntry, KeyState, ListFilter, Page, page_of, state};
 use crate::authn::apikey::KeyHash;
 use crate::config::{DEFAULT_USAGE_RETENTION_DAYS, RedisConfig};
 use crate::proto::v1::KeyEventType;
-use crate::redis_conn::{Redis, RedisConn};
+use crate::redis_conn::Redis;
 use crate::store::KeyRecord;
 use crate::store::redis::{decode_record, encode_event, encode_record};
 use crate::usage::Bucket;
@@ -55,9 +54,9 @@ impl RedisAdmin {
         })
     }
 
-    /// Whether Redis answers a PING now.
+    /// Whether Redis takes commands now (a cluster connection still being set up is waited for).
     pub(super) async fn ping(&self) -> bool {
-        self.redis.ping().await
+        self.redis.check().await
     }
 
     /// How long the data path keeps usage (`usage.retention_days`).
@@ -111,28 +110,16 @@ impl RedisAdmin {
         self.reserve(r, bound, replacing, now).await?;
         // A place held too long may be freed by a check as a create that died: write behind it
         // only while it is surely ours.
-        let written: Result<Option<String>, AdminError> =
-            if started.elapsed() < ledger::write_within() {
-                self.query(
-                    redis::cmd("SET")
-                        .arg(self.redis.names.key(&r.hash))
-                        .arg(encode_record(r))
-                        .arg("NX"),
-                )
-                .await
-            } else {
-                Err(AdminError::Unavailable(
-                    "the key store answered too slowly".into(),
-                ))
-            };
-        match written {
-            Ok(Some(_)) => {}
-            failed => {
-                self.settle(&r.tenant, &r.id, None).await;
-                return Err(failed.err().unwrap_or_else(|| {
-                    AdminError::Write("a record with this hash exists already".into())
-                }));
-            }
+        let written = if started.elapsed() < ledger::write_within() {
+            self.write_new(r).await
+        } else {
+            Err(AdminError::Unavailable(
+                "the key store answered too slowly".into(),
+            ))
+        };
+        if let Err(e) = written {
+            self.settle(&r.tenant, &r.id, None).await;
+            return Err(e);
         }
         self.index(r).await?;
         // Written only once the id index finds the record: a check of the ledger looks records up
@@ -140,6 +127,26 @@ impl RedisAdmin {
         self.settle(&r.tenant, &r.id, Some(ledger::entry(r.expires_at, 0)))
             .await;
         self.publish(&r.hash, KeyEventType::Created).await
+    }
+
+    /// The record itself, refused if one with this hash exists.
+    async fn write_new(&self, r: &KeyRecord) -> Result<(), AdminError> {
+        let name = self.redis.names.key(&r.hash);
+        let record = encode_record(r);
+        let written: Option<String> = self
+            .query(redis::cmd("SET").arg(&name).arg(&record).arg("NX"))
+            .await?;
+        if written.is_none() {
+            // Sent again after a failover broke the connection before the answer, the first SET
+            // may have been applied: then the record there is this one.
+            let stored: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(&name)).await?;
+            if stored.as_deref() != Some(record.as_slice()) {
+                return Err(AdminError::Write(
+                    "a record with this hash exists already".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The id index and the tenant's list, both pointing at `r`.
@@ -321,7 +328,8 @@ impl RedisAdmin {
         Ok(page_of(records.into_iter(), filter, page_size, now))
     }
 
-    /// Every record: SCAN over each master (every node of a cluster, found through CLUSTER SLOTS).
+    /// Every record: SCAN over each primary (every shard of a cluster, found through CLUSTER
+    /// SLOTS; with Sentinel, the primary the sentinels name).
     pub(super) async fn all(&self) -> Result<Vec<KeyRecord>, AdminError> {
         let redis = &self.redis;
         let pattern = format!(
@@ -329,7 +337,7 @@ impl RedisAdmin {
             redis.names.key(&KeyHash([0; 32])).trim_end_matches('0')
         );
         let mut names = Vec::new();
-        for client in self.masters().await? {
+        for client in redis.primaries().await.map_err(unavailable)? {
             let mut c = client
                 .get_multiplexed_async_connection()
                 .await
@@ -363,56 +371,6 @@ impl RedisAdmin {
             }
         }
         Ok(out)
-    }
-
-    async fn masters(&self) -> Result<Vec<redis::Client>, AdminError> {
-        let redis = &self.redis;
-        match &redis.conn {
-            RedisConn::Single(_) => Ok(vec![redis.pubsub_client.clone()]),
-            RedisConn::Cluster(_) => {
-                let slots: Vec<redis::Value> =
-                    self.query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
-                let base = redis.pubsub_client.get_connection_info().clone();
-                let mut clients = Vec::new();
-                let mut seen = BTreeSet::new();
-                for slot in slots {
-                    let redis::Value::Array(parts) = slot else {
-                        continue;
-                    };
-                    let Some(redis::Value::Array(master)) = parts.get(2) else {
-                        continue;
-                    };
-                    let host = match master.first() {
-                        Some(redis::Value::BulkString(h)) => {
-                            String::from_utf8_lossy(h).into_owned()
-                        }
-                        _ => continue,
-                    };
-                    let port = match master.get(1) {
-                        Some(redis::Value::Int(p)) => *p as u16,
-                        _ => continue,
-                    };
-                    if seen.insert((host.clone(), port)) {
-                        let addr = match base.addr() {
-                            redis::ConnectionAddr::TcpTls {
-                                insecure,
-                                tls_params,
-                                ..
-                            } => redis::ConnectionAddr::TcpTls {
-                                host,
-                                port,
-                                insecure: *insecure,
-                                tls_params: tls_params.clone(),
-                            },
-                            _ => redis::ConnectionAddr::Tcp(host, port),
-                        };
-                        let info = base.clone().set_addr(addr);
-                        clients.push(redis::Client::open(info).map_err(unavailable)?);
-                    }
-                }
-                Ok(clients)
-            }
-        }
     }
 
     // === idempotency ===
