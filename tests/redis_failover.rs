@@ -210,7 +210,7 @@ impl Fleet {
             ),
         )
         .unwrap();
-        let ks = blocking(|| KeyService::start_with_config(&config, &[]));
+        let ks = blocking(|| KeyService::start_with_config(&config, &[], &[]));
         Self {
             a,
             b,
