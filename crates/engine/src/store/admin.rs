@@ -44,9 +44,9 @@ pub enum AdminError {
     Write(String),
     #[error("no key store configured: set key_store.type to file or redis")]
     NoStore,
-    /// Usage is summed over the fleet in Redis; with a key file each replica keeps its own.
+    /// Usage is summed over the fleet in Redis; with a key file none is kept.
     #[error(
-        "usage per key is read from Redis (key_store.type: redis); with a key file each replica counts its own, in memory"
+        "usage per key is read from Redis (key_store.type: redis); with a key file no usage is kept"
     )]
     NoUsage,
 }
