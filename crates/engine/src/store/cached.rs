@@ -57,7 +57,14 @@ struct UnknownEntry {
 struct Shard {
     found: HashTable<FoundEntry>,
     unknown: HashTable<UnknownEntry>,
+    /// Unknown keys remembered since expired ones were last swept out.
+    unknown_since_sweep: usize,
 }
+
+/// Unknown keys remembered in a shard between two sweeps of the expired ones: a flood leaves
+/// behind what it sent in the last few seconds and this many, not a full cache of expired
+/// entries.
+const UNKNOWN_SWEEP_EVERY: usize = 1024;
 
 impl Shard {
     fn len(&self) -> usize {
@@ -168,6 +175,13 @@ impl State {
                 );
             }
             None => {
+                shard.unknown_since_sweep += 1;
+                if shard.unknown_since_sweep >= UNKNOWN_SWEEP_EVERY {
+                    shard.unknown_since_sweep = 0;
+                    shard
+                        .unknown
+                        .retain(|e| now.saturating_sub(e.stamp.fetched()) < self.negative_ms);
+                }
                 shard.unknown.insert_unique(
                     h,
                     UnknownEntry {
