@@ -3,7 +3,7 @@
 //! hour's end plus the retention) once only: a group carries a marker name that the script sets
 //! with `NX`, so a retry of a group whose first attempt timed out but was applied after all (a
 //! stalled Redis) adds nothing twice. What cannot be written is held for the next flush, up to
-//! `usage.max_held_entries` (about 50 bytes each: `Entry` in a hash table); what is finally
+//! `usage.max_held_entries` (a 40-byte slot each in a hash table); what is finally
 //! given up is counted.
 
 use std::collections::{HashMap, VecDeque};
