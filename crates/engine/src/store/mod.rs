@@ -1,6 +1,6 @@
 //! API key records and where they come from: the full `KeyRecord` (what the key file and Redis
 //! hold, what people read), the compact `Key` the engine looks up, the `KeyStore` trait (the I/O
-//! seam of a remote store), the file store (an in-memory index), and `Keys`, the one way the
+//! seam of a remote store), the file store (an in-memory table), and `Keys`, the one way the
 //! engine looks a key up: straight from memory, or through the cache in front of Redis.
 
 pub mod admin;
@@ -65,8 +65,8 @@ pub trait KeyStore: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<Arc<Key>>, StoreError>>;
 }
 
-/// A key a lookup found: in the key file's table, shared with it (the table is one allocation
-/// for every key, so no key has a pointer of its own to hand out), or a record of its own (the
+/// A key a lookup found: in the key file's table, shared with it (the table holds its keys in a
+/// few large blocks, so no key has a pointer of its own to hand out), or a record of its own (the
 /// Redis cache's). Reads as the `Key` either way.
 #[derive(Clone)]
 pub enum Found {
