@@ -24,7 +24,7 @@ use gybc_authz_engine::config::{Config, KeySourceConfig};
 use gybc_authz_engine::observe::Observer;
 use gybc_authz_engine::ratelimit::LocalLimiter;
 use gybc_authz_engine::store::{
-    CachedStore, FileStore, Key, KeyRecord, KeyStatus, KeyStore, Keys, StoreError,
+    CachedStore, FileStore, Found, Key, KeyRecord, KeyStatus, KeyStore, Keys, StoreError,
 };
 use tokio::runtime::Runtime;
 
@@ -320,7 +320,10 @@ impl KeyStore for AsRemote {
         &'a self,
         hash: &'a KeyHash,
     ) -> futures_util::future::BoxFuture<'a, Result<Option<Arc<Key>>, StoreError>> {
-        Box::pin(std::future::ready(Ok(self.0.get(hash))))
+        Box::pin(std::future::ready(Ok(self
+            .0
+            .get(hash)
+            .map(Found::into_arc))))
     }
 }
 

@@ -22,7 +22,7 @@ use gybc_authz::dev::SigningKey;
 use gybc_authz_engine::authn::apikey::{ApiKey, KeyHash, KeyKind};
 use gybc_authz_engine::authn::jwks::{self, Jwks, JwksTiming};
 use gybc_authz_engine::config::{DEFAULT_MAX_HEADERS, KeySourceConfig};
-use gybc_authz_engine::store::{FileStore, Key, KeyStore, StoreError};
+use gybc_authz_engine::store::{FileStore, Found, Key, KeyStore, StoreError};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use support::*;
@@ -611,7 +611,10 @@ impl KeyStore for Counting {
         hash: &'a KeyHash,
     ) -> BoxFuture<'a, Result<Option<Arc<Key>>, StoreError>> {
         self.lookups.fetch_add(1, Ordering::SeqCst);
-        Box::pin(std::future::ready(Ok(self.inner.get(hash))))
+        Box::pin(std::future::ready(Ok(self
+            .inner
+            .get(hash)
+            .map(Found::into_arc))))
     }
 }
 

@@ -2,7 +2,8 @@
 //! per key and per hour in Redis (the documented layout), read back the same by the key service
 //! (another tenant's key is 404), the `keys usage` command and the shared admin code; a Redis
 //! stalled and then killed changes no decision and loses no count (or counts the loss); a flood
-//! of unknown keys takes no usage memory; with a key file the counts stay per replica.
+//! of unknown keys takes no usage memory; with a key file nothing is held, only counted as
+//! dropped.
 //!
 //! Hour buckets come from each replica's own clock (a `ManualClock` that only moves when told),
 //! so the expected bucket is computed from it and no test can run across an hour boundary.
@@ -389,11 +390,10 @@ async fn a_stalled_then_dead_redis_changes_no_decision_and_the_counts_complete_a
 
 #[tokio::test]
 async fn a_flood_of_unknown_keys_takes_no_usage_memory() {
-    let env = TestEnv::start_with(EnvOptions {
-        extra_yaml: "usage: { flush_interval_ms: 100 }\n".into(),
-        ..Default::default()
-    })
-    .await;
+    let mut redis = RedisServer::start();
+    let keys = TestKeys::generate();
+    seed(&redis.url(), &keys.records()).await;
+    let env = replica(&redis, &keys, "usage: { flush_interval_ms: 100 }\n").await;
     for _ in 0..2_000 {
         let unknown = gybc_authz_engine::authn::apikey::ApiKey::generate(
             gybc_authz_engine::authn::apikey::KeyKind::Secret,
@@ -409,14 +409,14 @@ async fn a_flood_of_unknown_keys_takes_no_usage_memory() {
         0.0,
         "not counted at all, so nothing refused either"
     );
-    // A known key does take an entry: the gauge is live.
-    allowed(
-        &env.check(API_PATH, &[("x-api-key", &env.keys.secret)])
-            .await,
-    );
+    // A known key does take an entry, held while Redis cannot be written: the gauge is live.
+    let known = [("x-api-key", env.keys.secret.as_str())];
+    allowed(&env.check(API_PATH, &known).await);
+    redis.kill();
+    allowed(&env.check(API_PATH, &known).await);
     wait_until(
         "the known key is held",
-        Duration::from_secs(2),
+        Duration::from_secs(5),
         async || scrape(&env).await.get("gybc_authz_usage_entries", &[]) == 1.0,
     )
     .await;
@@ -424,7 +424,7 @@ async fn a_flood_of_unknown_keys_takes_no_usage_memory() {
 }
 
 #[tokio::test]
-async fn with_a_key_file_usage_stays_per_replica_and_the_readers_say_why() {
+async fn with_a_key_file_no_usage_is_held_and_the_readers_say_why() {
     let env = TestEnv::start().await;
     allowed(
         &env.check(API_PATH, &[("x-api-key", &env.keys.secret)])
@@ -469,11 +469,16 @@ async fn with_a_key_file_usage_stays_per_replica_and_the_readers_say_why() {
         store.usage(Scope::All, "key_secret", 0, 3600).await,
         Err(AdminError::NoUsage)
     ));
-    // The replica's own record, in memory.
-    wait_until("kept in memory", Duration::from_secs(3), async || {
-        scrape(&env).await.get("gybc_authz_usage_entries", &[]) == 1.0
+    // Nothing is held in the replica either: the decision is counted as dropped, and only that.
+    wait_until("counted as dropped", Duration::from_secs(3), async || {
+        scrape(&env)
+            .await
+            .get("gybc_authz_usage_dropped_total", &[("reason", "no_redis")])
+            == 1.0
     })
     .await;
+    let m = scrape(&env).await;
+    assert_eq!(m.get("gybc_authz_usage_entries", &[]), 0.0);
     env.stop().await;
 }
 

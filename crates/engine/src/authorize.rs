@@ -15,7 +15,7 @@ use crate::otel::{ChildSpan, KEY_STORE_LOOKUP_SPAN};
 use crate::policy::{impersonation, origin, secret_key, tenant};
 use crate::ratelimit::{RateLimit, RateLimitError, RateLimiter};
 use crate::request::RequestContext;
-use crate::store::{CacheOutcome, Key, Keys};
+use crate::store::{CacheOutcome, Found, Key, Keys};
 
 pub struct Authorizer {
     pub jwt: Arc<JwtVerifier>,
@@ -202,7 +202,7 @@ impl Authorizer {
     }
 
     /// The key's record, if it exists, matches the key's kind, and is usable now.
-    async fn key_record(&self, key: &ApiKey<'_>) -> Result<Arc<Key>, Denial> {
+    async fn key_record(&self, key: &ApiKey<'_>) -> Result<Found, Denial> {
         // Only a cache miss reaches a remote store; an in-memory hit is not worth a span.
         let mut span = ChildSpan::start(KEY_STORE_LOOKUP_SPAN);
         let record = match self.keys.lookup_traced(&key.hash()).await {

@@ -148,21 +148,28 @@ impl RedisReconnect {
 pub enum UsageDrop {
     /// Not counted: `usage.max_keys_per_interval` distinct keys were counted in the interval.
     KeyCap,
-    /// Counted, but `usage.max_held_entries` were held already (Redis unwritable for long, or
-    /// without Redis a full record).
+    /// Counted, but `usage.max_held_entries` were held already (Redis unwritable for long).
     HeldFull,
     /// Sent to Redis without an answer, and retried for as long as a retry cannot count twice.
     Expired,
+    /// No Redis to write to (a key file without a Redis limiter): nothing is held.
+    NoRedis,
 }
 
 impl UsageDrop {
-    pub const ALL: [UsageDrop; 3] = [UsageDrop::KeyCap, UsageDrop::HeldFull, UsageDrop::Expired];
+    pub const ALL: [UsageDrop; 4] = [
+        UsageDrop::KeyCap,
+        UsageDrop::HeldFull,
+        UsageDrop::Expired,
+        UsageDrop::NoRedis,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             UsageDrop::KeyCap => "key_cap",
             UsageDrop::HeldFull => "held_full",
             UsageDrop::Expired => "expired",
+            UsageDrop::NoRedis => "no_redis",
         }
     }
 }

@@ -151,7 +151,7 @@ impl Metrics {
             .expect("unique metric");
         let usage_dropped = counter(
             "usage_dropped_total",
-            "Decisions of known keys missing from the usage record, by reason (key_cap: over usage.max_keys_per_interval keys in an interval; held_full: over usage.max_held_entries held; expired: sent to Redis without an answer and retried as long as safe).",
+            "Decisions of known keys missing from the usage record, by reason (key_cap: over usage.max_keys_per_interval keys in an interval; held_full: over usage.max_held_entries held; expired: sent to Redis without an answer and retried as long as safe; no_redis: no Redis to write to, so nothing is held).",
             &["reason"],
         );
         let usage_flushes = counter(
@@ -161,7 +161,7 @@ impl Metrics {
         );
         let usage_entries = IntGauge::new(
             "usage_entries",
-            "Usage (key, hour) entries in memory after the last flush: counted since, held for a retry, or (without Redis) kept.",
+            "Usage (key, hour) entries in memory after the last flush: counted since, or held for a retry while Redis cannot be written (none without Redis).",
         )
         .expect("valid metric");
         registry

@@ -300,6 +300,10 @@ impl Observer {
     /// `decisions` of known keys will never reach the usage record.
     pub fn usage_dropped(&self, reason: UsageDrop, decisions: u64) {
         self.metrics.usage_dropped(reason, decisions);
+        // Without Redis nothing is ever recorded: said once at start, not every interval.
+        if reason == UsageDrop::NoRedis {
+            return;
+        }
         tracing::warn!(
             reason = reason.as_str(),
             decisions,

@@ -19,15 +19,14 @@ pub struct UsageConfig {
     /// How often the counts are written: with Redis, one pipeline per interval per replica.
     /// Default 1000; at least 100, at most 60000.
     pub flush_interval_ms: u64,
-    /// Days an hour's counts are kept in Redis (or, without Redis, in this replica's memory).
-    /// Default 35 (a month's bills and some); 1 to 400.
+    /// Days an hour's counts are kept in Redis. Default 35 (a month's bills and some); 1 to 400.
     pub retention_days: u32,
     /// Most distinct keys counted in one interval; decisions of further keys are not counted
     /// but counted as lost (`gybc_authz_usage_dropped_total{reason="key_cap"}`). Default 100000.
     pub max_keys_per_interval: usize,
-    /// Most (key, hour) entries held for a retry while Redis cannot be written (without Redis:
-    /// kept for the retention); what does not fit is counted as lost (`held_full`). Default
-    /// 200000; at least `max_keys_per_interval`.
+    /// Most (key, hour) entries held for a retry while Redis cannot be written, about 40 bytes
+    /// each (the bound of usage's memory with `max_keys_per_interval`); what does not fit is
+    /// counted as lost (`held_full`). Default 200000; at least `max_keys_per_interval`.
     pub max_held_entries: usize,
 }
 

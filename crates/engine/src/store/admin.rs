@@ -49,9 +49,9 @@ pub enum AdminError {
     /// The tenant holds the most active keys it may (`key_service.max_active_keys_per_tenant`).
     #[error("the tenant holds {0} active keys, the most it may; revoke one first")]
     KeyLimit(u32),
-    /// Usage is summed over the fleet in Redis; with a key file each replica keeps its own.
+    /// Usage is summed over the fleet in Redis; with a key file none is kept.
     #[error(
-        "usage per key is read from Redis (key_store.type: redis); with a key file each replica counts its own, in memory"
+        "usage per key is read from Redis (key_store.type: redis); with a key file no usage is kept"
     )]
     NoUsage,
 }

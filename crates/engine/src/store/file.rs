@@ -1,20 +1,21 @@
 //! The file key store: a YAML or JSON file of key records (hashes only), checked for changes on an
 //! interval and swapped in whole when it parses. A bad edit keeps the last good set serving. The
-//! store is an in-memory index of compact `Key`s, looked up directly: nothing caches it again.
+//! store is an in-memory table of compact `Key`s, looked up directly: nothing caches it again.
 
-use std::borrow::Borrow;
 use std::collections::HashSet;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::BuildHasher;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use hashbrown::HashTable;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::sync::watch;
 
-use super::{Interner, Key, KeyRecord, KeyStatus, StoreKind};
+use super::{Found, Interner, Key, KeyRecord, KeyStatus, StoreKind};
 use crate::authn::apikey::{KeyHash, KeyKind};
 use crate::config::{ErrorList, FieldError};
 use crate::ratelimit::RateLimit;
@@ -93,59 +94,119 @@ pub enum KeyFileError {
     Invalid { path: String, errors: ErrorList },
 }
 
-/// The keys by hash. The set holds one pointer per key (the hash lives in the key), so a table
-/// slot is 8 bytes, not the 40 of a `HashMap<KeyHash, Arc<Key>>`.
-type Index = HashSet<Entry, BuildHasherDefault<HashPrefix>>;
-
-/// A key in the index, found by its hash.
-struct Entry(Arc<Key>);
-
-impl Borrow<KeyHash> for Entry {
-    fn borrow(&self) -> &KeyHash {
-        self.0.hash()
-    }
+/// The keys of a key file in blocks of 4,096, found through a table of their positions: no
+/// allocation and no pointer per key. A key costs its 80 bytes, its id, and 4 bytes a slot of the
+/// table (plus a control byte, at a load of 44–88 %).
+pub struct Table {
+    keys: Blocks,
+    index: HashTable<u32>,
 }
-
-// Hash and equality are the hash's, as `Borrow` requires.
-impl Hash for Entry {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.hash().hash(state)
-    }
-}
-
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.hash() == other.0.hash()
-    }
-}
-
-impl Eq for Entry {}
 
 /// A key hash is SHA-256 output, already uniform: its first 8 bytes are a table hash as good as
-/// any, without SipHash's work on every lookup. Flooding is no concern here: the table is built
+/// any, without a hasher's work on every lookup. Flooding is no concern here: the table is built
 /// from the operator's file, and a request can only look up, never insert.
-#[derive(Default)]
-struct HashPrefix(u64);
+fn slot_hash(hash: &KeyHash) -> u64 {
+    let (prefix, _) = hash.0.split_first_chunk::<8>().expect("32 bytes");
+    u64::from_le_bytes(*prefix)
+}
 
-impl Hasher for HashPrefix {
-    fn write(&mut self, bytes: &[u8]) {
-        if let Some(prefix) = bytes.first_chunk::<8>() {
-            self.0 = u64::from_le_bytes(*prefix);
-        }
+impl Table {
+    /// The position of the key with this hash.
+    pub fn find(&self, hash: &KeyHash) -> Option<u32> {
+        self.index
+            .find(slot_hash(hash), |&at| self.keys.get(at).hash() == hash)
+            .copied()
     }
 
-    // `[u8; 32]` hashes its length first; it says nothing.
-    fn write_usize(&mut self, _: usize) {}
+    pub fn key(&self, at: u32) -> &Key {
+        self.keys.get(at)
+    }
 
-    fn finish(&self) -> u64 {
-        self.0
+    pub fn len(&self) -> usize {
+        self.keys.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.len == 0
+    }
+}
+
+const BLOCK_BITS: u32 = 12;
+const BLOCK: usize = 1 << BLOCK_BITS;
+
+/// Keys in blocks of `BLOCK`, filled in order: growing never copies the keys held, and a load
+/// never holds room for more than one block of keys it does not keep (a single vector would
+/// double, copying, or be sized by a guess).
+#[derive(Default)]
+struct Blocks {
+    blocks: Vec<Vec<Key>>,
+    len: usize,
+}
+
+impl Blocks {
+    fn get(&self, at: u32) -> &Key {
+        &self.blocks[(at >> BLOCK_BITS) as usize][at as usize & (BLOCK - 1)]
+    }
+
+    fn get_mut(&mut self, at: u32) -> &mut Key {
+        &mut self.blocks[(at >> BLOCK_BITS) as usize][at as usize & (BLOCK - 1)]
+    }
+
+    fn push(&mut self, key: Key) {
+        if self.blocks.last().is_none_or(|b| b.len() == BLOCK) {
+            self.blocks.push(Vec::with_capacity(BLOCK));
+        }
+        self.blocks.last_mut().expect("pushed above").push(key);
+        self.len += 1;
+    }
+}
+
+/// Builds a `Table` key by key, without a copy: the keys go straight into their blocks, and the
+/// positions into the table that will serve them.
+#[derive(Default)]
+struct TableBuilder {
+    keys: Blocks,
+    index: HashTable<u32>,
+}
+
+impl TableBuilder {
+    /// Where a key with this hash already is.
+    fn find(&self, hash: &KeyHash) -> Option<u32> {
+        self.index
+            .find(slot_hash(hash), |&at| self.keys.get(at).hash() == hash)
+            .copied()
+    }
+
+    /// Adds `key`, or replaces the key with the same hash.
+    fn put(&mut self, key: Key) {
+        if let Some(at) = self.find(key.hash()) {
+            *self.keys.get_mut(at) = key;
+            return;
+        }
+        let at = u32::try_from(self.keys.len).expect("fewer than 2³² keys");
+        let keys = &self.keys;
+        self.index.insert_unique(slot_hash(key.hash()), at, |&a| {
+            slot_hash(keys.get(a).hash())
+        });
+        self.keys.push(key);
+    }
+
+    fn build(mut self) -> Table {
+        // The last block gives back the room it did not fill.
+        if let Some(last) = self.keys.blocks.last_mut() {
+            last.shrink_to_fit();
+        }
+        Table {
+            keys: self.keys,
+            index: self.index,
+        }
     }
 }
 
 pub struct FileStore {
     kind: StoreKind,
     path: PathBuf,
-    index: ArcSwap<Index>,
+    table: ArcSwap<Table>,
     stamp: std::sync::Mutex<Option<FileStamp>>,
     changed: watch::Sender<u64>,
 }
@@ -177,12 +238,12 @@ impl FileStore {
             path: path.display().to_string(),
             source,
         })?;
-        let index = load(path)?;
+        let table = load(path)?;
         let (changed, _) = watch::channel(0);
         Ok(Self {
             kind: StoreKind::File,
             path: path.to_owned(),
-            index: ArcSwap::from_pointee(index),
+            table: ArcSwap::from_pointee(table),
             stamp: std::sync::Mutex::new(Some(st)),
             changed,
         })
@@ -195,7 +256,7 @@ impl FileStore {
         let store = Self {
             kind: StoreKind::Memory,
             path: PathBuf::new(),
-            index: ArcSwap::from_pointee(Index::default()),
+            table: ArcSwap::from_pointee(TableBuilder::default().build()),
             stamp: std::sync::Mutex::new(None),
             changed,
         };
@@ -207,11 +268,11 @@ impl FileStore {
     /// changes a store built in memory.
     pub fn replace_records(&self, records: &[KeyRecord]) {
         let mut interner = Interner::default();
-        let mut index = Index::with_capacity_and_hasher(records.len(), Default::default());
+        let mut table = TableBuilder::default();
         for r in records {
-            index.replace(Entry(Arc::new(interner.key(r))));
+            table.put(interner.key(r));
         }
-        self.index.store(Arc::new(index));
+        self.table.store(Arc::new(table.build()));
         self.changed.send_modify(|g| *g += 1);
     }
 
@@ -220,13 +281,15 @@ impl FileStore {
         self.kind
     }
 
-    /// The key with this hash.
-    pub fn get(&self, hash: &KeyHash) -> Option<Arc<Key>> {
-        self.index.load().get(hash).map(|e| e.0.clone())
+    /// The key with this hash, shared with the table that holds it (no copy).
+    pub fn get(&self, hash: &KeyHash) -> Option<Found> {
+        let table = self.table.load();
+        let at = table.find(hash)?;
+        Some(Found::InTable(arc_swap::Guard::into_inner(table), at))
     }
 
     pub fn len(&self) -> usize {
-        self.index.load().len()
+        self.table.load().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -255,8 +318,8 @@ impl FileStore {
         }
         // Record the stamp before parsing so a broken file is reported once, not every tick.
         *self.stamp.lock().expect("stamp lock") = Some(now);
-        let index = load(&self.path)?;
-        self.index.store(Arc::new(index));
+        let table = load(&self.path)?;
+        self.table.store(Arc::new(table));
         self.changed.send_modify(|g| *g += 1);
         Ok(true)
     }
@@ -284,30 +347,68 @@ impl FileStore {
     }
 }
 
-fn load(path: &Path) -> Result<Index, KeyFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+/// The key file's table. JSON (what large key sets are written as) is read from the file through
+/// a small buffer, one entry at a time, each turned into its compact `Key` in the table's own
+/// blocks before the next is read: loading never holds the file's text, nor its entries, nor a
+/// second copy of the keys (what a host's allocator would keep after a load). YAML is read whole,
+/// as `parse_file` reads it.
+fn load(path: &Path) -> Result<Table, KeyFileError> {
+    let read = |source| KeyFileError::Read {
         path: path.display().to_string(),
         source,
-    })?;
-    load_text(&text).map_err(|errors| KeyFileError::Invalid {
+    };
+    let invalid = |errors| KeyFileError::Invalid {
         path: path.display().to_string(),
         errors: ErrorList(errors),
-    })
+    };
+    let file = std::fs::File::open(path).map_err(read)?;
+    let mut reader = BufReader::with_capacity(64 << 10, file);
+    if opens_with_brace(&mut reader).map_err(read)? {
+        let mut loader = Loader::default();
+        match stream_json(reader, &mut |i, e| loader.add(i, e)) {
+            Ok(true) => return loader.finish().map_err(invalid),
+            Ok(false) => {}
+            Err(e) => return Err(invalid(vec![e])),
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    load_yaml(&text).map_err(invalid)
 }
 
-/// The index of a key file's text. A JSON file (what large key sets are written as) is read one
-/// entry at a time, each turned into its compact `Key` before the next is read, so loading never
-/// holds the whole file's entries and leaves no trail of freed entries between the keys it keeps.
-/// YAML is read whole, as `parse_file` reads it.
-fn load_text(text: &str) -> Result<Index, Vec<FieldError>> {
+/// Whether the first character after any whitespace is `{` (consuming only the whitespace).
+fn opens_with_brace(reader: &mut impl BufRead) -> std::io::Result<bool> {
+    loop {
+        let buf = reader.fill_buf()?;
+        let Some(first) = buf.iter().position(|b| !b.is_ascii_whitespace()) else {
+            if buf.is_empty() {
+                return Ok(false);
+            }
+            let n = buf.len();
+            reader.consume(n);
+            continue;
+        };
+        let brace = buf[first] == b'{';
+        reader.consume(first);
+        return Ok(brace);
+    }
+}
+
+/// The table of a key file's text, read as `load` reads the file (tests compare it with
+/// `parse_file`).
+#[cfg(test)]
+fn load_text(text: &str) -> Result<Table, Vec<FieldError>> {
     if text.trim_start().starts_with('{') {
         let mut loader = Loader::default();
-        match stream_json(text, &mut |i, e| loader.add(i, e)) {
+        match stream_json(text.as_bytes(), &mut |i, e| loader.add(i, e)) {
             Ok(true) => return loader.finish(),
             Ok(false) => {}
             Err(e) => return Err(vec![e]),
         }
     }
+    load_yaml(text)
+}
+
+fn load_yaml(text: &str) -> Result<Table, Vec<FieldError>> {
     let file = parse_yaml(text).map_err(|e| vec![e])?;
     let mut loader = Loader::default();
     for (i, e) in file.keys.into_iter().enumerate() {
@@ -316,52 +417,90 @@ fn load_text(text: &str) -> Result<Index, Vec<FieldError>> {
     loader.finish()
 }
 
-/// Builds the index entry by entry, collecting every problem with its position.
+/// Builds the table entry by entry, collecting every problem with its position in file order.
+/// Duplicates are found as entries arrive: a hash in the table being built, an id in a table of
+/// positions (4 bytes a key, dropped with the loader).
 #[derive(Default)]
 struct Loader {
     interner: Interner,
-    keys: Vec<Arc<Key>>,
-    /// The entry each key came from, for duplicate errors.
-    at: Vec<usize>,
-    /// Ids of entries whose hash did not parse: they still count for duplicate ids.
-    unhashed: Vec<(usize, String)>,
+    table: TableBuilder,
+    /// Ids of the keys in `table`, as positions there.
+    ids: HashTable<u32>,
+    /// Ids of entries that are not in `table` (their hash did not parse, or was a duplicate):
+    /// they still count for duplicate ids. Only a broken file has any.
+    other_ids: HashSet<String>,
+    pick: foldhash::fast::RandomState,
     errs: Vec<(usize, FieldError)>,
 }
 
 impl Loader {
     fn add(&mut self, i: usize, entry: KeyFileEntry) {
-        match check_entry(i, entry, &mut self.errs) {
-            Ok(record) => {
-                self.keys.push(Arc::new(self.interner.key(&record)));
-                self.at.push(i);
+        let err = |errs: &mut Vec<_>, field: &str, message: String| {
+            errs.push((
+                i,
+                FieldError {
+                    path: format!("keys[{i}].{field}"),
+                    message,
+                },
+            ))
+        };
+        let record = check_entry(i, entry, &mut self.errs);
+        let id = match &record {
+            Ok(r) => r.id.as_str(),
+            Err(id) => id.as_str(),
+        };
+        let keys = &self.table.keys;
+        let id_hash = self.pick.hash_one(id);
+        let dup_id = !id.trim().is_empty()
+            && (self
+                .ids
+                .find(id_hash, |&at| &**keys.get(at).id() == id)
+                .is_some()
+                || self.other_ids.contains(id));
+        if dup_id {
+            err(&mut self.errs, "id", format!("duplicate id `{id}`"));
+        }
+        let record = match record {
+            Ok(r) if self.table.find(&r.hash).is_some() => {
+                err(&mut self.errs, "hash", "duplicate hash".into());
+                Err(r.id)
             }
-            Err(id) => self.unhashed.push((i, id)),
+            other => other,
+        };
+        match record {
+            Ok(r) => {
+                let at = self.table.keys.len as u32;
+                self.table.put(self.interner.key(&r));
+                if !dup_id {
+                    let keys = &self.table.keys;
+                    let pick = &self.pick;
+                    self.ids
+                        .insert_unique(id_hash, at, |&a| pick.hash_one(keys.get(a).id()));
+                }
+            }
+            Err(id) => {
+                if !dup_id {
+                    self.other_ids.insert(id);
+                }
+            }
         }
     }
 
-    fn finish(self) -> Result<Index, Vec<FieldError>> {
-        let mut errs = self.errs;
-        duplicates(
-            self.at
-                .iter()
-                .zip(&self.keys)
-                .map(|(&i, k)| (i, &**k.id(), k.hash())),
-            &self.unhashed,
-            &mut errs,
-        );
-        if !errs.is_empty() {
-            return Err(sorted(errs));
+    fn finish(self) -> Result<Table, Vec<FieldError>> {
+        if !self.errs.is_empty() {
+            return Err(sorted(self.errs));
         }
-        let mut index = Index::with_capacity_and_hasher(self.keys.len(), Default::default());
-        index.extend(self.keys.into_iter().map(Entry));
-        Ok(index)
+        Ok(self.table.build())
     }
 }
 
 /// Feeds each entry of a JSON key file to `each`. `Ok(false)`: the text is not JSON (a YAML flow
 /// mapping, say), for YAML to judge; entries fed before that are to be discarded.
-fn stream_json(text: &str, each: &mut dyn FnMut(usize, KeyFileEntry)) -> Result<bool, FieldError> {
-    let mut de = serde_json::Deserializer::from_str(text);
+fn stream_json(
+    reader: impl std::io::Read,
+    each: &mut dyn FnMut(usize, KeyFileEntry),
+) -> Result<bool, FieldError> {
+    let mut de = serde_json::Deserializer::from_reader(reader);
     let mut track = serde_path_to_error::Track::new();
     let read =
         FileSeed(each).deserialize(serde_path_to_error::Deserializer::new(&mut de, &mut track));
@@ -467,7 +606,9 @@ impl<'de> Visitor<'de> for EntriesSeed<'_> {
 /// at all (a YAML flow mapping, say) does the YAML parser see it.
 pub fn parse_file(text: &str) -> Result<KeyFile, FieldError> {
     if text.trim_start().starts_with('{') {
-        let mut de = serde_json::Deserializer::from_str(text);
+        // Read as the store reads a file (through `io::Read`), so an error names the same line
+        // and column here as in the daemon's log.
+        let mut de = serde_json::Deserializer::from_reader(text.as_bytes());
         match serde_path_to_error::deserialize::<_, KeyFile>(&mut de) {
             // Trailing text after the object: not JSON, so YAML judges it below.
             Ok(file) if de.end().is_ok() => return Ok(file),
@@ -790,12 +931,12 @@ mod tests {
                 .and_then(|f| parse_entries(&f.keys));
             let streamed = load_text(text);
             match (whole, streamed) {
-                (Ok(records), Ok(index)) => {
-                    assert_eq!(records.len(), index.len(), "{text}");
+                (Ok(records), Ok(table)) => {
+                    assert_eq!(records.len(), table.len(), "{text}");
                     let mut interner = Interner::default();
                     for r in &records {
-                        let got = index.get(&r.hash).expect("every record indexed");
-                        assert_eq!(*got.0, interner.key(r), "{text}");
+                        let got = table.find(&r.hash).expect("every record in the table");
+                        assert_eq!(*table.key(got), interner.key(r), "{text}");
                     }
                 }
                 (Err(want), Err(got)) => {

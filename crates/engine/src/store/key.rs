@@ -1,8 +1,8 @@
-//! `Key`: a key as every pod holds it, for every lookup. Only what a decision reads, with the
-//! values many keys repeat (tenant, scope list) shared through an `Interner`; what only people read
-//! (name, creation time) stays in the key file and Redis, and the publishable-only fields sit
-//! behind one optional box. The `x-scopes` value is joined here, once per distinct scope list,
-//! so an allow borrows it.
+//! `Key`: a key as every pod holds it, for every lookup, in 80 bytes. Only what a decision reads,
+//! with the values many keys repeat (the tenant and scope list, as one pair) shared through an
+//! `Interner`; what only people read (name, creation time) stays in the key file and Redis, and
+//! the publishable-only fields sit behind one optional box. The `x-scopes` value is joined here,
+//! once per distinct scope list, so an allow borrows it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -49,19 +49,26 @@ struct PackedLimit {
     window_secs: u32,
 }
 
-/// Unix seconds of "never expires": `expires_at` as a plain `u64` is 8 bytes, an `Option` 16.
-const NEVER: u64 = u64::MAX;
+/// Unix seconds of "never expires": `expires_at` as a plain `u32` is 4 bytes, an `Option<u64>`
+/// 16. 32 bits of Unix seconds reach February 2106; a later expiry is held as that second.
+const NEVER: u32 = u32::MAX;
+
+/// The tenant and scope list of a key: one pointer in each key, shared by every key with both.
+#[derive(Debug, PartialEq, Eq)]
+struct Shared {
+    tenant: Arc<str>,
+    scopes: Arc<Scopes>,
+}
 
 /// One key as the engine holds it. Built from a `KeyRecord` by an `Interner`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Key {
     hash: KeyHash,
     id: Arc<str>,
-    tenant: Arc<str>,
-    scopes: Arc<Scopes>,
+    shared: Arc<Shared>,
     limit: PackedLimit,
-    expires_at: u64,
     publishable: Option<Box<Publishable>>,
+    expires_at: u32,
     kind: KeyKind,
     status: KeyStatus,
 }
@@ -76,11 +83,11 @@ impl Key {
     }
 
     pub fn tenant(&self) -> &Arc<str> {
-        &self.tenant
+        &self.shared.tenant
     }
 
     pub fn scopes(&self) -> &Arc<Scopes> {
-        &self.scopes
+        &self.shared.scopes
     }
 
     pub fn kind(&self) -> KeyKind {
@@ -101,7 +108,7 @@ impl Key {
 
     /// Unix seconds after which the key is refused.
     pub fn expires_at(&self) -> Option<u64> {
-        (self.expires_at != NEVER).then_some(self.expires_at)
+        (self.expires_at != NEVER).then_some(self.expires_at.into())
     }
 
     /// Set for publishable keys that name origins, a provider or an Identity Platform tenant.
@@ -111,7 +118,12 @@ impl Key {
 
     /// Usable at `now` (Unix seconds): active and not expired.
     pub fn is_usable(&self, now: u64) -> bool {
-        self.status == KeyStatus::Active && now < self.expires_at
+        let expires = if self.expires_at == NEVER {
+            u64::MAX
+        } else {
+            u64::from(self.expires_at)
+        };
+        self.status == KeyStatus::Active && now < expires
     }
 }
 
@@ -125,6 +137,8 @@ impl Key {
 pub struct Interner {
     tenants: HashSet<Arc<str>>,
     scopes: HashMap<Box<[String]>, Arc<Scopes>>,
+    /// The pairs, by the addresses of their (interned) tenant and scope list.
+    pairs: HashMap<(usize, usize), Arc<Shared>>,
     sweep_at: usize,
 }
 
@@ -136,6 +150,7 @@ impl Default for Interner {
         Self {
             tenants: HashSet::new(),
             scopes: HashMap::new(),
+            pairs: HashMap::new(),
             sweep_at: FIRST_SWEEP,
         }
     }
@@ -165,9 +180,25 @@ impl Interner {
         s
     }
 
-    /// Distinct tenants and scope lists held.
+    /// The shared pair of a tenant and a scope list, both interned.
+    fn shared(&mut self, tenant: &str, scopes: &[String]) -> Arc<Shared> {
+        let (tenant, scopes) = (self.tenant(tenant), self.scopes(scopes));
+        let at = (
+            Arc::as_ptr(&tenant).cast::<u8>() as usize,
+            Arc::as_ptr(&scopes) as usize,
+        );
+        let pair = self
+            .pairs
+            .entry(at)
+            .or_insert_with(|| Arc::new(Shared { tenant, scopes }))
+            .clone();
+        self.maybe_sweep();
+        pair
+    }
+
+    /// Distinct tenants, scope lists and pairs of them held.
     pub fn len(&self) -> usize {
-        self.tenants.len() + self.scopes.len()
+        self.tenants.len() + self.scopes.len() + self.pairs.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -178,7 +209,8 @@ impl Interner {
         if self.len() < self.sweep_at {
             return;
         }
-        // Held only here: no key uses the value any more.
+        // Held only here: no key uses the value any more. Pairs first: they hold the others.
+        self.pairs.retain(|_, p| Arc::strong_count(p) > 1);
         self.tenants.retain(|t| Arc::strong_count(t) > 1);
         self.scopes.retain(|_, s| Arc::strong_count(s) > 1);
         self.sweep_at = (self.len() * 2).max(FIRST_SWEEP);
@@ -200,8 +232,7 @@ impl Interner {
         Key {
             hash: record.hash,
             id: Arc::from(record.id.as_str()),
-            tenant: self.tenant(&record.tenant),
-            scopes: self.scopes(&record.scopes),
+            shared: self.shared(&record.tenant, &record.scopes),
             limit: record.rate_limit.map_or(
                 PackedLimit {
                     requests: 0,
@@ -213,7 +244,9 @@ impl Interner {
                     window_secs: u32::try_from(l.window.as_secs()).unwrap_or(u32::MAX),
                 },
             ),
-            expires_at: record.expires_at.unwrap_or(NEVER),
+            expires_at: record
+                .expires_at
+                .map_or(NEVER, |t| u32::try_from(t).unwrap_or(NEVER - 1)),
             publishable,
             kind: record.kind,
             status: record.status,
@@ -268,6 +301,10 @@ mod tests {
         // Expiry at the epoch is an expired key, not a key that never expires.
         r.expires_at = Some(0);
         assert!(!i.key(&r).is_usable(0));
+        // Past 2106 (32 bits of seconds): held as its last second, still an expiry.
+        r.expires_at = Some(u64::from(u32::MAX) + 10);
+        assert!(i.key(&r).is_usable(u64::from(u32::MAX) - 2));
+        assert!(!i.key(&r).is_usable(u64::from(u32::MAX) - 1));
         r.expires_at = None;
         r.status = KeyStatus::Revoked;
         assert!(!i.key(&r).is_usable(0));
@@ -296,13 +333,12 @@ mod tests {
         assert!(Arc::ptr_eq(a.tenant(), b.tenant()));
         assert!(Arc::ptr_eq(a.scopes(), b.scopes()));
         assert!(!Arc::ptr_eq(a.scopes(), c.scopes()));
-        assert_eq!(i.len(), 4);
-        // The hot record stays small: no name, no creation time, no publishable fields inline.
-        assert!(
-            std::mem::size_of::<Key>() <= 112,
-            "{}",
-            std::mem::size_of::<Key>()
-        );
+        assert!(Arc::ptr_eq(&a.shared, &b.shared), "one pair for both");
+        // Two tenants, two scope lists, two pairs.
+        assert_eq!(i.len(), 6);
+        // The hot record stays small: no name, no creation time, no publishable fields inline,
+        // tenant and scopes behind one pointer.
+        assert_eq!(std::mem::size_of::<Key>(), 80);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! API key records and where they come from: the full `KeyRecord` (what the key file and Redis
 //! hold, what people read), the compact `Key` the engine looks up, the `KeyStore` trait (the I/O
-//! seam of a remote store), the file store (an in-memory index), and `Keys`, the one way the
+//! seam of a remote store), the file store (an in-memory table), and `Keys`, the one way the
 //! engine looks a key up: straight from memory, or through the cache in front of Redis.
 
 pub mod admin;
@@ -9,13 +9,14 @@ mod file;
 mod key;
 pub mod redis;
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
 pub use crate::event::{CacheOutcome, StoreError, StoreKind};
 pub use cached::CachedStore;
-pub use file::{FileStore, KeyFile, KeyFileEntry, KeyFileError, parse_entries, parse_file};
+pub use file::{FileStore, KeyFile, KeyFileEntry, KeyFileError, Table, parse_entries, parse_file};
 pub use key::{Interner, Key, Publishable, Scopes};
 pub use redis::RedisStore;
 
@@ -64,6 +65,42 @@ pub trait KeyStore: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<Arc<Key>>, StoreError>>;
 }
 
+/// A key a lookup found: in the key file's table, shared with it (the table holds its keys in a
+/// few large blocks, so no key has a pointer of its own to hand out), or a record of its own (the
+/// Redis cache's). Reads as the `Key` either way.
+#[derive(Clone)]
+pub enum Found {
+    InTable(Arc<Table>, u32),
+    Own(Arc<Key>),
+}
+
+impl Found {
+    /// The key as a record of its own: a copy, for a caller that keeps it (tests' stores).
+    pub fn into_arc(self) -> Arc<Key> {
+        match self {
+            Found::InTable(t, at) => Arc::new(t.key(at).clone()),
+            Found::Own(k) => k,
+        }
+    }
+}
+
+impl Deref for Found {
+    type Target = Key;
+
+    fn deref(&self) -> &Key {
+        match self {
+            Found::InTable(t, at) => t.key(*at),
+            Found::Own(k) => k,
+        }
+    }
+}
+
+impl std::fmt::Debug for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Key::fmt(self, f)
+    }
+}
+
 /// How the engine looks keys up. An in-memory store is its own index and is asked directly: a
 /// cache in front of it would hold a second copy of what it already holds, and answer slower. Only
 /// a remote store has the cache in front.
@@ -87,15 +124,18 @@ impl Keys {
     pub async fn lookup_traced(
         &self,
         hash: &KeyHash,
-    ) -> Result<(Option<Arc<Key>>, Option<CacheOutcome>), StoreError> {
+    ) -> Result<(Option<Found>, Option<CacheOutcome>), StoreError> {
         match self {
             Keys::None => Ok((None, None)),
             Keys::Memory(s) => Ok((s.get(hash), None)),
-            Keys::Cached(c) => c.lookup_traced(hash).await.map(|(k, o)| (k, Some(o))),
+            Keys::Cached(c) => c
+                .lookup_traced(hash)
+                .await
+                .map(|(k, o)| (k.map(Found::Own), Some(o))),
         }
     }
 
-    pub async fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<Key>>, StoreError> {
+    pub async fn lookup(&self, hash: &KeyHash) -> Result<Option<Found>, StoreError> {
         self.lookup_traced(hash).await.map(|(k, _)| k)
     }
 

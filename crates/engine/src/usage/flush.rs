@@ -3,11 +3,10 @@
 //! hour's end plus the retention) once only: a group carries a marker name that the script sets
 //! with `NX`, so a retry of a group whose first attempt timed out but was applied after all (a
 //! stalled Redis) adds nothing twice. What cannot be written is held for the next flush, up to
-//! `usage.max_held_entries`; what is finally given up is counted. Without Redis the counts are
-//! kept in this replica's memory for the retention, within the same bound.
+//! `usage.max_held_entries` (a 40-byte slot each in a hash table); what is finally
+//! given up is counted.
 
 use std::collections::{HashMap, VecDeque};
-use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 use super::read::usage_name;
-use super::{Bucket, Counts, Entry, HOUR_SECS};
+use super::{Entry, HOUR_SECS, Tally};
 use crate::authn::apikey::random_base62;
 use crate::config::UsageConfig;
 use crate::event::{RedisFailure, UsageDrop};
@@ -54,16 +53,13 @@ pub const MARKER_TTL_SECS: u64 = 3600;
 const IN_DOUBT_MAX: Duration = Duration::from_secs(MARKER_TTL_SECS / 2);
 
 pub struct Flush {
-    sink: Sink,
+    to: ToRedis,
     retention_secs: u64,
     max_held: usize,
 }
 
-enum Sink {
-    Redis(Box<ToRedis>),
-    /// This replica's own record: (key, Unix hour) → counts, for the retention.
-    Memory(Mutex<HashMap<(Arc<str>, u64), Counts>>),
-}
+/// Counts by (key, Unix hour).
+type ByHour = HashMap<(Arc<str>, u32), Tally>;
 
 struct ToRedis {
     redis: Redis,
@@ -80,7 +76,7 @@ struct ToRedis {
 #[derive(Default)]
 struct Held {
     /// Never sent (or refused unsent by the open breaker): merged with new counts freely.
-    unsent: HashMap<(Arc<str>, u64), Counts>,
+    unsent: ByHour,
     /// Sent, with no answer: retried as they are, under their markers.
     in_doubt: VecDeque<Group>,
     in_doubt_entries: usize,
@@ -101,17 +97,12 @@ impl Held {
 
 /// Adds `taken` into `into`, holding at most `max` entries; returns the decisions that did not
 /// fit.
-fn merge(
-    into: &mut HashMap<(Arc<str>, u64), Counts>,
-    taken: Vec<Entry>,
-    max: usize,
-    others: usize,
-) -> u64 {
+fn merge(into: &mut ByHour, taken: Vec<Entry>, max: usize, others: usize) -> u64 {
     let mut dropped = 0;
     for (key, hour, counts) in taken {
         let held = into.len() + others;
         match into.get_mut(&(key.clone(), hour)) {
-            Some(c) => c.add(counts),
+            Some(c) => dropped += c.add(counts),
             None if held < max => {
                 into.insert((key, hour), counts);
             }
@@ -122,64 +113,28 @@ fn merge(
 }
 
 impl Flush {
-    pub fn new(cfg: &UsageConfig, redis: Option<(Redis, String, bool)>) -> Self {
-        let sink = match redis {
-            Some((redis, prefix, cluster)) => Sink::Redis(Box::new(ToRedis {
+    pub fn new(cfg: &UsageConfig, (redis, prefix, cluster): (Redis, String, bool)) -> Self {
+        Self {
+            to: ToRedis {
                 redis,
                 prefix,
                 cluster,
                 replica: random_base62(12),
                 next_group: AtomicU64::new(0),
                 held: Mutex::default(),
-            })),
-            None => Sink::Memory(Mutex::default()),
-        };
-        Self {
-            sink,
+            },
             retention_secs: u64::from(cfg.retention_days) * 86_400,
             max_held: cfg.max_held_entries,
         }
     }
 
     pub async fn held_entries(&self) -> usize {
-        match &self.sink {
-            Sink::Redis(r) => r.held.lock().await.entries(),
-            Sink::Memory(m) => m.lock().await.len(),
-        }
+        self.to.held.lock().await.entries()
     }
 
     /// Writes `taken` (and whatever is held from before).
-    pub async fn run(&self, taken: Vec<Entry>, now_hour: u64, observer: &Observer) {
-        match &self.sink {
-            Sink::Memory(kept) => {
-                let mut kept = kept.lock().await;
-                let oldest = now_hour.saturating_sub(self.retention_secs / HOUR_SECS);
-                kept.retain(|(_, hour), _| *hour >= oldest);
-                let dropped = merge(&mut kept, taken, self.max_held, 0);
-                if dropped > 0 {
-                    observer.usage_dropped(UsageDrop::HeldFull, dropped);
-                }
-            }
-            Sink::Redis(to) => to.run(taken, self, observer).await,
-        }
-    }
-
-    /// This replica's record of one key (without Redis only).
-    pub async fn local_series(&self, key_id: &str, hours: Range<u64>) -> Option<Vec<Bucket>> {
-        let Sink::Memory(kept) = &self.sink else {
-            return None;
-        };
-        let kept = kept.lock().await;
-        let mut out: Vec<Bucket> = kept
-            .iter()
-            .filter(|((k, h), _)| &**k == key_id && hours.contains(h))
-            .map(|((_, h), c)| Bucket {
-                hour_start: h * HOUR_SECS,
-                counts: *c,
-            })
-            .collect();
-        out.sort_by_key(|b| b.hour_start);
-        Some(out)
+    pub async fn run(&self, taken: Vec<Entry>, observer: &Observer) {
+        self.to.run(taken, self, observer).await
     }
 }
 
@@ -219,7 +174,9 @@ impl ToRedis {
                 // Not sent: the counts are merged with the next ones.
                 Err(RedisFailure::BreakerOpen) if g.sent_at.is_none() => {
                     for (key, hour, counts) in g.entries {
-                        held.unsent.entry((key, hour)).or_default().add(counts);
+                        // Taken out of `unsent` above, so no entry is there to overflow.
+                        let lost = held.unsent.entry((key, hour)).or_default().add(counts);
+                        debug_assert_eq!(lost, 0);
                     }
                     failure.get_or_insert(RedisFailure::BreakerOpen);
                 }
@@ -239,7 +196,7 @@ impl ToRedis {
 
     /// New groups of the never-sent counts, each with its own marker; a key's hours stay
     /// together (in a cluster they are the group, sharing the key's slot).
-    fn groups(&self, unsent: HashMap<(Arc<str>, u64), Counts>) -> Vec<Group> {
+    fn groups(&self, unsent: ByHour) -> Vec<Group> {
         let mut entries: Vec<Entry> = unsent.into_iter().map(|((k, h), c)| (k, h, c)).collect();
         entries.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         let mut groups: Vec<Group> = Vec::new();
@@ -277,11 +234,11 @@ impl ToRedis {
         let mut c = redis::cmd("EVAL");
         c.arg(FLUSH_LUA).arg(1 + g.entries.len()).arg(&g.marker);
         for (key, hour, _) in &g.entries {
-            c.arg(usage_name(&self.prefix, key, *hour));
+            c.arg(usage_name(&self.prefix, key, u64::from(*hour)));
         }
         c.arg(MARKER_TTL_SECS);
         for (_, hour, counts) in &g.entries {
-            c.arg((hour + 1) * HOUR_SECS + retention_secs)
+            c.arg((u64::from(*hour) + 1) * HOUR_SECS + retention_secs)
                 .arg(counts.allowed)
                 .arg(counts.rate_limited)
                 .arg(counts.denied);

@@ -1,13 +1,16 @@
 //! Usage per key: how many decisions each known key got in each hour, by outcome (allowed,
 //! rate_limited, denied), so the platform can bill and support customers per key. Counted in
 //! memory on the request path (one short lock on one of a few shards, no allocation for a key
-//! already counted this interval) and written off it by `flush`: with Redis, into hourly hashes
-//! every replica adds to (the layout is docs/key-store.md's); without, into this replica's
-//! memory. `read` gives the hourly series back from Redis.
+//! already counted this interval) and written off it by `flush` into Redis's hourly hashes, which
+//! every replica adds to (the layout is docs/key-store.md's). `read` gives the hourly series back.
 //!
 //! Only decisions about a key whose record was found and usable count: the ones whose decision
 //! names a key id (allows, 429s, and refusals after the key was identified). Unknown, malformed,
 //! revoked and expired keys never take space here, whatever a flood sends.
+//!
+//! Without Redis there is nowhere to add a replica's counts up and nothing that could read them,
+//! so nothing is held: each such decision is only counted as dropped (`no_redis`), one atomic
+//! addition on the request path and no memory at all.
 
 mod flush;
 pub mod read;
@@ -91,7 +94,7 @@ impl KeyRef<'_> {
     }
 }
 
-/// Decisions of one key in one hour.
+/// Decisions of one key in one hour, as read back from Redis: the fleet's sums.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     pub allowed: u64,
@@ -100,27 +103,13 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn one(outcome: Outcome) -> Self {
-        let mut c = Counts::default();
-        c.add_one(outcome);
-        c
-    }
-
-    fn add_one(&mut self, outcome: Outcome) {
-        match outcome {
-            Outcome::Allowed => self.allowed += 1,
-            Outcome::RateLimited => self.rate_limited += 1,
-            Outcome::Denied => self.denied += 1,
-        }
-    }
-
     pub fn add(&mut self, other: Counts) {
         self.allowed += other.allowed;
         self.rate_limited += other.rate_limited;
         self.denied += other.denied;
     }
 
-    /// Decisions in all: what is lost when these counts are dropped.
+    /// Decisions in all.
     pub fn total(&self) -> u64 {
         self.allowed + self.rate_limited + self.denied
     }
@@ -130,55 +119,106 @@ impl Counts {
     }
 }
 
-/// One key's counts since the last flush: the current hour's, and (only across an hour
-/// boundary within one interval) earlier hours'.
-struct Slot {
-    hour: u64,
-    counts: Counts,
-    earlier: Vec<(u64, Counts)>,
+/// Decisions of one key in one hour on this replica, not yet in Redis: 12 bytes, not `Counts`'
+/// 24. One replica's decisions for one key within one hour stay far below 2³² (that would be 1.2
+/// million a second for the whole hour); should a sum reach it all the same, what does not fit is
+/// returned to be counted as dropped, never wrapped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub allowed: u32,
+    pub rate_limited: u32,
+    pub denied: u32,
 }
 
-impl Slot {
-    fn add(&mut self, hour: u64, outcome: Outcome) {
-        if hour == self.hour {
-            self.counts.add_one(outcome);
-            return;
+impl Tally {
+    fn one(outcome: Outcome) -> Self {
+        let mut t = Tally::default();
+        t.add_one(outcome);
+        t
+    }
+
+    /// Within one flush interval (at most a minute) a counter cannot reach 2³², so this
+    /// saturating addition never saturates in practice; it only keeps the request path free of
+    /// a branch that could panic.
+    fn add_one(&mut self, outcome: Outcome) {
+        let c = match outcome {
+            Outcome::Allowed => &mut self.allowed,
+            Outcome::RateLimited => &mut self.rate_limited,
+            Outcome::Denied => &mut self.denied,
+        };
+        *c = c.saturating_add(1);
+    }
+
+    /// Adds `other`; returns the decisions that did not fit (0 unless a counter would pass 2³²).
+    #[must_use]
+    pub fn add(&mut self, other: Tally) -> u64 {
+        let mut lost = 0;
+        for (c, o) in [
+            (&mut self.allowed, other.allowed),
+            (&mut self.rate_limited, other.rate_limited),
+            (&mut self.denied, other.denied),
+        ] {
+            let sum = u64::from(*c) + u64::from(o);
+            *c = u32::try_from(sum).unwrap_or(u32::MAX);
+            lost += sum - u64::from(*c);
         }
-        if let Some((_, c)) = self.earlier.iter_mut().find(|(h, _)| *h == hour) {
-            c.add_one(outcome);
-            return;
+        lost
+    }
+
+    /// Decisions in all: what is lost when these counts are dropped.
+    pub fn total(&self) -> u64 {
+        u64::from(self.allowed) + u64::from(self.rate_limited) + u64::from(self.denied)
+    }
+
+    pub fn counts(&self) -> Counts {
+        Counts {
+            allowed: self.allowed.into(),
+            rate_limited: self.rate_limited.into(),
+            denied: self.denied.into(),
         }
-        let before = std::mem::replace(&mut self.counts, Counts::one(outcome));
-        self.earlier.push((self.hour, before));
-        self.hour = hour;
     }
 }
 
-/// One shard of the live counts: each key counted since the last flush.
-type Shard = Mutex<HashMap<Arc<str>, Slot, RandomState>>;
+/// One key's counts since the last flush, for its latest hour.
+struct Slot {
+    /// Unix hour number (Unix seconds / 3600): fits 32 bits for the next 490,000 years.
+    hour: u32,
+    tally: Tally,
+}
 
-/// One (key, hour) entry taken from the live counts.
-pub type Entry = (Arc<str>, u64, Counts);
+/// One shard of the live counts: each key counted since the last flush, at 32 bytes a slot
+/// (the id shared with the key record, the hour, the tally); the rare earlier hour of a key
+/// whose decisions crossed an hour within one interval waits beside them.
+#[derive(Default)]
+struct Live {
+    slots: HashMap<Arc<str>, Slot, RandomState>,
+    earlier: Vec<Entry>,
+}
+
+/// One (key, Unix hour, tally) entry taken from the live counts: 32 bytes.
+pub type Entry = (Arc<str>, u32, Tally);
 
 /// The live counts and the flush behind them.
 pub struct Usage {
-    shards: Box<[Shard]>,
+    shards: Box<[Mutex<Live>]>,
     pick: RandomState,
     clock: Arc<dyn Clock>,
     /// Distinct keys counted since the last flush, over every shard.
     keys: AtomicUsize,
     max_keys: usize,
-    /// Decisions not counted since the last flush because `max_keys` was reached; reported
-    /// (metric and log) by the flush, off the request path.
+    /// Decisions not counted since the last flush because `max_keys` was reached, or (without
+    /// Redis) because nothing is kept; reported (metric and log) by the flush, off the request
+    /// path.
     refused: AtomicU64,
-    flush: Flush,
+    /// Where the counts go; `None`: no Redis, nothing is held.
+    flush: Option<Flush>,
     observer: Arc<Observer>,
 }
 
 impl Usage {
     /// Counting with its flush task (on the current runtime; the caller owns the handle), or
-    /// `None` when `usage.enabled` is false. `redis`: the engine's Redis, if it has one; counts
-    /// stay in this replica's memory otherwise.
+    /// `None` when `usage.enabled` is false. `redis`: the engine's Redis, if it has one; without
+    /// it nothing is held and every decision of a known key is counted as dropped (`no_redis`).
     pub fn start(
         cfg: &UsageConfig,
         redis: Option<(Redis, String, bool)>,
@@ -187,6 +227,11 @@ impl Usage {
     ) -> Option<(Arc<Self>, JoinHandle<()>)> {
         if !cfg.enabled {
             return None;
+        }
+        if redis.is_none() {
+            tracing::info!(
+                "No Redis: usage per key is not recorded; decisions of known keys are counted in gybc_authz_usage_dropped_total{{reason=\"no_redis\"}}."
+            );
         }
         let usage = Arc::new(Self::new(cfg, redis, clock, observer));
         let every = Duration::from_millis(cfg.flush_interval_ms);
@@ -218,23 +263,34 @@ impl Usage {
             keys: AtomicUsize::new(0),
             max_keys: cfg.max_keys_per_interval,
             refused: AtomicU64::new(0),
-            flush: Flush::new(cfg, redis),
+            flush: redis.map(|r| Flush::new(cfg, r)),
             observer,
         }
     }
 
     /// Counts one decision, if it was about a known key. On the request path: a clock read and
-    /// one shard's lock; an allocation only for the first decision of a key in an interval.
+    /// one shard's lock; an allocation only for the first decision of a key in an interval (and
+    /// only for a denial: an allow shares the record's id). Without Redis, one atomic addition.
     pub fn count(&self, decision: &Decision) {
         let Some((key, outcome)) = Outcome::of(decision) else {
             return;
         };
-        let hour = self.clock.now_secs() / HOUR_SECS;
+        if self.flush.is_none() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Unix hours fit 32 bits until the year 490,000.
+        let hour = (self.clock.now_secs() / HOUR_SECS) as u32;
         let id = key.as_str();
         let shard = &self.shards[self.pick.hash_one(id) as usize % SHARDS];
         let mut live = shard.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = live.get_mut(id) {
-            slot.add(hour, outcome);
+        let live = &mut *live;
+        if let Some(slot) = live.slots.get_mut(id) {
+            if slot.hour == hour {
+                slot.tally.add_one(outcome);
+            } else {
+                earlier_hour(&mut live.earlier, &key, slot, hour, outcome);
+            }
             return;
         }
         if self.keys.fetch_add(1, Ordering::Relaxed) >= self.max_keys {
@@ -242,28 +298,24 @@ impl Usage {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        live.insert(
+        live.slots.insert(
             key.to_arc(),
             Slot {
                 hour,
-                counts: Counts::one(outcome),
-                earlier: Vec::new(),
+                tally: Tally::one(outcome),
             },
         );
     }
 
-    /// Takes every live count, leaving the shards empty: a key not seen since takes no space.
+    /// Takes every live count, leaving the shards empty (their tables freed): a key not seen
+    /// since takes no space.
     fn take(&self) -> Vec<Entry> {
         let mut out = Vec::with_capacity(self.keys.load(Ordering::Relaxed));
         for shard in self.shards.iter() {
             let live = std::mem::take(&mut *shard.lock().unwrap_or_else(PoisonError::into_inner));
-            self.keys.fetch_sub(live.len(), Ordering::Relaxed);
-            for (key, slot) in live {
-                for (hour, counts) in slot.earlier {
-                    out.push((key.clone(), hour, counts));
-                }
-                out.push((key, slot.hour, slot.counts));
-            }
+            self.keys.fetch_sub(live.slots.len(), Ordering::Relaxed);
+            out.extend(live.earlier);
+            out.extend(live.slots.into_iter().map(|(k, s)| (k, s.hour, s.tally)));
         }
         out
     }
@@ -273,30 +325,64 @@ impl Usage {
     /// once more on shutdown, and tests call it to avoid waiting.
     pub async fn flush_now(&self) {
         let refused = self.refused.swap(0, Ordering::Relaxed);
+        let Some(flush) = &self.flush else {
+            if refused > 0 {
+                self.observer.usage_dropped(UsageDrop::NoRedis, refused);
+            }
+            return;
+        };
         if refused > 0 {
             self.observer.usage_dropped(UsageDrop::KeyCap, refused);
         }
-        let now_hour = self.clock.now_secs() / HOUR_SECS;
-        self.flush.run(self.take(), now_hour, &self.observer).await;
-        let live = self.keys.load(Ordering::Relaxed);
-        self.observer
-            .usage_entries(live + self.flush.held_entries().await);
+        flush.run(self.take(), &self.observer).await;
+        self.observer.usage_entries(self.entries().await);
     }
 
-    /// (key, hour) entries in memory: counted since the last flush, plus those held for a retry
-    /// (or, without Redis, kept as this replica's record).
+    /// (key, hour) entries in memory: counted since the last flush, plus those held for a retry.
+    /// At most `usage.max_keys_per_interval` (and a key's earlier hour across an hour's end) plus
+    /// `usage.max_held_entries`; none without Redis.
     pub async fn entries(&self) -> usize {
-        self.keys.load(Ordering::Relaxed) + self.flush.held_entries().await
+        let earlier: usize = self
+            .shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .earlier
+                    .len()
+            })
+            .sum();
+        let held = match &self.flush {
+            Some(f) => f.held_entries().await,
+            None => 0,
+        };
+        self.keys.load(Ordering::Relaxed) + earlier + held
     }
+}
 
-    /// Without Redis: this replica's hourly counts of `key_id` in `hours` (Unix hour numbers),
-    /// hours with no decision left out. `None` with Redis: read the fleet's with `read`.
-    pub async fn local_series(
-        &self,
-        key_id: &str,
-        hours: std::ops::Range<u64>,
-    ) -> Option<Vec<Bucket>> {
-        self.flush.local_series(key_id, hours).await
+/// A decision whose hour is not the slot's: a new hour moves the slot's tally to the shard's
+/// earlier list and starts afresh; an earlier one (a thread that read the clock just before the
+/// hour turned, and took the lock just after) adds to its entry there.
+fn earlier_hour(
+    earlier: &mut Vec<Entry>,
+    key: &KeyRef<'_>,
+    slot: &mut Slot,
+    hour: u32,
+    outcome: Outcome,
+) {
+    if hour > slot.hour {
+        let before = std::mem::replace(&mut slot.tally, Tally::one(outcome));
+        earlier.push((key.to_arc(), slot.hour, before));
+        slot.hour = hour;
+        return;
+    }
+    let id = key.as_str();
+    match earlier
+        .iter_mut()
+        .find(|(k, h, _)| *h == hour && &**k == id)
+    {
+        Some((_, _, t)) => t.add_one(outcome),
+        None => earlier.push((key.to_arc(), hour, Tally::one(outcome))),
     }
 }
 
