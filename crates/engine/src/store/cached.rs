@@ -681,6 +681,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (r, o) = cached.lookup_traced(&KeyHash::of("k")).await.unwrap();
         assert_eq!(r.unwrap().status(), KeyStatus::Revoked);
-        assert_eq!(o, CacheOutcome::Hit, "read in the new generation: fresh again");
+        assert_eq!(
+            o,
+            CacheOutcome::Hit,
+            "read in the new generation: fresh again"
+        );
     }
 }
