@@ -331,6 +331,7 @@ async fn dashboard_and_alerts_only_query_metrics_that_exist() {
         "GybcAuthzLatencyHigh",
         "GybcAuthzRedisBreakerOpen",
         "GybcAuthzKeyLookupsFailing",
+        "GybcAuthzSecretKeyFromBrowser",
     ] {
         assert!(rules.contains(alert), "{alert} missing");
     }
