@@ -200,13 +200,15 @@ pub fn setup(cfg: &mut Config) -> Result<DevSetup, DevError> {
     })
 }
 
-/// The banner `serve --dev` prints once, with commands that work as printed.
+/// The banner `serve --dev` prints once, with commands that work as printed: the key service's
+/// path and the identity headers it trusts are the configured ones.
 pub fn banner(
     c: &DevCredentials,
     exe: &str,
     grpc: std::net::SocketAddr,
     http: std::net::SocketAddr,
     key_service: std::net::SocketAddr,
+    cfg: &Config,
 ) -> String {
     format!(
         concat!(
@@ -229,12 +231,16 @@ pub fn banner(
             "\n",
             "Create a key with the key service (docs/key-service.md). Here it has no Envoy and no gybc-authz\n",
             "in front, so the identity headers they would set are given by hand: dev mode only, on loopback.\n",
-            "  curl -sS -X POST http://{ks}/api/v1/iam/api-keys/create-key -H 'content-type: application/json' -H 'x-auth-method: jwt' -H 'x-tenant-id: {tenant}' -H 'x-user-id: {user}' -d '{{\"kind\": \"KEY_KIND_SECRET\", \"name\": \"my first key\"}}'\n",
+            "  curl -sS -X POST http://{ks}{prefix}/create-key -H 'content-type: application/json' -H '{method_h}: jwt' -H '{tenant_h}: {tenant}' -H '{user_h}: {user}' -d '{{\"kind\": \"KEY_KIND_SECRET\", \"name\": \"my first key\"}}'\n",
             "\n",
         ),
         tenant = DEV_TENANT,
         user = DEV_USER,
         ks = key_service,
+        prefix = cfg.key_service.path_prefix.trim_end_matches('/'),
+        method_h = cfg.headers.auth_method,
+        tenant_h = cfg.headers.tenant_id,
+        user_h = cfg.headers.user_id,
         exe = exe,
         grpc = grpc,
         http = http,

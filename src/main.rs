@@ -168,6 +168,8 @@ async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
         },
         None => None,
     };
+    // The banner names the key service's path and headers as configured; start takes the config.
+    let banner_cfg = credentials.as_ref().map(|_| cfg.clone());
     let running = match app::start(cfg, opts).await {
         Ok(r) => r,
         Err(e) => {
@@ -175,13 +177,13 @@ async fn serve(config: Option<PathBuf>, dev_mode: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let (Some(c), Some(ks)) = (&credentials, &key_service) {
+    if let (Some(c), Some(ks), Some(bc)) = (&credentials, &key_service, &banner_cfg) {
         let exe = std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "gybc-authz".into());
         print!(
             "{}",
-            dev::banner(c, &exe, running.grpc_addr, running.http_addr, ks.addr)
+            dev::banner(c, &exe, running.grpc_addr, running.http_addr, ks.addr, bc)
         );
         use std::io::Write;
         let _ = std::io::stdout().flush();

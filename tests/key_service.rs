@@ -1275,6 +1275,25 @@ async fn metrics_move_with_traffic() {
 /// dev data path allows at once.
 #[test]
 fn dev_mode_prints_a_create_key_command_that_works() {
+    dev_mode_create_key(&[], "/api/v1/iam/api-keys/create-key", "x-tenant-id");
+}
+
+/// The printed command follows the configured key service path and identity header names.
+#[test]
+fn dev_mode_create_key_command_follows_the_configured_path_and_headers() {
+    dev_mode_create_key(
+        &[
+            ("GYBC_AUTHZ__KEY_SERVICE__PATH_PREFIX", "/iam/keys"),
+            ("GYBC_AUTHZ__HEADERS__TENANT_ID", "x-gybc-tenant"),
+            ("GYBC_AUTHZ__HEADERS__USER_ID", "x-gybc-user"),
+            ("GYBC_AUTHZ__HEADERS__AUTH_METHOD", "x-gybc-auth"),
+        ],
+        "/iam/keys/create-key",
+        "x-gybc-tenant",
+    );
+}
+
+fn dev_mode_create_key(env: &[(&str, &str)], path: &str, tenant_header: &str) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
@@ -1282,6 +1301,7 @@ fn dev_mode_prints_a_create_key_command_that_works() {
         .args(["serve", "--dev"])
         .env("GYBC_AUTHZ__SERVER__GRPC_ADDR", "127.0.0.1:0")
         .env("GYBC_AUTHZ__SERVER__HTTP_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1298,7 +1318,7 @@ fn dev_mode_prints_a_create_key_command_that_works() {
         }
     }
     let curl = curl.unwrap_or_else(|| panic!("no curl command in the banner:\n{banner}"));
-    assert!(curl.contains("/api/v1/iam/api-keys/create-key"), "{curl}");
+    assert!(curl.contains(path), "{curl}");
     let out = Command::new("sh").args(["-c", &curl]).output().unwrap();
     let created: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("`{curl}` printed no JSON ({e}): {out:?}"));
@@ -1325,7 +1345,7 @@ fn dev_mode_prints_a_create_key_command_that_works() {
     let _ = child.wait();
     let decision: Value = serde_json::from_slice(&check.stdout).unwrap();
     assert_eq!(decision["allowed"], true, "{decision}");
-    assert_eq!(decision["upstream_headers"]["x-tenant-id"], "dev-tenant");
+    assert_eq!(decision["upstream_headers"][tenant_header], "dev-tenant");
     assert_eq!(
         decision["upstream_headers"]["x-api-key-id"],
         created["key"]["id"]
