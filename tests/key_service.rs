@@ -1034,6 +1034,53 @@ async fn the_redis_ledger_drops_stale_entries_and_refills_from_the_records() {
     assert_eq!(redis.cli(&["HLEN", ledger]), "3");
 }
 
+/// A tenant whose ledger was never filled (keys written before it existed) or was lost: an
+/// update that brings an expired key back fills it first, so it is bounded like a create.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_redis_bringing_a_key_back_is_bounded_even_before_the_ledger_is_filled() {
+    let store = Store::redis();
+    let ks = KeyService::start_with(
+        store.dir.path(),
+        &store.backend,
+        "max_active_keys_per_tenant: 2",
+        &[],
+        &[],
+    );
+    let soon =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(2))
+            .to_string();
+    let brief = create(
+        &ks,
+        &alice(),
+        json!({"kind": "KEY_KIND_SECRET", "expireTime": soon}),
+    )
+    .await;
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
+    let redis = store._redis.as_ref().unwrap();
+    let ledger = "gybc:tenant-active:acme";
+    redis.cli(&["DEL", ledger]);
+    let id = brief["key"]["id"].as_str().unwrap();
+    let a = ks
+        .call(
+            "update-key",
+            &alice(),
+            &json!({"id": id, "clearExpireTime": true}).to_string(),
+        )
+        .await;
+    at_bound(&a);
+    assert_eq!(
+        redis.cli(&["HLEN", ledger]),
+        "3",
+        "filled from the records: the mark and the two active keys"
+    );
+    let a = ks
+        .call("get-key", &alice(), &json!({"id": id}).to_string())
+        .await;
+    assert_eq!(ok(&a)["key"]["state"], "KEY_STATE_EXPIRED");
+}
+
 /// Each caller's calls are limited per replica (`key_service.caller_rate_limit`, here set through
 /// its environment override): over it, 429 with `Retry-After`; another caller is not affected.
 #[tokio::test(flavor = "multi_thread")]

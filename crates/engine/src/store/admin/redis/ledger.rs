@@ -153,15 +153,27 @@ impl RedisAdmin {
         now: u64,
     ) -> Result<(), AdminError> {
         let value = entry(r.expires_at, now + PENDING_SECS);
+        self.take_place(&r.tenant, &r.id, &value, bound, replacing, now)
+            .await
+    }
+
+    /// Admits `id`'s entry, filling the ledger first if no create has, and checking it against
+    /// the records once before the bound refuses.
+    async fn take_place(
+        &self,
+        tenant: &str,
+        id: &str,
+        value: &str,
+        bound: Option<u32>,
+        replacing: Option<&str>,
+        now: u64,
+    ) -> Result<(), AdminError> {
         let (mut filled, mut checked) = (false, false);
         loop {
-            match self
-                .admit(&r.tenant, &r.id, &value, bound, replacing, now)
-                .await?
-            {
+            match self.admit(tenant, id, value, bound, replacing, now).await? {
                 Admit::Taken => return Ok(()),
                 Admit::NotFilled if !filled => {
-                    self.fill(&r.tenant, now).await?;
+                    self.fill(tenant, now).await?;
                     filled = true;
                 }
                 Admit::NotFilled => {
@@ -170,7 +182,7 @@ impl RedisAdmin {
                     ));
                 }
                 Admit::Held if !checked => {
-                    self.check(&r.tenant, now).await?;
+                    self.check(tenant, now).await?;
                     checked = true;
                 }
                 Admit::Held => return Err(AdminError::KeyLimit(bound.unwrap_or(u32::MAX))),
@@ -180,8 +192,10 @@ impl RedisAdmin {
 
     /// Before a change of an existing key that leaves it active: its entry, pending, at least as
     /// wide as the record before and after (`expires_at`), so the ledger never misses it while the
-    /// record changes. A key that was not active counts against `bound`; a ledger not filled yet
-    /// is left alone.
+    /// record changes. A key that was not active counts against `bound`. A ledger not filled yet
+    /// is filled first: left alone, a fill running beside this change could read the record
+    /// before it is written and the settle after it could find no ledger, so the key would never
+    /// be counted (and a tenant at the bound could bring an expired key back).
     pub(super) async fn widen(
         &self,
         tenant: &str,
@@ -191,10 +205,7 @@ impl RedisAdmin {
         now: u64,
     ) -> Result<(), AdminError> {
         let value = entry(expires_at, now + PENDING_SECS);
-        match self.admit(tenant, id, &value, bound, None, now).await? {
-            Admit::Taken | Admit::NotFilled => Ok(()),
-            Admit::Held => Err(AdminError::KeyLimit(bound.unwrap_or(u32::MAX))),
-        }
+        self.take_place(tenant, id, &value, bound, None, now).await
     }
 
     /// After a write succeeded: the entry as the record now is (`None`: no longer active). Best
