@@ -824,8 +824,15 @@ fn echo_connection(stream: TcpStream) -> Res<()> {
     }
 }
 
-/// One request on its own connection: the status, the response's header lines and its body.
-fn exchange(addr: SocketAddr, headers: &[String]) -> Res<(u16, Vec<(String, String)>, String)> {
+/// A whole answer: its status, header lines (lowercase names) and body.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+/// One request on its own connection.
+fn exchange(addr: SocketAddr, headers: &[String]) -> Res<Answer> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut request = format!(
@@ -848,7 +855,11 @@ fn exchange(addr: SocketAddr, headers: &[String]) -> Res<(u16, Vec<(String, Stri
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("not an HTTP answer: {answer:?}"))?;
-    Ok((status, header_lines(lines), body.to_owned()))
+    Ok(Answer {
+        status,
+        headers: header_lines(lines),
+        body: body.to_owned(),
+    })
 }
 
 /// `name: value` lines as (lowercase name, value).
@@ -975,7 +986,11 @@ pub(crate) fn check_native(
     let config = envoy_config_to(EnvoyFilter::Native(native.clone()), jwks, Some(echo));
     let envoy = start_envoy(envoy_bin, dir, &format!("{name}-check"), &config, None)?;
     for case in native_cases(native, fx) {
-        let (status, response, body) = exchange(envoy.ingress, &case.headers)?;
+        let Answer {
+            status,
+            headers: response,
+            body,
+        } = exchange(envoy.ingress, &case.headers)?;
         let fail = |why: String| -> BoxError {
             format!(
                 "{name}: {}: {why}\n  response headers: {response:?}\n  body: {body}",
