@@ -26,6 +26,10 @@ pub(crate) struct EnvoyInstrResult {
     pub(crate) same_request_baseline: Option<String>,
     /// `per_request` as a multiple of that baseline's.
     pub(crate) same_request_ratio: Option<f64>,
+    /// The variant of Envoy's own filters doing the nearest job on the same request (issue 31).
+    pub(crate) native_baseline: Option<String>,
+    /// `per_request` as a multiple of that native chain's.
+    pub(crate) native_ratio: Option<f64>,
     /// Requests in the two runs, and Envoy's worker thread's instructions in each.
     pub(crate) requests: [u64; 2],
     pub(crate) worker_instructions: [u64; 2],
@@ -47,6 +51,8 @@ enum Filter {
     Floor(&'static str),
     /// The gybc-authz module reading this daemon config.
     Module(PathBuf),
+    /// Envoy's own filters, checked against an echo upstream before they are counted.
+    Native(Native),
 }
 
 struct Variant {
@@ -60,14 +66,19 @@ struct Variant {
     target: Option<f64>,
     /// The Envoy-alone variant sent the same credential headers, where `envoy` is not.
     same_request: Option<&'static str>,
+    /// The native chain this variant is compared with.
+    native: Option<&'static str>,
 }
 
 /// Every variant, in the order they run; `--variants` names some of them.
-pub(crate) const VARIANTS: [&str; 10] = [
+pub(crate) const VARIANTS: [&str; 13] = [
     "envoy",
     "envoy-c",
     "envoy+floor",
     "envoy+floor-gybc",
+    "native-a",
+    "native-a-plain",
+    "native-c",
     "module-a",
     "module-a-no-usage",
     "module-c",
@@ -151,6 +162,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             status: 200,
             target: None,
             same_request: None,
+            native: None,
         },
         Variant {
             name: "envoy-c",
@@ -160,6 +172,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             status: 200,
             target: None,
             same_request: None,
+            native: None,
         },
         Variant {
             name: "envoy+floor",
@@ -169,6 +182,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             status: 200,
             target: Some(1.15),
             same_request: None,
+            native: None,
         },
         Variant {
             name: "envoy+floor-gybc",
@@ -179,6 +193,48 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             status: 200,
             target: None,
             same_request: None,
+            native: None,
+        },
+        Variant {
+            name: "native-a",
+            what: "Envoy's own filters for (a): header_mutation (spoofed identity headers removed, \
+                   tenant, auth method and scopes added), api_key_auth (the key's id in \
+                   x-api-key-id, x-api-key hidden), local_ratelimit (the key's own bucket by a \
+                   descriptor on x-api-key-id, draft-03 x-ratelimit-* headers)",
+            filter: Filter::Native(Native::A {
+                key: ctx.fx.secret_key.clone(),
+                per_key: true,
+            }),
+            headers: vec![sk.clone()],
+            status: 200,
+            target: None,
+            same_request: None,
+            native: None,
+        },
+        Variant {
+            name: "native-a-plain",
+            what: "native-a without the removals and the per-key bucket (one bucket for all)",
+            filter: Filter::Native(Native::A {
+                key: ctx.fx.secret_key.clone(),
+                per_key: false,
+            }),
+            headers: vec![sk.clone()],
+            status: 200,
+            target: None,
+            same_request: None,
+            native: None,
+        },
+        Variant {
+            name: "native-c",
+            what: "Envoy's own filters for (c), sent (c)'s request: header_mutation (spoofed \
+                   identity headers removed, x-auth-method added), jwt_authn (local JWKS, its JWT \
+                   cache, tenant_id and sub claims to x-tenant-id and x-user-id); no rate limit",
+            filter: Filter::Native(Native::C),
+            headers: vec![bearer.clone()],
+            status: 200,
+            target: None,
+            same_request: Some("envoy-c"),
+            native: None,
         },
         Variant {
             name: "module-a",
@@ -188,6 +244,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             status: 200,
             target: Some(1.25),
             same_request: None,
+            native: Some("native-a"),
         },
         Variant {
             name: "module-a-no-usage",
@@ -197,6 +254,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             status: 200,
             target: None,
             same_request: None,
+            native: None,
         },
         Variant {
             name: "module-c",
@@ -206,6 +264,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             status: 200,
             target: Some(1.35),
             same_request: Some("envoy-c"),
+            native: Some("native-c"),
         },
         Variant {
             name: "module-d",
@@ -218,6 +277,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             status: 200,
             target: None,
             same_request: Some("envoy-c"),
+            native: None,
         },
         Variant {
             name: "module-f",
@@ -230,6 +290,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             status: 401,
             target: None,
             same_request: None,
+            native: None,
         },
         Variant {
             name: "module-h",
@@ -239,6 +300,7 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             status: 429,
             target: None,
             same_request: None,
+            native: None,
         },
     ];
     if variants.iter().map(|v| v.name).ne(VARIANTS) {
@@ -271,6 +333,24 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
          connection (modules from {})",
         module_dir.display()
     );
+
+    // Each native chain answers as intended, or nothing is counted.
+    for v in &variants {
+        if let Filter::Native(native) = &v.filter {
+            check_native(
+                &envoy_bin,
+                &ctx.dir,
+                v.name,
+                native,
+                &ctx.fx,
+                &ctx.jwks_json,
+            )?;
+            eprintln!(
+                "  {:<12} checked: answers as intended (echo upstream)",
+                v.name
+            );
+        }
+    }
 
     let first_result = report.envoy_instructions.len();
     for v in variants {
@@ -352,6 +432,8 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             target: v.target,
             same_request_baseline: v.same_request.map(str::to_owned),
             same_request_ratio: None,
+            native_baseline: v.native.map(str::to_owned),
+            native_ratio: None,
             requests: [n1, n2],
             worker_instructions: [first.worker, second.worker],
             per_request,
@@ -374,8 +456,13 @@ pub(crate) fn envoy_instructions(ctx: &Ctx, report: &mut Report) -> Res<()> {
             Some(e.per_request / base)
         })
         .collect();
-    for (e, ratio) in ran.iter_mut().zip(ratios) {
+    let native: Vec<Option<f64>> = ran
+        .iter()
+        .map(|e| Some(e.per_request / per_request(e.native_baseline.as_deref()?)?))
+        .collect();
+    for ((e, ratio), native) in ran.iter_mut().zip(ratios).zip(native) {
         e.same_request_ratio = ratio;
+        e.native_ratio = native;
     }
     Ok(())
 }
@@ -392,14 +479,32 @@ fn selected(variants: [Variant; VARIANTS.len()], names: Option<&[String]>) -> Ve
         eprintln!("  --variants: {ALONE} runs too (every variant's ratio is against Envoy alone)");
         added.push(ALONE);
     }
-    for v in variants.iter().filter(|v| named(v.name)) {
-        if let Some(base) = v.same_request.filter(|b| !named(b) && !added.contains(b)) {
-            eprintln!(
-                "  --variants: {base} runs too ({}'s same-request ratio is against it)",
-                v.name
-            );
-            added.push(base);
+    // A module's native chain runs with it, and so does the native chain's own baseline.
+    let mut wanted: Vec<&str> = variants
+        .iter()
+        .filter(|v| named(v.name))
+        .map(|v| v.name)
+        .collect();
+    let mut i = 0;
+    while i < wanted.len() {
+        let Some(v) = variants.iter().find(|v| v.name == wanted[i]) else {
+            i += 1;
+            continue;
+        };
+        for (base, why) in [
+            (v.same_request, "same-request ratio"),
+            (v.native, "× native ratio"),
+        ] {
+            if let Some(base) = base.filter(|b| !wanted.contains(b) && !added.contains(b)) {
+                eprintln!(
+                    "  --variants: {base} runs too ({}'s {why} is against it)",
+                    v.name
+                );
+                added.push(base);
+                wanted.push(base);
+            }
         }
+        i += 1;
     }
     variants
         .into_iter()
@@ -413,6 +518,7 @@ fn shared_object(filter: &Filter) -> Option<&'static str> {
         Filter::None => None,
         Filter::Floor(_) => Some(FLOOR_SO),
         Filter::Module(_) => Some(MODULE_SO),
+        Filter::Native(_) => None,
     }
 }
 
@@ -456,8 +562,9 @@ impl Runs<'_> {
             Filter::None => EnvoyFilter::None,
             Filter::Floor(config) => EnvoyFilter::Floor(config),
             Filter::Module(config) => EnvoyFilter::Module(config.clone()),
+            Filter::Native(native) => EnvoyFilter::Native(native.clone()),
         };
-        let loads_module = !matches!(v.filter, Filter::None);
+        let loads_module = matches!(v.filter, Filter::Floor(_) | Filter::Module(_));
         let mut envoy = start_envoy_wrapped(
             &wrapper,
             self.envoy_bin,

@@ -158,6 +158,9 @@ pub(crate) fn render(r: &Report) -> String {
         }
         let _ = writeln!(s);
     }
+    if let Some(i) = &r.envoy_interleaved {
+        render_interleaved(&mut s, i);
+    }
     let f = &r.footprint;
     if f.binary_bytes > 0 {
         let mut ready = f.ready_ms.clone();
@@ -279,6 +282,41 @@ pub(crate) fn render(r: &Report) -> String {
     s
 }
 
+/// The interleaved wrk triples: each round's req/s and ratios, then their medians.
+fn render_interleaved(s: &mut String, i: &Interleaved) {
+    let [alone, module, native] = &i.names;
+    let _ = writeln!(
+        s,
+        "### Interleaved wrk triples (one Envoy worker each, the same `sk_` request)\n\n\
+         Three Envoys side by side, each loaded in turn within every round (`{alone}`, `{module}`, \
+         `{native}`: Envoy's own (a) chain, checked against an echo upstream first), so that the \
+         machine's other load weighs on the three alike.\n\n\
+         | round | `{alone}` req/s | `{module}` req/s | `{native}` req/s | module × alone | native × alone | module × native |\n\
+         |---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let (ma, na, mn) = (i.ratios(1, 0), i.ratios(2, 0), i.ratios(1, 2));
+    for (n, r) in i.rounds.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2}× | {:.2}× | {:.2}× |",
+            n + 1,
+            r[0].rps,
+            r[1].rps,
+            r[2].rps,
+            ma[n],
+            na[n],
+            mn[n]
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| median | | | | {:.2}× | {:.2}× | {:.2}× |\n",
+        median(&ma),
+        median(&na),
+        median(&mn)
+    );
+}
+
 /// `envoy-instructions`: the table against Envoy alone, then each module's costliest functions.
 fn render_envoy_instructions(s: &mut String, results: &[EnvoyInstrResult]) {
     let alone = results
@@ -297,17 +335,20 @@ fn render_envoy_instructions(s: &mut String, results: &[EnvoyInstrResult]) {
          \"× Envoy alone, same request\": against Envoy alone sent the variant's own credential \
          headers (`envoy-c`: (c)'s `authorization: Bearer` instead of `x-api-key`), so Envoy's \
          cost of the headers themselves cancels out; (d)'s request has one header more than \
-         `envoy-c`'s (its `x-api-key` pk_ key).\n"
+         `envoy-c`'s (its `x-api-key` pk_ key). \
+         \"× native\": against Envoy's own C++ filters doing the nearest job on the same request \
+         (`native-a` for (a), `native-c` for (c); each checked against an echo upstream before it \
+         is counted).\n"
     );
     let _ = writeln!(
         s,
-        "| variant | what | instructions per request | × Envoy alone | target | met? | × Envoy alone, same request | in the module's own code |\n|---|---|---:|---:|---:|---|---:|---:|"
+        "| variant | what | instructions per request | × Envoy alone | target | met? | × Envoy alone, same request | × native | in the module's own code |\n|---|---|---:|---:|---:|---|---:|---:|---:|"
     );
     for e in results {
         let ratio = alone.filter(|a| *a > 0.0).map(|a| e.per_request / a);
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
             e.name,
             e.what,
             e.per_request,
@@ -319,6 +360,10 @@ fn render_envoy_instructions(s: &mut String, results: &[EnvoyInstrResult]) {
                 _ => "",
             },
             match (&e.same_request_baseline, e.same_request_ratio) {
+                (Some(base), Some(x)) => format!("{x:.2}× `{base}`"),
+                _ => "–".into(),
+            },
+            match (&e.native_baseline, e.native_ratio) {
                 (Some(base), Some(x)) => format!("{x:.2}× `{base}`"),
                 _ => "–".into(),
             },
@@ -407,6 +452,22 @@ pub(crate) fn check_smoke(r: &Report, complete: bool) -> Res<()> {
     }
     // A broken Envoy setup fails every request; a few slow ones on a busy CI machine (Envoy's
     // 0.5 s ext_authz timeout) must not fail the smoke run.
+    let triples = r
+        .envoy_interleaved
+        .iter()
+        .flat_map(|i| i.rounds.iter().flat_map(|round| round.iter().zip(&i.names)));
+    for (w, name) in triples {
+        if w.requests == 0 || (w.non_2xx + w.socket_errors) * 10 > w.requests {
+            problems.push(format!("interleaved {name}: {w:?}"));
+        }
+    }
+    if !r.envoy.is_empty()
+        && r.envoy_interleaved
+            .as_ref()
+            .is_none_or(|i| i.rounds.is_empty())
+    {
+        problems.push("the interleaved wrk triples did not run".into());
+    }
     for e in &r.envoy {
         if e.wrk.requests == 0 || (e.wrk.non_2xx + e.wrk.socket_errors) * 10 > e.wrk.requests {
             problems.push(format!("{}: {:?}", e.name, e.wrk));

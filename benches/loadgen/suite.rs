@@ -13,6 +13,8 @@ pub(crate) struct Plan {
     pub(crate) ready_starts: usize,
     pub(crate) wrk_secs: u64,
     pub(crate) wrk_conns: usize,
+    /// Rounds of the interleaved wrk triple (Envoy alone, module (a), native (a)).
+    pub(crate) wrk_rounds: usize,
     /// The soak's measured length (`--soak-minutes`) and its total request rate.
     pub(crate) soak: Duration,
     pub(crate) soak_rate: u64,
@@ -38,6 +40,7 @@ impl Plan {
                 ready_starts: 2,
                 wrk_secs: 1,
                 wrk_conns: 8,
+                wrk_rounds: 1,
                 soak: Duration::from_secs(6),
                 soak_rate: 400,
                 soak_samples_per_sec: 5.0,
@@ -56,6 +59,7 @@ impl Plan {
                 ready_starts: 7,
                 wrk_secs: 8,
                 wrk_conns: 32,
+                wrk_rounds: 5,
                 soak: Duration::from_secs(600),
                 soak_rate: 2_050,
                 soak_samples_per_sec: 1.0,
@@ -130,6 +134,8 @@ pub(crate) struct Report {
     pub(crate) paced_rate: u64,
     pub(crate) scenarios: Vec<ScenarioResult>,
     pub(crate) envoy: Vec<EnvoyResult>,
+    /// The interleaved wrk triples of `--only envoy`.
+    pub(crate) envoy_interleaved: Option<Interleaved>,
     pub(crate) instructions: Vec<InstrResult>,
     pub(crate) envoy_instructions: Vec<EnvoyInstrResult>,
     pub(crate) footprint: Footprint,
@@ -423,6 +429,7 @@ pub(crate) fn suite(rt: &tokio::runtime::Runtime, args: SuiteArgs) -> Res<()> {
         paced_rate: ctx.plan.paced_rate,
         scenarios: Vec::new(),
         envoy: Vec::new(),
+        envoy_interleaved: None,
         instructions: Vec::new(),
         envoy_instructions: Vec::new(),
         footprint: Footprint::default(),
