@@ -12,12 +12,11 @@
 //! for it, so each decision is one span. Requests Envoy does not trace keep `tracing_export`.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -167,7 +166,13 @@ pub struct Filter {
     span: Option<ChildSpan>,
 }
 
-type Decided = std::thread::Result<(RequestContext, Decision)>;
+type Decided = std::thread::Result<(Box<RequestContext>, Decision)>;
+
+thread_local! {
+    /// The request context this worker reads its requests into, kept between them so that its
+    /// strings' buffers are reused (a box: it moves into the decision and back as a pointer).
+    static KEPT_CONTEXT: Cell<Option<Box<RequestContext>>> = const { Cell::new(None) };
+}
 
 impl HttpFilter for Filter {
     fn on_request_headers(
@@ -178,7 +183,10 @@ impl HttpFilter for Filter {
         let started = Instant::now();
         #[cfg(feature = "test-hooks")]
         self.advance_test_clock(envoy);
-        let ctx = self.read(envoy);
+        // The worker's kept context, read into in place (`reread_bytes`): a request decided
+        // inline hands it back; one that must wait takes it along and the next gets a new one.
+        let mut ctx = KEPT_CONTEXT.take().unwrap_or_default();
+        self.read(envoy, &mut ctx);
         // When Envoy traces the request, the decision is a span in Envoy's trace, through
         // Envoy's tracer, instead of one the engine exports itself (`tracing_export`).
         self.span = envoy.start_child_span(otel::DECISION_SPAN);
@@ -196,17 +204,18 @@ impl HttpFilter for Filter {
             Ok(r) => r,
             Err(e) => panic!("{e}"),
         };
-        let mut decide = Box::pin(decide);
         // Entered, so whatever the engine registers (timers, sockets) belongs to its runtime.
         let polled = {
             let _entered = runtime.enter();
-            decide
-                .as_mut()
-                .poll(&mut Context::from_waker(Waker::noop()))
+            runtime::poll_once(decide)
         };
         match polled {
-            Poll::Ready((ctx, decision)) => self.apply(envoy, &ctx, &decision, started),
-            Poll::Pending => {
+            Ok((ctx, decision)) => {
+                let status = self.apply(envoy, &ctx, &decision, started);
+                KEPT_CONTEXT.set(Some(ctx));
+                status
+            }
+            Err(decide) => {
                 let Some(scheduler) = envoy.scheduler() else {
                     return HeadersStatus::StopIteration;
                 };
@@ -299,7 +308,7 @@ impl HttpFilter for Filter {
 }
 
 impl Filter {
-    fn read(&mut self, envoy: &EnvoyFilter) -> RequestContext {
+    fn read(&mut self, envoy: &EnvoyFilter, ctx: &mut RequestContext) {
         let lines = envoy.request_headers();
         // Which of the headers an allow may remove the client sent: removing one that is not
         // there is a header-map scan in Envoy for nothing.
@@ -326,20 +335,19 @@ impl Filter {
                 .map_or(Cow::Borrowed(""), |(_, v)| request::text(v))
         };
         let (method, target, host) = (pseudo(b":method"), pseudo(b":path"), pseudo(b":authority"));
-        let route = match envoy.route_config::<RouteConfig>() {
-            Some(r) => r.settings.clone(),
-            None => Ok(RouteSettings::default()),
-        };
         // Values are bytes (Envoy does not promise UTF-8), read as the sidecar's raw header map
         // reads them; only the values the engine looks at are turned into text.
-        RequestContext::read_bytes(
+        ctx.reread_bytes(
             &method,
             &target,
             &host,
             lines.iter(),
             self.shared.engine.limits(),
-        )
-        .with_route(route)
+        );
+        // A route without settings keeps the defaults `reread_bytes` left.
+        if let Some(r) = envoy.route_config::<RouteConfig>() {
+            ctx.set_route(r.settings.clone());
+        }
     }
 
     /// Writes the answer into the stream, logs and counts the decision.
@@ -465,10 +473,14 @@ fn send_denial(
     headers: &[Header<'_>],
     body: &str,
 ) {
-    let headers: Vec<(&str, &str)> = headers.iter().map(|h| (h.name, h.value.as_ref())).collect();
+    let headers: SmallVec<[(&str, &str); 8]> =
+        headers.iter().map(|h| (h.name, h.value.as_ref())).collect();
     // Envoy's response code details, as its access log shows them (no spaces allowed).
-    let details = format!("gybc_authz_{}", reason.as_str());
-    envoy.send_response(u32::from(status), &headers, body.as_bytes(), &details);
+    let mut details = SmallVec::<[u8; 64]>::new();
+    details.extend_from_slice(b"gybc_authz_");
+    details.extend_from_slice(reason.as_str().as_bytes());
+    let details = std::str::from_utf8(&details).expect("ASCII");
+    envoy.send_response(u32::from(status), &headers, body.as_bytes(), details);
 }
 
 // Only the decision future's shape is checked here: anything that calls into Envoy needs the
