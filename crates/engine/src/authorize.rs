@@ -15,7 +15,7 @@ use crate::otel::{ChildSpan, KEY_STORE_LOOKUP_SPAN};
 use crate::policy::{impersonation, origin, secret_key, tenant};
 use crate::ratelimit::{RateLimit, RateLimitError, RateLimiter};
 use crate::request::RequestContext;
-use crate::store::{CacheOutcome, Found, Key, Keys};
+use crate::store::{CacheOutcome, Found, Keys};
 
 pub struct Authorizer {
     pub jwt: Arc<JwtVerifier>,
@@ -130,13 +130,14 @@ impl Authorizer {
         }
         let user = impersonation::authorize(method, &record.scopes().names, on_behalf_of)
             .map_err(refused)?;
+        let key_id = record.key_id();
         let identity = Identity {
             method,
             tenant: Some(record.tenant().clone()),
             user: user.map(str::to_owned),
-            key_id: Some(record.id().clone()),
+            key_id: Some(key_id.clone()),
             scopes: Some(record.scopes().clone()),
-            impersonated_by: user.map(|_| record.id().clone()),
+            impersonated_by: user.map(|_| key_id.to_arc()),
         };
         self.rate_limited(&record, identity).await
     }
@@ -187,7 +188,7 @@ impl Authorizer {
             method,
             tenant: Some(record.tenant().clone()),
             user: Some(verified.sub.clone()),
-            key_id: Some(record.id().clone()),
+            key_id: Some(record.key_id()),
             scopes: Some(record.scopes().clone()),
             impersonated_by: None,
         };
@@ -233,7 +234,7 @@ impl Authorizer {
     }
 
     /// Counts the request against the key's limit; the status rides on the allow or the 429.
-    async fn rate_limited(&self, record: &Key, identity: Identity) -> Result<Grant, Denial> {
+    async fn rate_limited(&self, record: &Found, identity: Identity) -> Result<Grant, Denial> {
         let limit = record.rate_limit().unwrap_or(self.default_rate_limit);
         let checked = match self.limiter.check_in_memory(record.id(), limit) {
             Some(status) => Ok(status),
@@ -276,6 +277,6 @@ fn route_allows(
 }
 
 /// A denial of a caller whose key is known.
-fn refused_key(d: Denial, method: AuthMethod, record: &Key) -> Denial {
+fn refused_key(d: Denial, method: AuthMethod, record: &Found) -> Denial {
     d.by(method, Some(record.tenant()), Some(record.id()))
 }

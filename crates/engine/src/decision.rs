@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::ratelimit::RateStatus;
-use crate::store::Scopes;
+use crate::store::{KeyId, Scopes};
 
 /// How the caller authenticated; the value of `x-auth-method`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +32,7 @@ pub struct Identity {
     pub method: AuthMethod,
     pub tenant: Option<Arc<str>>,
     pub user: Option<String>,
-    pub key_id: Option<Arc<str>>,
+    pub key_id: Option<KeyId>,
     /// A key's scopes (with their `x-scopes` value); `None` for a token.
     pub scopes: Option<Arc<Scopes>>,
     pub impersonated_by: Option<Arc<str>>,

@@ -15,7 +15,7 @@ use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::sync::watch;
 
-use super::{Found, Interner, Key, KeyRecord, KeyStatus, StoreKind};
+use super::{Found, Interner, KeyData, KeyRecord, KeyStatus, StoreKind};
 use crate::authn::apikey::{KeyHash, KeyKind};
 use crate::config::{ErrorList, FieldError};
 use crate::ratelimit::RateLimit;
@@ -95,8 +95,8 @@ pub enum KeyFileError {
 }
 
 /// The keys of a key file in blocks of 4,096, found through a table of their positions: no
-/// allocation and no pointer per key. A key costs its 80 bytes, its id, and 4 bytes a slot of the
-/// table (plus a control byte, at a load of 44–88 %).
+/// allocation and no pointer per key. A key costs its 72 bytes, its id's bytes in its block's
+/// buffer, and 4 bytes a slot of the table (plus a control byte, at a load of 44–88 %).
 pub struct Table {
     keys: Blocks,
     index: HashTable<u32>,
@@ -118,8 +118,12 @@ impl Table {
             .copied()
     }
 
-    pub fn key(&self, at: u32) -> &Key {
+    pub fn key(&self, at: u32) -> &KeyData {
         self.keys.get(at)
+    }
+
+    pub fn id(&self, at: u32) -> &str {
+        self.keys.id(at)
     }
 
     pub fn len(&self) -> usize {
@@ -136,27 +140,59 @@ const BLOCK: usize = 1 << BLOCK_BITS;
 
 /// Keys in blocks of `BLOCK`, filled in order: growing never copies the keys held, and a load
 /// never holds room for more than one block of keys it does not keep (a single vector would
-/// double, copying, or be sized by a guess).
+/// double, copying, or be sized by a guess). Each block holds its keys' ids in one string, each
+/// key its id's place there: an id in an allocation of its own cost 64 bytes a key (the
+/// pointer, the count and the allocator's rounding) for a 20-byte id.
 #[derive(Default)]
 struct Blocks {
-    blocks: Vec<Vec<Key>>,
+    blocks: Vec<Block>,
     len: usize,
 }
 
+struct Block {
+    keys: Vec<KeyData>,
+    ids: String,
+}
+
 impl Blocks {
-    fn get(&self, at: u32) -> &Key {
-        &self.blocks[(at >> BLOCK_BITS) as usize][at as usize & (BLOCK - 1)]
+    fn get(&self, at: u32) -> &KeyData {
+        &self.blocks[(at >> BLOCK_BITS) as usize].keys[at as usize & (BLOCK - 1)]
     }
 
-    fn get_mut(&mut self, at: u32) -> &mut Key {
-        &mut self.blocks[(at >> BLOCK_BITS) as usize][at as usize & (BLOCK - 1)]
+    fn id(&self, at: u32) -> &str {
+        let block = &self.blocks[(at >> BLOCK_BITS) as usize];
+        let key = &block.keys[at as usize & (BLOCK - 1)];
+        let start = key.id_at as usize;
+        &block.ids[start..start + key.id_len as usize]
     }
 
-    fn push(&mut self, key: Key) {
-        if self.blocks.last().is_none_or(|b| b.len() == BLOCK) {
-            self.blocks.push(Vec::with_capacity(BLOCK));
+    /// Puts `key` at `at` with its id in the block's buffer. Ids of at most 4 GiB a block: one
+    /// is a file's line, a block 4,096 of them.
+    fn set(&mut self, at: u32, mut key: KeyData, id: &str) {
+        let block = &mut self.blocks[(at >> BLOCK_BITS) as usize];
+        key.id_at = u32::try_from(block.ids.len()).expect("ids of a block under 4 GiB");
+        key.id_len = u32::try_from(id.len()).expect("an id under 4 GiB");
+        block.ids.push_str(id);
+        block.keys[at as usize & (BLOCK - 1)] = key;
+    }
+
+    fn push(&mut self, key: KeyData, id: &str) {
+        if self.blocks.last().is_none_or(|b| b.keys.len() == BLOCK) {
+            // The full block's buffer gives back the room it did not fill.
+            if let Some(full) = self.blocks.last_mut() {
+                full.ids.shrink_to_fit();
+            }
+            self.blocks.push(Block {
+                keys: Vec::with_capacity(BLOCK),
+                ids: String::new(),
+            });
         }
-        self.blocks.last_mut().expect("pushed above").push(key);
+        let block = self.blocks.last_mut().expect("pushed above");
+        let mut key = key;
+        key.id_at = u32::try_from(block.ids.len()).expect("ids of a block under 4 GiB");
+        key.id_len = u32::try_from(id.len()).expect("an id under 4 GiB");
+        block.ids.push_str(id);
+        block.keys.push(key);
         self.len += 1;
     }
 }
@@ -177,10 +213,11 @@ impl TableBuilder {
             .copied()
     }
 
-    /// Adds `key`, or replaces the key with the same hash.
-    fn put(&mut self, key: Key) {
+    /// Adds `key` with its id, or replaces the key with the same hash (its old id stays in the
+    /// block's buffer, unused: only a store built from records replaces keys).
+    fn put(&mut self, key: KeyData, id: &str) {
         if let Some(at) = self.find(key.hash()) {
-            *self.keys.get_mut(at) = key;
+            self.keys.set(at, key, id);
             return;
         }
         let at = u32::try_from(self.keys.len).expect("fewer than 2³² keys");
@@ -188,13 +225,14 @@ impl TableBuilder {
         self.index.insert_unique(slot_hash(key.hash()), at, |&a| {
             slot_hash(keys.get(a).hash())
         });
-        self.keys.push(key);
+        self.keys.push(key, id);
     }
 
     fn build(mut self) -> Table {
         // The last block gives back the room it did not fill.
         if let Some(last) = self.keys.blocks.last_mut() {
-            last.shrink_to_fit();
+            last.keys.shrink_to_fit();
+            last.ids.shrink_to_fit();
         }
         Table {
             keys: self.keys,
@@ -270,7 +308,7 @@ impl FileStore {
         let mut interner = Interner::default();
         let mut table = TableBuilder::default();
         for r in records {
-            table.put(interner.key(r));
+            table.put(interner.data(r), &r.id);
         }
         self.table.store(Arc::new(table.build()));
         self.changed.send_modify(|g| *g += 1);
@@ -452,10 +490,7 @@ impl Loader {
         let keys = &self.table.keys;
         let id_hash = self.pick.hash_one(id);
         let dup_id = !id.trim().is_empty()
-            && (self
-                .ids
-                .find(id_hash, |&at| &**keys.get(at).id() == id)
-                .is_some()
+            && (self.ids.find(id_hash, |&at| keys.id(at) == id).is_some()
                 || self.other_ids.contains(id));
         if dup_id {
             err(&mut self.errs, "id", format!("duplicate id `{id}`"));
@@ -470,12 +505,12 @@ impl Loader {
         match record {
             Ok(r) => {
                 let at = self.table.keys.len as u32;
-                self.table.put(self.interner.key(&r));
+                self.table.put(self.interner.data(&r), &r.id);
                 if !dup_id {
                     let keys = &self.table.keys;
                     let pick = &self.pick;
                     self.ids
-                        .insert_unique(id_hash, at, |&a| pick.hash_one(keys.get(a).id()));
+                        .insert_unique(id_hash, at, |&a| pick.hash_one(keys.id(a)));
                 }
             }
             Err(id) => {
@@ -824,7 +859,7 @@ mod tests {
         .unwrap();
         let store = FileStore::open(&yaml).unwrap();
         let rec = store.get(&KeyHash::of(&key)).unwrap();
-        assert_eq!(&**rec.id(), "k1");
+        assert_eq!(rec.id(), "k1");
         assert_eq!(&**rec.tenant(), "t1");
         assert!(rec.scopes().contains("users:impersonate"));
         assert_eq!(rec.rate_limit(), Some("5/1s".parse().unwrap()));
@@ -936,7 +971,12 @@ mod tests {
                     let mut interner = Interner::default();
                     for r in &records {
                         let got = table.find(&r.hash).expect("every record in the table");
-                        assert_eq!(*table.key(got), interner.key(r), "{text}");
+                        // Where the table put the id is its own business; the id is compared
+                        // below.
+                        let mut key = table.key(got).clone();
+                        (key.id_at, key.id_len) = (0, 0);
+                        assert_eq!(key, interner.data(r), "{text}");
+                        assert_eq!(table.id(got), r.id, "{text}");
                     }
                 }
                 (Err(want), Err(got)) => {

@@ -1,6 +1,7 @@
-//! `Key`: a key as every pod holds it, for every lookup, in 80 bytes. Only what a decision reads,
-//! with the values many keys repeat (the tenant and scope list, as one pair) shared through an
-//! `Interner`; what only people read (name, creation time) stays in the key file and Redis, and
+//! `KeyData`: a key as every pod holds it, for every lookup, in 72 bytes. Only what a decision
+//! reads, with the values many keys repeat (the tenant and scope list, as one pair) shared through
+//! an `Interner`. The id is not in it: the key file's table keeps its ids in one buffer a block
+//! (`store::file`), and a key of its own (`Key`, the Redis cache's) beside its data; what only people read (name, creation time) stays in the key file and Redis, and
 //! the publishable-only fields sit behind one optional box. The `x-scopes` value is joined here,
 //! once per distinct scope list, so an allow borrows it.
 
@@ -60,26 +61,59 @@ struct Shared {
     scopes: Arc<Scopes>,
 }
 
-/// One key as the engine holds it. Built from a `KeyRecord` by an `Interner`.
+/// What a decision reads of a key, but its id. Built from a `KeyRecord` by an `Interner`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Key {
+pub struct KeyData {
     hash: KeyHash,
-    id: Arc<str>,
     shared: Arc<Shared>,
     limit: PackedLimit,
     publishable: Option<Box<Publishable>>,
     expires_at: u32,
+    /// Where the key file's table holds the id: bytes `id_at..id_at + id_len` of the buffer of
+    /// the key's block. Unused (0) in a `Key`, which holds its id itself.
+    pub(super) id_at: u32,
+    pub(super) id_len: u32,
     kind: KeyKind,
     status: KeyStatus,
 }
 
-impl Key {
-    pub fn hash(&self) -> &KeyHash {
-        &self.hash
-    }
+/// A key of its own, with its id: what a remote store's cache holds and hands out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    data: KeyData,
+    id: Arc<str>,
+}
 
+impl Key {
     pub fn id(&self) -> &Arc<str> {
         &self.id
+    }
+
+    /// The parts of a key of the key file's table (which keeps the id apart).
+    pub fn into_data(self) -> KeyData {
+        self.data
+    }
+
+    pub fn data(&self) -> &KeyData {
+        &self.data
+    }
+
+    pub(super) fn from_parts(data: KeyData, id: Arc<str>) -> Self {
+        Self { data, id }
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = KeyData;
+
+    fn deref(&self) -> &KeyData {
+        &self.data
+    }
+}
+
+impl KeyData {
+    pub fn hash(&self) -> &KeyHash {
+        &self.hash
     }
 
     pub fn tenant(&self) -> &Arc<str> {
@@ -219,6 +253,14 @@ impl Interner {
     /// The compact form of `record`, sharing its tenant and scopes with earlier keys. Name and
     /// creation time are dropped: nothing on the request path reads them.
     pub fn key(&mut self, record: &KeyRecord) -> Key {
+        Key {
+            data: self.data(record),
+            id: Arc::from(record.id.as_str()),
+        }
+    }
+
+    /// `key` without its id, for a table that holds the id itself.
+    pub fn data(&mut self, record: &KeyRecord) -> KeyData {
         let publishable = (!record.allowed_origins.is_empty()
             || record.jwt_provider.is_some()
             || record.identity_platform_tenant.is_some())
@@ -229,9 +271,10 @@ impl Interner {
                 identity_platform_tenant: record.identity_platform_tenant.as_deref().map(Box::from),
             })
         });
-        Key {
+        KeyData {
             hash: record.hash,
-            id: Arc::from(record.id.as_str()),
+            id_at: 0,
+            id_len: 0,
             shared: self.shared(&record.tenant, &record.scopes),
             limit: record.rate_limit.map_or(
                 PackedLimit {
@@ -333,12 +376,15 @@ mod tests {
         assert!(Arc::ptr_eq(a.tenant(), b.tenant()));
         assert!(Arc::ptr_eq(a.scopes(), b.scopes()));
         assert!(!Arc::ptr_eq(a.scopes(), c.scopes()));
-        assert!(Arc::ptr_eq(&a.shared, &b.shared), "one pair for both");
+        assert!(
+            Arc::ptr_eq(&a.data.shared, &b.data.shared),
+            "one pair for both"
+        );
         // Two tenants, two scope lists, two pairs.
         assert_eq!(i.len(), 6);
         // The hot record stays small: no name, no creation time, no publishable fields inline,
-        // tenant and scopes behind one pointer.
-        assert_eq!(std::mem::size_of::<Key>(), 80);
+        // tenant and scopes behind one pointer, the id apart.
+        assert_eq!(std::mem::size_of::<KeyData>(), 72);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use futures_util::future::BoxFuture;
 pub use crate::event::{CacheOutcome, StoreError, StoreKind};
 pub use cached::CachedStore;
 pub use file::{FileStore, KeyFile, KeyFileEntry, KeyFileError, Table, parse_entries, parse_file};
-pub use key::{Interner, Key, Publishable, Scopes};
+pub use key::{Interner, Key, KeyData, Publishable, Scopes};
 pub use redis::RedisStore;
 
 use crate::authn::apikey::{KeyHash, KeyKind};
@@ -65,9 +65,9 @@ pub trait KeyStore: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<Arc<Key>>, StoreError>>;
 }
 
-/// A key a lookup found: in the key file's table, shared with it (the table holds its keys in a
-/// few large blocks, so no key has a pointer of its own to hand out), or a record of its own (the
-/// Redis cache's). Reads as the `Key` either way.
+/// A key a lookup found: in the key file's table, shared with it (the table holds its keys and
+/// their ids in a few large blocks, so no key has a pointer of its own to hand out), or a record
+/// of its own (the Redis cache's). Reads as the `KeyData` either way; `id` reads the id.
 #[derive(Clone)]
 pub enum Found {
     InTable(Arc<Table>, u32),
@@ -78,16 +78,96 @@ impl Found {
     /// The key as a record of its own: a copy, for a caller that keeps it (tests' stores).
     pub fn into_arc(self) -> Arc<Key> {
         match self {
-            Found::InTable(t, at) => Arc::new(t.key(at).clone()),
+            Found::InTable(t, at) => Arc::new(Key::from_parts(t.key(at).clone(), t.id(at).into())),
             Found::Own(k) => k,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Found::InTable(t, at) => t.id(*at),
+            Found::Own(k) => k.id(),
+        }
+    }
+
+    /// The id to keep past the lookup (a decision's), without a copy: the table's ids are not
+    /// allocations of their own, so one from the table is held as the table and its position.
+    pub fn key_id(&self) -> KeyId {
+        match self {
+            Found::InTable(t, at) => KeyId(IdRepr::InTable(t.clone(), *at)),
+            Found::Own(k) => KeyId(IdRepr::Shared(k.id().clone())),
         }
     }
 }
 
-impl Deref for Found {
-    type Target = Key;
+/// A key's id as a decision holds it: shared with where the key lives (the key file's table, or
+/// a record of its own), never copied per request. Reads as a `str`.
+#[derive(Clone)]
+pub struct KeyId(IdRepr);
 
-    fn deref(&self) -> &Key {
+#[derive(Clone)]
+enum IdRepr {
+    Shared(Arc<str>),
+    InTable(Arc<Table>, u32),
+}
+
+impl KeyId {
+    /// The id in an allocation of its own (a copy only of one from the table).
+    pub fn to_arc(&self) -> Arc<str> {
+        match &self.0 {
+            IdRepr::Shared(s) => s.clone(),
+            IdRepr::InTable(t, at) => t.id(*at).into(),
+        }
+    }
+}
+
+impl Deref for KeyId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match &self.0 {
+            IdRepr::Shared(s) => s,
+            IdRepr::InTable(t, at) => t.id(*at),
+        }
+    }
+}
+
+impl From<Arc<str>> for KeyId {
+    fn from(id: Arc<str>) -> Self {
+        KeyId(IdRepr::Shared(id))
+    }
+}
+
+impl From<&str> for KeyId {
+    fn from(id: &str) -> Self {
+        KeyId(IdRepr::Shared(id.into()))
+    }
+}
+
+impl PartialEq for KeyId {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for KeyId {}
+
+impl std::fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        str::fmt(self, f)
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        str::fmt(self, f)
+    }
+}
+
+impl Deref for Found {
+    type Target = KeyData;
+
+    fn deref(&self) -> &KeyData {
         match self {
             Found::InTable(t, at) => t.key(*at),
             Found::Own(k) => k,
@@ -97,7 +177,10 @@ impl Deref for Found {
 
 impl std::fmt::Debug for Found {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        Key::fmt(self, f)
+        f.debug_struct("Found")
+            .field("id", &self.id())
+            .field("key", &**self)
+            .finish()
     }
 }
 

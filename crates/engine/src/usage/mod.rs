@@ -30,6 +30,7 @@ use crate::decision::{Decision, Reason};
 use crate::event::UsageDrop;
 use crate::observe::Observer;
 use crate::redis_conn::Redis;
+use crate::store::KeyId;
 
 pub use flush::Flush;
 pub use read::{Bucket, hour_name, usage_name};
@@ -73,7 +74,7 @@ impl Outcome {
 
 /// A key id as the decision holds it: an allow shares the key record's, a denial has a copy.
 enum KeyRef<'a> {
-    Shared(&'a Arc<str>),
+    Shared(&'a KeyId),
     Borrowed(&'a str),
 }
 
@@ -85,10 +86,11 @@ impl KeyRef<'_> {
         }
     }
 
-    /// Only for a key not counted yet this interval: an allow's id is shared, not copied.
+    /// Only for a key not counted yet this interval: an allow's id is shared, not copied (but
+    /// for one held in the key file's table; usage over a key file holds nothing).
     fn to_arc(&self) -> Arc<str> {
         match self {
-            KeyRef::Shared(k) => Arc::clone(k),
+            KeyRef::Shared(k) => k.to_arc(),
             KeyRef::Borrowed(k) => Arc::from(*k),
         }
     }

@@ -49,7 +49,7 @@ fn allow(key: Option<&str>) -> Decision {
             },
             tenant: Some(Arc::from("t1")),
             user: key.is_none().then(|| "u1".to_owned()),
-            key_id: key.map(Arc::from),
+            key_id: key.map(KeyId::from),
             scopes: None,
             impersonated_by: None,
         }),
