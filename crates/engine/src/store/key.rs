@@ -1,7 +1,8 @@
 //! `KeyData`: a key as every pod holds it, for every lookup, in 72 bytes. Only what a decision
 //! reads, with the values many keys repeat (the tenant and scope list, as one pair) shared through
 //! an `Interner`. The id is not in it: the key file's table keeps its ids in one buffer a block
-//! (`store::file`), and a key of its own (`Key`, the Redis cache's) beside its data; what only people read (name, creation time) stays in the key file and Redis, and
+//! (`store::file`), and a key of its own (`Key`, the Redis cache's) keeps it beside its data.
+//! What only people read (name, creation time) stays in the key file and Redis, and
 //! the publishable-only fields sit behind one optional box. The `x-scopes` value is joined here,
 //! once per distinct scope list, so an allow borrows it.
 
