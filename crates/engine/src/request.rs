@@ -137,18 +137,9 @@ impl RequestContext {
         headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
         limits: &LimitsConfig,
     ) -> Self {
-        Self::read_lines(
-            method,
-            target,
-            host,
-            headers,
-            limits,
-            |reader, (name, value)| {
-                if let Some(name) = read_header(name) {
-                    reader.header(name, &text(value));
-                }
-            },
-        )
+        let mut ctx = RequestContext::default();
+        ctx.reread_bytes(method, target, host, headers, limits);
+        ctx
     }
 
     /// [`RequestContext::read_bytes`] into a context a door keeps from one request to the next:
