@@ -192,13 +192,10 @@ impl RequestContext {
         limits: &LimitsConfig,
         mut read_line: impl FnMut(&mut Reader<'_>, L),
     ) {
-        let spare = Spare::take(self);
-        refill(&mut self.method, method);
-        refill(&mut self.path, strip_query(target));
-        refill(&mut self.host, host);
-        self.route = RouteSettings::default();
-        self.route_error = None;
-        self.too_many_headers = false;
+        let mut spare = Spare::take(self);
+        self.method = reuse(&mut spare.method, method);
+        self.path = reuse(&mut spare.path, strip_query(target));
+        self.host = reuse(&mut spare.host, host);
         let mut reader = Reader::new(self, limits, spare);
         for line in lines {
             if !reader.count() {
@@ -231,11 +228,15 @@ impl RequestContext {
     }
 }
 
-/// The previous request's buffers of the fields a request may or may not carry, taken out of
-/// the context before it is read again (each field then starts absent) and handed back to the
-/// same field if the new request carries it.
+/// The previous request's string buffers, taken out of the context before it is read again. The
+/// whole context is taken, so every field starts as a fresh context's (no field of the request
+/// before, present or added later, can outlive it); a buffer goes back only to the field it came
+/// from, if the new request carries that field.
 #[derive(Default)]
 struct Spare {
+    method: String,
+    path: String,
+    host: String,
     authorization: String,
     api_key: String,
     on_behalf_of: String,
@@ -245,30 +246,29 @@ struct Spare {
 
 impl Spare {
     fn take(ctx: &mut RequestContext) -> Self {
-        let field = |f: &mut HeaderField| match std::mem::take(f) {
+        let old = std::mem::take(ctx);
+        let field = |f: HeaderField| match f {
             HeaderField::Present(s) => s,
             _ => String::new(),
         };
         Spare {
-            authorization: field(&mut ctx.authorization),
-            api_key: field(&mut ctx.api_key),
-            on_behalf_of: field(&mut ctx.on_behalf_of),
-            origin: ctx.origin.take().unwrap_or_default(),
-            request_id: ctx.request_id.take().unwrap_or_default(),
+            method: old.method,
+            path: old.path,
+            host: old.host,
+            authorization: field(old.authorization),
+            api_key: field(old.api_key),
+            on_behalf_of: field(old.on_behalf_of),
+            origin: old.origin.unwrap_or_default(),
+            request_id: old.request_id.unwrap_or_default(),
         }
     }
 }
 
-/// `buf` holding `value`, in the capacity it has.
-fn refill(buf: &mut String, value: &str) {
-    buf.clear();
-    buf.push_str(value);
-}
-
-/// `value` in `spare`'s buffer.
+/// `value` in `spare`'s buffer, in the capacity it has.
 fn reuse(spare: &mut String, value: &str) -> String {
     let mut buf = std::mem::take(spare);
-    refill(&mut buf, value);
+    buf.clear();
+    buf.push_str(value);
     buf
 }
 
