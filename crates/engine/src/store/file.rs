@@ -170,13 +170,11 @@ impl Blocks {
     /// is a file's line, a block 4,096 of them.
     fn set(&mut self, at: u32, mut key: KeyData, id: &str) {
         let block = &mut self.blocks[(at >> BLOCK_BITS) as usize];
-        key.id_at = u32::try_from(block.ids.len()).expect("ids of a block under 4 GiB");
-        key.id_len = u32::try_from(id.len()).expect("an id under 4 GiB");
-        block.ids.push_str(id);
+        block.place_id(&mut key, id);
         block.keys[at as usize & (BLOCK - 1)] = key;
     }
 
-    fn push(&mut self, key: KeyData, id: &str) {
+    fn push(&mut self, mut key: KeyData, id: &str) {
         if self.blocks.last().is_none_or(|b| b.keys.len() == BLOCK) {
             // The full block's buffer gives back the room it did not fill.
             if let Some(full) = self.blocks.last_mut() {
@@ -188,12 +186,18 @@ impl Blocks {
             });
         }
         let block = self.blocks.last_mut().expect("pushed above");
-        let mut key = key;
-        key.id_at = u32::try_from(block.ids.len()).expect("ids of a block under 4 GiB");
-        key.id_len = u32::try_from(id.len()).expect("an id under 4 GiB");
-        block.ids.push_str(id);
+        block.place_id(&mut key, id);
         block.keys.push(key);
         self.len += 1;
+    }
+}
+
+impl Block {
+    /// Appends `id` to the block's buffer and tells `key` where it is.
+    fn place_id(&mut self, key: &mut KeyData, id: &str) {
+        key.id_at = u32::try_from(self.ids.len()).expect("ids of a block under 4 GiB");
+        key.id_len = u32::try_from(id.len()).expect("an id under 4 GiB");
+        self.ids.push_str(id);
     }
 }
 
