@@ -135,9 +135,9 @@ impl Authorizer {
             method,
             tenant: Some(record.tenant().clone()),
             user: user.map(str::to_owned),
-            key_id: Some(key_id.clone()),
             scopes: Some(record.scopes().clone()),
-            impersonated_by: user.map(|_| key_id.to_arc()),
+            impersonated_by: user.map(|_| key_id.clone()),
+            key_id: Some(key_id),
         };
         self.rate_limited(&record, identity).await
     }

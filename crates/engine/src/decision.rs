@@ -35,7 +35,7 @@ pub struct Identity {
     pub key_id: Option<KeyId>,
     /// A key's scopes (with their `x-scopes` value); `None` for a token.
     pub scopes: Option<Arc<Scopes>>,
-    pub impersonated_by: Option<Arc<str>>,
+    pub impersonated_by: Option<KeyId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
