@@ -943,23 +943,30 @@ async fn the_active_key_limit_holds_under_concurrent_creates_on_two_replicas(sto
     );
 }
 
-/// An expired key frees its place; bringing it back (a new expiry) counts as taking one.
-async fn expired_keys_free_their_place_and_come_back_only_within_the_bound(store: Store) {
-    let ks = KeyService::start_with(
+/// A key service over `store` whose tenants may hold two active keys.
+fn bounded_to_two(store: &Store) -> KeyService {
+    KeyService::start_with(
         store.dir.path(),
         &store.backend,
         "max_active_keys_per_tenant: 2",
         &[],
         &[],
-    );
-    let soon = |secs: u64| {
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(secs))
-            .to_string()
-    };
+    )
+}
+
+/// `secs` from now, as the API's timestamps are written.
+fn in_secs(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(secs))
+        .to_string()
+}
+
+/// An expired key frees its place; bringing it back (a new expiry) counts as taking one.
+async fn expired_keys_free_their_place_and_come_back_only_within_the_bound(store: Store) {
+    let ks = bounded_to_two(&store);
     let brief = create(
         &ks,
         &alice(),
-        json!({"kind": "KEY_KIND_SECRET", "expireTime": soon(2)}),
+        json!({"kind": "KEY_KIND_SECRET", "expireTime": in_secs(2)}),
     )
     .await;
     create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
@@ -1002,13 +1009,7 @@ async fn expired_keys_free_their_place_and_come_back_only_within_the_bound(store
 #[tokio::test(flavor = "multi_thread")]
 async fn the_redis_ledger_drops_stale_entries_and_refills_from_the_records() {
     let store = Store::redis();
-    let ks = KeyService::start_with(
-        store.dir.path(),
-        &store.backend,
-        "max_active_keys_per_tenant: 2",
-        &[],
-        &[],
-    );
+    let ks = bounded_to_two(&store);
     create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
     let redis = store._redis.as_ref().unwrap();
     let ledger = "gybc:tenant-active:acme";
@@ -1039,20 +1040,11 @@ async fn the_redis_ledger_drops_stale_entries_and_refills_from_the_records() {
 #[tokio::test(flavor = "multi_thread")]
 async fn over_redis_bringing_a_key_back_is_bounded_even_before_the_ledger_is_filled() {
     let store = Store::redis();
-    let ks = KeyService::start_with(
-        store.dir.path(),
-        &store.backend,
-        "max_active_keys_per_tenant: 2",
-        &[],
-        &[],
-    );
-    let soon =
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(2))
-            .to_string();
+    let ks = bounded_to_two(&store);
     let brief = create(
         &ks,
         &alice(),
-        json!({"kind": "KEY_KIND_SECRET", "expireTime": soon}),
+        json!({"kind": "KEY_KIND_SECRET", "expireTime": in_secs(2)}),
     )
     .await;
     create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
