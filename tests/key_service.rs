@@ -960,6 +960,16 @@ fn in_secs(secs: u64) -> String {
         .to_string()
 }
 
+/// Alice's update that takes key `id`'s expiry away (bringing it back if it had expired).
+async fn bring_back(ks: &KeyService, id: &str) -> support::key_service::Answer {
+    ks.call(
+        "update-key",
+        &alice(),
+        &json!({"id": id, "clearExpireTime": true}).to_string(),
+    )
+    .await
+}
+
 /// An expired key frees its place; bringing it back (a new expiry) counts as taking one.
 async fn expired_keys_free_their_place_and_come_back_only_within_the_bound(store: Store) {
     let ks = bounded_to_two(&store);
@@ -977,14 +987,7 @@ async fn expired_keys_free_their_place_and_come_back_only_within_the_bound(store
     tokio::time::sleep(Duration::from_millis(3100)).await;
     create(&ks, &alice(), json!({"kind": "KEY_KIND_SECRET"})).await;
     let id = brief["key"]["id"].as_str().unwrap();
-    let a = ks
-        .call(
-            "update-key",
-            &alice(),
-            &json!({"id": id, "clearExpireTime": true}).to_string(),
-        )
-        .await;
-    at_bound(&a);
+    at_bound(&bring_back(&ks, id).await);
     let a = ks
         .call("get-key", &alice(), &json!({"id": id}).to_string())
         .await;
@@ -1054,14 +1057,7 @@ async fn over_redis_bringing_a_key_back_is_bounded_even_before_the_ledger_is_fil
     let ledger = "gybc:tenant-active:acme";
     redis.cli(&["DEL", ledger]);
     let id = brief["key"]["id"].as_str().unwrap();
-    let a = ks
-        .call(
-            "update-key",
-            &alice(),
-            &json!({"id": id, "clearExpireTime": true}).to_string(),
-        )
-        .await;
-    at_bound(&a);
+    at_bound(&bring_back(&ks, id).await);
     assert_eq!(
         redis.cli(&["HLEN", ledger]),
         "3",
