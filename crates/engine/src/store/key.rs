@@ -90,15 +90,6 @@ impl Key {
         &self.id
     }
 
-    /// The parts of a key of the key file's table (which keeps the id apart).
-    pub fn into_data(self) -> KeyData {
-        self.data
-    }
-
-    pub fn data(&self) -> &KeyData {
-        &self.data
-    }
-
     pub(super) fn from_parts(data: KeyData, id: Arc<str>) -> Self {
         Self { data, id }
     }
